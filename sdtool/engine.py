@@ -1,0 +1,271 @@
+"""One training loop, `fit()`, shared by `sdtool train` and `sdtool distill`.
+
+Per epoch: train with the recipe's loss (self_distill, deep_supervision or plain, plus an optional
+external-teacher term), evaluate every exit and the ensemble on the validation split (or the test
+split when there is none; then nothing is selected on it), append a line to `metrics.jsonl`, write
+`last.safetensors` and the resume state, and `best.safetensors` when a validation split exists and the
+deepest exit improved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from sdtool import checkpoint, report
+from sdtool.data import DataBundle, build_data
+from sdtool.device import amp_dtype, resolve_device
+from sdtool.errors import SdtoolError
+from sdtool.evaluate import evaluate
+from sdtool.losses import SelfDistillLoss
+from sdtool.models import create_model
+from sdtool.recipe import Recipe, dump_yaml, from_dict
+from sdtool.schedule import lr_factor
+from sdtool.trainstate import load_state, save_state
+
+RECIPE_FILE = "recipe.yaml"
+
+
+def model_args(recipe: Recipe, num_classes: int) -> dict:
+    m = recipe.model
+    args = {"num_classes": num_classes, "stem": m.stem, "width": m.width, "head": m.head,
+            "attention": m.attention, "exits": m.exits}
+    if recipe.sd.mode == "plain":  # the paper's baseline: the backbone alone with its own classifier
+        args.update(exits=[], attention=False)
+    return args
+
+
+def build_model(recipe: Recipe, bundle: DataBundle, init: str | None, log: Callable[[str], None]):
+    """The model to train: a fresh one from the recipe, or the structure and weights of `init`."""
+    num_classes = recipe.model.num_classes or bundle.num_classes
+    if num_classes != bundle.num_classes:
+        raise SdtoolError(f"model.num_classes is {num_classes} but data set {recipe.data.name} has "
+                          f"{bundle.num_classes} classes; remove model.num_classes or fix it")
+    if init is None:
+        return create_model(recipe.model.name, **model_args(recipe, num_classes)), None
+    model, meta = checkpoint.load(init)
+    if meta["num_classes"] != bundle.num_classes:
+        raise SdtoolError(f"--init checkpoint has {meta['num_classes']} classes but data set "
+                          f"{recipe.data.name} has {bundle.num_classes}; use a matching data set")
+    if recipe.sd.mode == "plain" and model.num_exits > 1:
+        raise SdtoolError("--init checkpoint has several exits but sd.mode is plain; "
+                          "use self_distill or deep_supervision to fine-tune it")
+    if recipe.sd.mode != "plain" and model.num_exits == 1:
+        raise SdtoolError(f"--init checkpoint has a single exit but sd.mode is {recipe.sd.mode}; "
+                          "use --set sd.mode=plain")
+    log(f"--init {init}: the checkpoint's model ({meta['model']['name']}, {model.num_exits} exits"
+        f"{', pruned' if meta.get('shapes') else ''}) replaces the recipe's model section")
+    model.train()
+    return model, meta
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    last: Path
+    best: Path | None
+    history: list[dict] = field(default_factory=list)
+    test: dict | None = None
+
+    def to_json(self) -> dict:
+        return {"run_dir": str(self.run_dir), "last": str(self.last), "best": str(self.best) if self.best else None,
+                "epochs": self.history, "test": self.test}
+
+
+def _param_groups(modules: list[nn.Module]):
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+
+def make_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
+    t = recipe.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
+                               weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+class Extra(nn.Module):
+    """Hook for an additional loss term (external-teacher distillation) that `fit` adds per step.
+
+    `forward(x, logits, features, y)` returns (loss, parts). Its parameters (e.g. FitNet adapters)
+    are optimised and stored in the resume state with the self-distillation loss's.
+    """
+
+    def forward(self, x, logits, features, y):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def fit(recipe: Recipe, out: str | Path, init: str | None = None, resume: str | Path | None = None,
+        extra: Extra | None = None, command: str = "train", quiet: bool = False,
+        lineage_extra: dict | None = None) -> FitResult:
+    """Train per `recipe`, writing checkpoints and metrics under `out` (or continue `resume`)."""
+    log = report.make_logger(quiet)
+    if resume is not None:
+        run_dir = Path(resume)
+        saved = run_dir / RECIPE_FILE
+        if not saved.is_file():
+            raise SdtoolError(f"{run_dir} has no {RECIPE_FILE}; --resume needs a run folder written by sdtool train")
+        from sdtool.recipe import load_yaml
+
+        recipe = from_dict(load_yaml(saved))
+        run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+        init = run_info.get("init")
+    else:
+        run_dir = Path(out)
+        if (run_dir / "train_state.safetensors").exists():
+            raise SdtoolError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it or "
+                              "--out with a new folder")
+    t = recipe.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    torch.manual_seed(t.seed)
+    device = resolve_device(t.device)
+    adt = amp_dtype(device, t.amp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    bundle = build_data(recipe.data, train=True)
+    model, parent_meta = build_model(recipe, bundle, init, log)
+    criterion = SelfDistillLoss(recipe.sd.mode, model.feature_dims, alpha=recipe.sd.alpha,
+                                beta=recipe.sd.beta, temperature=recipe.sd.temperature,
+                                teacher=recipe.sd.teacher, hint_exits=recipe.sd.hint_exits,
+                                label_smoothing=t.label_smoothing, ensemble=recipe.sd.ensemble)
+    model.to(device)
+    criterion.to(device)
+    if extra is not None:
+        extra.to(device)
+    memory_format = torch.channels_last if (t.channels_last and device.type == "cuda") else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    trainable = [model, criterion] + ([extra] if extra is not None else [])
+    optimizer = make_optimizer(recipe, _param_groups(trainable))
+    scaler = torch.amp.GradScaler("cuda", enabled=adt == torch.float16)
+    forward = torch.compile(model) if t.compile else model
+
+    n_val = len(bundle.val) if bundle.val is not None else 0
+    train_loader = bundle.loader("train", recipe.data.batch_size, shuffle=True, seed=t.seed,
+                                 workers=recipe.data.workers, drop_last=len(bundle.train) % recipe.data.batch_size == 1,
+                                 pin_memory=device.type == "cuda")
+    eval_split = "val" if n_val else "test"
+    eval_loader = bundle.loader(eval_split, recipe.data.eval_batch_size, shuffle=False, seed=0,
+                                workers=recipe.data.workers, pin_memory=device.type == "cuda")
+    steps_per_epoch = len(train_loader) if t.limit_batches is None else min(len(train_loader), t.limit_batches)
+
+    start_epoch, step, best_top1 = 0, 0, -math.inf
+    started = checkpoint.now()
+    if resume is not None:
+        if not (run_dir / "last.safetensors").is_file():
+            raise SdtoolError(f"{run_dir} has no last.safetensors to resume from")
+        last_model, _ = checkpoint.load(run_dir / "last.safetensors", device)
+        model.load_state_dict(last_model.state_dict())
+        state = load_state(run_dir, optimizer, criterion, scaler)
+        start_epoch, step, best_top1 = state["epoch"] + 1, state["step"], state["best_top1"]
+        started = state["started"]
+        log(f"resuming {run_dir} after epoch {start_epoch} of {t.epochs}")
+        if start_epoch >= t.epochs:
+            log("the run had already finished; nothing to do")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RECIPE_FILE).write_text(dump_yaml(recipe))
+        (run_dir / "run.json").write_text(json.dumps({"init": init, "command": command}))
+        metrics_path = run_dir / "metrics.jsonl"
+        metrics_path.unlink(missing_ok=True)
+
+    base_meta = {
+        "num_classes": bundle.num_classes, "class_names": bundle.class_names,
+        "input": {"size": bundle.input_size, "channels": 3, "mean": list(bundle.mean), "std": list(bundle.std)},
+        "data": {"name": recipe.data.name, "root": recipe.data.root, "train_file": recipe.data.train_file,
+                 "test_file": recipe.data.test_file},
+        "val_split": bundle.val_info,
+        "ensemble": recipe.sd.ensemble,
+        "mode": recipe.sd.mode,
+    }
+    parent_lineage = (parent_meta or {}).get("lineage", [])
+
+    def save_ckpt(path: Path, metrics: dict) -> None:
+        entry = checkpoint.lineage_entry(command, recipe.to_dict(), init, started, metrics,
+                                         argv=sys.argv[1:], **(lineage_extra or {}))
+        checkpoint.save(path, model, {**base_meta, "metrics": metrics, "lineage": parent_lineage + [entry]})
+
+    history: list[dict] = []
+    best_path = run_dir / "best.safetensors" if n_val else None
+    log(report.run_header(recipe, model, bundle, device, adt, steps_per_epoch, eval_split, n_val))
+    for epoch in range(start_epoch, t.epochs):
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        model.train()
+        criterion.train()
+        sums = {"loss": 0.0, "correct": 0, "n": 0}
+        t0 = time.perf_counter()
+        with report.epoch_progress(epoch, t.epochs, steps_per_epoch, quiet) as bar:
+            for i, (x, y) in enumerate(train_loader):
+                if i >= steps_per_epoch:
+                    break
+                lr = t.lr * lr_factor(step / steps_per_epoch, t.epochs, t.schedule, t.milestones, t.gamma,
+                                      t.warmup_epochs)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                x = bundle.prepare(x.to(device, non_blocking=True), train=True)
+                x = x.contiguous(memory_format=memory_format)
+                y = y.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=adt, enabled=adt is not None):
+                    logits, feats = forward(x)
+                    loss, parts = criterion([z.float() for z in logits], [f.float() for f in feats], y)
+                    if extra is not None:
+                        extra_loss, extra_parts = extra(x, logits, feats, y)
+                        loss = loss + extra_loss
+                        parts.update(extra_parts)
+                if not torch.isfinite(loss):
+                    raise SdtoolError(f"loss became {float(loss)} at epoch {epoch + 1}, step {i + 1} (lr {lr:.3g}); "
+                                      f"{run_dir / 'last.safetensors'} keeps the last good epoch; lower train.lr")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if t.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(_param_groups(trainable), t.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                bs = y.shape[0]
+                sums["loss"] += float(loss) * bs
+                sums["correct"] += int((logits[-1].argmax(1) == y).sum())
+                sums["n"] += bs
+                bar.update(loss=sums["loss"] / sums["n"], acc=100.0 * sums["correct"] / sums["n"],
+                           ips=sums["n"] / (time.perf_counter() - t0))
+        train_time = time.perf_counter() - t0
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": sums["loss"] / max(sums["n"], 1),
+                               "train_top1": 100.0 * sums["correct"] / max(sums["n"], 1),
+                               "images_per_s": sums["n"] / train_time, "train_seconds": train_time,
+                               "threads": torch.get_num_threads(), "device": str(device)}
+        if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+            ev = evaluate(model, eval_loader, bundle.prepare, device, recipe.sd.ensemble, adt)
+            row["eval_split"] = eval_split
+            row["eval"] = ev
+        history.append(row)
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        metrics = {"epoch": epoch + 1, **({f"{eval_split}": row["eval"]} if "eval" in row else {})}
+        if best_path is not None and "eval" in row and row["eval"]["exits"][-1]["top1"] > best_top1:
+            best_top1 = row["eval"]["exits"][-1]["top1"]
+            save_ckpt(best_path, metrics)
+        save_ckpt(run_dir / "last.safetensors", metrics)
+        save_state(run_dir, optimizer, criterion, scaler,
+                   {"epoch": epoch, "step": step, "best_top1": best_top1, "started": started})
+        log(report.epoch_line(row), table=report.epoch_table(row) if not quiet else None)
+
+    result = FitResult(run_dir, run_dir / "last.safetensors", best_path if best_path and best_path.exists() else None,
+                       history)
+    # The test split is reported, never used for selection: with a validation split, `best` was chosen on it.
+    test_loader = bundle.loader("test", recipe.data.eval_batch_size, shuffle=False, seed=0,
+                                workers=recipe.data.workers)
+    final, _ = checkpoint.load(result.best or result.last, device)
+    result.test = {"checkpoint": str(result.best or result.last),
+                   **evaluate(final, test_loader, bundle.prepare, device, recipe.sd.ensemble, adt)}
+    return result

@@ -1,0 +1,44 @@
+"""Backbone registry: one decorator registers a builder under its function name.
+
+`create_model(name, **args)` fails loudly with the valid names, and every model carries its spec
+(`model.spec`: registry name and arguments), which is what checkpoints store to rebuild it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Callable
+
+from torch import nn
+
+from sdtool.errors import SdtoolError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    if fn.__name__ in _REGISTRY:
+        raise ValueError(f"model {fn.__name__} registered twice")
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **args) -> nn.Module:
+    """Build a registered model; `model.spec` records name and arguments for rebuilding."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list_models(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise SdtoolError(f"unknown model {name!r}{hint}; valid models: {', '.join(list_models())}")
+    fn = _REGISTRY[name]
+    params = inspect.signature(fn).parameters
+    unknown = [k for k in args if k not in params]
+    if unknown:
+        raise SdtoolError(f"model {name} has no argument {unknown[0]!r}; valid: {', '.join(params)}")
+    model = fn(**args)
+    model.spec = {"name": name, "args": dict(args)}
+    return model

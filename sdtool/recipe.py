@@ -1,0 +1,363 @@
+"""Recipe schema, YAML loading and `--set a.b=c` overrides.
+
+A recipe is plain data: sections of typed keys with defaults. Components are named by registry name
+only, so nothing in a recipe executes code. Unknown keys are rejected with a suggestion, wrong types or
+values name what is allowed, and the resolved recipe (every default filled in) is what checkpoints
+record in their lineage.
+
+Every field carries a `help` string: `docs/recipes.md` is generated from it (`python -m
+sdtool.recipe`), so the reference cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from sdtool.errors import SdtoolError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help string (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("resnet18", "Backbone registry name (`sdtool models` lists them).")
+    num_classes: Optional[int] = _f(None, "Classes; null takes the data set's count.")
+    stem: Literal["cifar", "imagenet"] = _f(
+        "cifar", "`cifar`: 3x3 stride-1 conv, no max-pool (32x32 inputs); `imagenet`: 7x7/2 conv + max-pool.")
+    width: int = _f(64, "Base channel width (64 is the standard network; 16 is a small CPU-friendly one).")
+    head: Literal["byot", "light", "pool"] = _f(
+        "byot", "Shallow-exit head: `byot` (official SepConv stack), `light` (one SepConv), `pool` (GAP + Linear).")
+    attention: bool = _f(True, "Attention module before each shallow head (official: on).")
+    exits: Optional[list[int]] = _f(
+        None, "Stages (1-based) followed by an exit; null = after every stage. The last stage always has one.")
+    exits_after: Optional[list[str]] = _f(
+        None, "For wrapped models: names of the modules after which exits go (instead of `exits`).")
+
+
+@dataclass
+class AugmentConfig:
+    crop: bool = _f(True, "RandomCrop to the input size with padding (training only).")
+    crop_padding: int = _f(4, "Padding for the random crop, in pixels.")
+    crop_fill: int = _f(128, "Fill value (0-255) of the crop padding (official: 128).")
+    flip: bool = _f(True, "Random horizontal flip (training only).")
+    autoaugment: bool = _f(False, "AutoAugment with torchvision's CIFAR10 policy, per image (training only).")
+    autoaugment_policy: Optional[Literal["cifar10", "imagenet", "svhn"]] = _f(
+        None, "AutoAugment policy; null = cifar10 for in-memory data sets, imagenet for imagefolder.")
+    cutout: int = _f(0, "Cutout square side in pixels, one hole, on the [0,1] tensor; 0 = off (official: 16).")
+    mean: Optional[list[float]] = _f(None, "Normalize mean per channel; null = the data set's default.")
+    std: Optional[list[float]] = _f(None, "Normalize std per channel; null = the data set's default.")
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("digits", "Data set: digits, npz, fake, cifar10, cifar100, imagefolder.")
+    root: str = _f("data", "Folder holding the data set's files (relative paths are relative to the working directory).")
+    train_file: Optional[str] = _f(None, "npz: training arrays file (x uint8 NxHxWxC, y int), relative to `root`.")
+    test_file: Optional[str] = _f(None, "npz: test arrays file, relative to `root`.")
+    download: bool = _f(False, "cifar10/cifar100: download when the files are missing (needs network access).")
+    input_size: Optional[int] = _f(None, "Square input side in pixels; null = the data set's default.")
+    val_size: float = _f(
+        0, "Validation split held out of the training split: a fraction (<1) or a count; 0 = none.")
+    val_seed: int = _f(0, "Seed of the validation split (recorded in the checkpoint).")
+    batch_size: int = _f(128, "Training batch size (per process).")
+    eval_batch_size: int = _f(256, "Evaluation batch size.")
+    workers: int = _f(0, "DataLoader worker processes (0 = in the main process).")
+    limit_train: Optional[int] = _f(
+        None, "Use only N training images (after the validation split): a fixed class-stratified sample, the same in every run.")
+    limit_test: Optional[int] = _f(None, "Use only N test images: a fixed class-stratified sample, the same in every run.")
+    fake_size: int = _f(256, "fake: number of training images (tests only).")
+    augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "Training augmentation."})
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(10, "Training epochs.")
+    optimizer: Literal["sgd", "adamw"] = _f("sgd", "Optimizer.")
+    lr: float = _f(0.1, "Peak learning rate.")
+    momentum: float = _f(0.9, "SGD momentum.")
+    nesterov: bool = _f(False, "SGD Nesterov momentum.")
+    weight_decay: float = _f(5e-4, "Weight decay (adaptation layers included, as the official code).")
+    schedule: Literal["step", "cosine", "onecycle", "constant"] = _f("step", "Learning-rate schedule.")
+    milestones: Optional[list[int]] = _f(
+        None, "step: epochs at which lr is multiplied by `gamma`; null = official E//3, 2E//3, E-10.")
+    gamma: float = _f(0.1, "step: lr factor at each milestone.")
+    warmup_epochs: float = _f(0, "Linear warm-up from 0 over this many epochs (fractions allowed).")
+    label_smoothing: float = _f(0.0, "Label smoothing of the hard-label cross-entropy terms.")
+    seed: int = _f(0, "Random seed (weights, data order, augmentation).")
+    device: str = _f("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+    amp: bool = _f(True, "Mixed precision on CUDA (bf16 where supported, else fp16 with a scaler); ignored on CPU.")
+    channels_last: bool = _f(False, "channels_last memory format on CUDA.")
+    compile: bool = _f(False, "torch.compile the model.")
+    threads: Optional[int] = _f(None, "CPU threads for torch (null = torch's default).")
+    limit_batches: Optional[int] = _f(None, "Stop each training epoch after N batches (smoke tests).")
+    eval_every: int = _f(1, "Evaluate every N epochs (and always after the last).")
+    grad_clip: Optional[float] = _f(None, "Clip the gradient norm to this value.")
+
+
+@dataclass
+class SdConfig:
+    mode: Literal["self_distill", "deep_supervision", "plain"] = _f(
+        "self_distill",
+        "self_distill: deepest exit teaches the rest; deep_supervision: CE on every exit; "
+        "plain: the backbone with its own classifier, no exits.")
+    alpha: float = _f(0.3, "Weight of the soft (distillation) term for shallow exits; 1-alpha on their CE.")
+    beta: float = _f(0.03, "Weight of the feature-hint term.")
+    temperature: float = _f(3.0, "Softmax temperature of the distillation term (no T^2 factor, as official).")
+    teacher: Literal["deepest", "ensemble"] = _f("deepest", "Which logits teach the shallow exits.")
+    hint_exits: Optional[list[int]] = _f(
+        None, "Shallow exits (1-based, shallow to deep) that get the feature hint; null = official: all but exit K-1.")
+    ensemble: Literal["logits", "softmax"] = _f("logits", "Ensemble prediction: mean of logits (official) or of softmax.")
+
+
+@dataclass
+class DistillConfig:
+    teacher: Optional[str] = _f(None, "Teacher: an sdtool checkpoint path or `torchvision:NAME`.")
+    teacher_weights: Optional[str] = _f(None, "torchvision teacher: local weights file (.safetensors or .pth state dict).")
+    teacher_output: Literal["deepest", "ensemble"] = _f("deepest", "sdtool teacher: which of its outputs teaches.")
+    temperature: float = _f(4.0, "KD softmax temperature.")
+    alpha: float = _f(0.9, "Weight of the KD term (the student's own loss keeps weight 1).")
+    targets: Literal["deepest", "all"] = _f("deepest", "Which student exits receive KD.")
+    feature: Optional[Literal["fitnet", "at"]] = _f(None, "Optional feature distillation.")
+    feature_weight: float = _f(1.0, "Weight of the feature-distillation term.")
+
+
+@dataclass
+class PruneConfig:
+    enabled: bool = _f(False, "Run the prune and fine-tune steps of a pipeline recipe.")
+    criterion: str = _f("l2", "l1, l2, taylor, bn_scale, fpgm, lamp, random.")
+    ratio: Optional[float] = _f(None, "Channel pruning ratio in (0, 1).")
+    target_macs: Optional[float] = _f(0.5, "Keep this fraction of the full multi-exit MACs.")
+    global_pruning: bool = _f(False, "Rank channels across layers instead of per layer.")
+    iterative_steps: int = _f(1, "Prune in this many steps.")
+    round_to: Optional[int] = _f(None, "Keep channel counts multiples of this.")
+    protect_exits: bool = _f(True, "Classifiers keep their output size.")
+    finetune_epochs: int = _f(10, "Fine-tuning epochs after pruning (pipeline recipes).")
+
+
+@dataclass
+class EvalConfig:
+    split: Literal["test", "val"] = _f("test", "Split `sdtool eval` reports on.")
+    early_exit: bool = _f(False, "Pipeline recipes: evaluate with early exit at the end.")
+    policy: Literal["max_softmax", "entropy"] = _f("max_softmax", "Early-exit confidence measure.")
+    fallback: Literal["deepest", "ensemble"] = _f("deepest", "Who answers samples no exit takes.")
+    max_drop: Optional[float] = _f(0.5, "Threshold fitting: accuracy drop allowed, in percentage points.")
+    budget: Optional[float] = _f(None, "Threshold fitting: MACs budget, fraction of the reference cost.")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The network."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data set and augmentation."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation."})
+    sd: SdConfig = field(default_factory=SdConfig, metadata={"help": "Self-distillation loss."})
+    distill: DistillConfig = field(default_factory=DistillConfig, metadata={"help": "External-teacher KD."})
+    prune: PruneConfig = field(default_factory=PruneConfig, metadata={"help": "Pruning (pipeline recipes)."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation: a small typed walk over the dataclasses. We keep it hand-written (no pydantic) because
+# the error messages are the product here: every one names the dotted key and what is allowed.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    bad = SdtoolError(f"{key}: expected {_type_name(tp)}, got {value!r}; fix the recipe or the --set value")
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        for a in args:
+            try:
+                return _coerce(value, a, key)
+            except SdtoolError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise SdtoolError(f"{key}: {value!r} is not allowed; use {_type_name(tp)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise bad
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SdtoolError(f"{prefix or 'recipe'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else (
+                f"; valid keys: {', '.join(names)}")
+            raise SdtoolError(f"unknown key {dotted}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _check_values(r: Recipe) -> None:
+    """Range checks that types alone cannot express."""
+    checks = [
+        (r.train.epochs >= 1, "train.epochs must be at least 1"),
+        (r.train.lr > 0, "train.lr must be positive"),
+        (0 <= r.sd.alpha <= 1, "sd.alpha must be in [0, 1]"),
+        (r.sd.beta >= 0, "sd.beta must be >= 0"),
+        (r.sd.temperature > 0, "sd.temperature must be positive"),
+        (r.data.batch_size >= 1, "data.batch_size must be at least 1"),
+        (r.data.val_size >= 0, "data.val_size must be >= 0 (a fraction below 1 or a count)"),
+        (r.model.width >= 1, "model.width must be at least 1"),
+        (0 <= r.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
+        (r.prune.ratio is None or 0 < r.prune.ratio < 1, "prune.ratio must be in (0, 1)"),
+        (r.prune.target_macs is None or 0 < r.prune.target_macs < 1, "prune.target_macs must be in (0, 1)"),
+        (r.data.val_size < 1 or float(r.data.val_size).is_integer(),
+         "data.val_size must be a fraction below 1 or a whole count"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise SdtoolError(f"{msg}; fix the recipe or the --set value")
+
+
+def from_dict(data: dict) -> Recipe:
+    recipe = _build(Recipe, data, "")
+    _check_values(recipe)
+    return recipe
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.epochs=3` -> (['train', 'epochs'], 3); the value is parsed as YAML (so 3, 0.1, true, [1,2])."""
+    if "=" not in text:
+        raise SdtoolError(f"--set {text!r}: expected key=value, e.g. --set train.epochs=3")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SdtoolError(f"--set {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SdtoolError(f"recipe {p} not found; pass the path of a YAML recipe (see recipes/)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise SdtoolError(f"recipe {p} is not valid YAML{where}; fix its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SdtoolError(f"recipe {p} must be a mapping of sections (model, data, train, ...)")
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe (or the defaults when `path` is None) and apply `--set` overrides."""
+    data = load_yaml(path) if path is not None else {}
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+def dump_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """The recipe reference (docs/recipes.md body), generated from the schema."""
+    out = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        rows = []
+        nested = []
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                nested.append((f, tp))
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{yaml.safe_dump(default).strip().removesuffix('...').strip()}` | {f.metadata.get('help', '')} |")
+        if rows:
+            out.append(f"\n### `{prefix.rstrip('.') or 'recipe'}`\n")
+            out.append("| key | type | default | meaning |\n|---|---|---|---|")
+            out.extend(rows)
+        for f, tp in nested:
+            walk(tp, f"{prefix}{f.name}.")
+
+    walk(Recipe, "")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

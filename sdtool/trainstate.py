@@ -1,0 +1,85 @@
+"""Training state for exact resume, stored without pickle.
+
+`train_state.safetensors` beside the run's checkpoints holds every tensor needed to continue exactly:
+optimizer buffers, the loss-side modules (adaptation layers), RNG states, the gradient scaler; its JSON
+metadata holds the scalar state (epoch, step, best metric, optimizer hyper-parameters). It is written
+atomically after `last.safetensors`, so both always describe the same finished epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from sdtool.checkpoint import load_tensors, save_tensors
+from sdtool.errors import SdtoolError
+
+STATE_FILE = "train_state.safetensors"
+
+
+def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """optimizer.state_dict() -> (tensors keyed 'opt.<param>.<name>', JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        scalars[str(pid)] = {}
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{pid}.{name}"] = v
+            else:
+                scalars[str(pid)][name] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], js: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {int(pid): dict(v) for pid, v in js["scalars"].items()}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    return {"state": state, "param_groups": js["param_groups"]}
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+
+
+def save_state(run_dir: Path, optimizer, loss_module, scaler, scalars: dict) -> None:
+    opt_tensors, opt_json = _split_optimizer(optimizer.state_dict())
+    tensors = dict(opt_tensors)
+    tensors.update({f"loss.{k}": v for k, v in loss_module.state_dict().items()})
+    tensors.update(rng_tensors())
+    meta = {"scalars": scalars, "optimizer": opt_json}
+    if scaler is not None and scaler.is_enabled():
+        meta["scaler"] = {k: (float(v) if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
+    save_tensors(run_dir / STATE_FILE, tensors, meta)
+
+
+def load_state(run_dir: Path, optimizer, loss_module, scaler) -> dict:
+    """Restore optimizer, loss modules, scaler and RNG; returns the scalar state (epoch, step, ...)."""
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        raise SdtoolError(f"{path} not found; --resume needs a run folder written by `sdtool train`")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("sdtool", "{}"))
+    tensors = load_tensors(path)
+    optimizer.load_state_dict(_join_optimizer(tensors, meta["optimizer"]))
+    loss_module.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
+    if scaler is not None and "scaler" in meta:
+        scaler.load_state_dict(meta["scaler"])
+    restore_rng(tensors)
+    return meta["scalars"]
