@@ -16,7 +16,7 @@ import typer
 from sdtool import __version__
 from sdtool.errors import SdtoolError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
                   help="sdtool: self-distillation, real early exit and structured pruning for CNNs.")
 _state = {"debug": False}
 

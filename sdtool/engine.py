@@ -80,6 +80,15 @@ class FitResult:
                 "epochs": self.history, "test": self.test}
 
 
+def _truncate_metrics(path: Path, last_row: dict | None) -> None:
+    """Make metrics.jsonl end at the resumed epoch: drop rows of an epoch that was cut short, and
+    restore the committed epoch's row if the process died before appending it."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    if last_row is not None:
+        rows = [r for r in rows if r["epoch"] < last_row["epoch"]] + [last_row]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def _param_groups(modules: list[nn.Module]):
     return [p for m in modules for p in m.parameters() if p.requires_grad]
 
@@ -161,13 +170,12 @@ def fit(recipe: Recipe, out: str | Path, init: str | None = None, resume: str | 
     start_epoch, step, best_top1 = 0, 0, -math.inf
     started = checkpoint.now()
     if resume is not None:
-        if not (run_dir / "last.safetensors").is_file():
-            raise SdtoolError(f"{run_dir} has no last.safetensors to resume from")
-        last_model, _ = checkpoint.load(run_dir / "last.safetensors", device)
-        model.load_state_dict(last_model.state_dict())
-        state = load_state(run_dir, optimizer, criterion, scaler)
+        if not (run_dir / "train_state.safetensors").is_file():
+            raise SdtoolError(f"{run_dir} stopped before its first epoch ended; nothing to resume, start it again")
+        state = load_state(run_dir, model, optimizer, criterion, scaler)
         start_epoch, step, best_top1 = state["epoch"] + 1, state["step"], state["best_top1"]
         started = state["started"]
+        _truncate_metrics(run_dir / "metrics.jsonl", state.get("row"))
         log(f"resuming {run_dir} after epoch {start_epoch} of {t.epochs}")
         if start_epoch >= t.epochs:
             log("the run had already finished; nothing to do")
@@ -223,7 +231,7 @@ def fit(recipe: Recipe, out: str | Path, init: str | None = None, resume: str | 
                         loss = loss + extra_loss
                         parts.update(extra_parts)
                 if not torch.isfinite(loss):
-                    raise SdtoolError(f"loss became {float(loss)} at epoch {epoch + 1}, step {i + 1} (lr {lr:.3g}); "
+                    raise SdtoolError(f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {i + 1} (lr {lr:.3g}); "
                                       f"{run_dir / 'last.safetensors'} keeps the last good epoch; lower train.lr")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -234,7 +242,7 @@ def fit(recipe: Recipe, out: str | Path, init: str | None = None, resume: str | 
                 scaler.update()
                 step += 1
                 bs = y.shape[0]
-                sums["loss"] += float(loss) * bs
+                sums["loss"] += float(loss.detach()) * bs
                 sums["correct"] += int((logits[-1].argmax(1) == y).sum())
                 sums["n"] += bs
                 bar.update(loss=sums["loss"] / sums["n"], acc=100.0 * sums["correct"] / sums["n"],
@@ -249,15 +257,16 @@ def fit(recipe: Recipe, out: str | Path, init: str | None = None, resume: str | 
             row["eval_split"] = eval_split
             row["eval"] = ev
         history.append(row)
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
         metrics = {"epoch": epoch + 1, **({f"{eval_split}": row["eval"]} if "eval" in row else {})}
         if best_path is not None and "eval" in row and row["eval"]["exits"][-1]["top1"] > best_top1:
             best_top1 = row["eval"]["exits"][-1]["top1"]
             save_ckpt(best_path, metrics)
         save_ckpt(run_dir / "last.safetensors", metrics)
-        save_state(run_dir, optimizer, criterion, scaler,
-                   {"epoch": epoch, "step": step, "best_top1": best_top1, "started": started})
+        # The resume state is the commit point of an epoch; metrics.jsonl is reconciled with it on resume.
+        save_state(run_dir, model, optimizer, criterion, scaler,
+                   {"epoch": epoch, "step": step, "best_top1": best_top1, "started": started, "row": row})
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
         log(report.epoch_line(row), table=report.epoch_table(row) if not quiet else None)
 
     result = FitResult(run_dir, run_dir / "last.safetensors", best_path if best_path and best_path.exists() else None,

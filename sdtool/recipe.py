@@ -184,7 +184,7 @@ def _type_name(tp: Any) -> str:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(_type_name(a) for a in args) + " or null"
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        return f"a list ({_type_name(typing.get_args(tp)[0])} each)"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
@@ -195,6 +195,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return None
         args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:  # Optional[X]: X's own message is the precise one
+            return _coerce(value, args[0], key)
         for a in args:
             try:
                 return _coerce(value, a, key)

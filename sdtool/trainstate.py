@@ -58,9 +58,12 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
 
-def save_state(run_dir: Path, optimizer, loss_module, scaler, scalars: dict) -> None:
+def save_state(run_dir: Path, model, optimizer, loss_module, scaler, scalars: dict) -> None:
+    """One self-contained file: the model weights are stored here too, so a crash between writing
+    `last.safetensors` and this file can never pair weights and optimizer state of different epochs."""
     opt_tensors, opt_json = _split_optimizer(optimizer.state_dict())
     tensors = dict(opt_tensors)
+    tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
     tensors.update({f"loss.{k}": v for k, v in loss_module.state_dict().items()})
     tensors.update(rng_tensors())
     meta = {"scalars": scalars, "optimizer": opt_json}
@@ -69,14 +72,15 @@ def save_state(run_dir: Path, optimizer, loss_module, scaler, scalars: dict) -> 
     save_tensors(run_dir / STATE_FILE, tensors, meta)
 
 
-def load_state(run_dir: Path, optimizer, loss_module, scaler) -> dict:
-    """Restore optimizer, loss modules, scaler and RNG; returns the scalar state (epoch, step, ...)."""
+def load_state(run_dir: Path, model, optimizer, loss_module, scaler) -> dict:
+    """Restore model, optimizer, loss modules, scaler and RNG; returns the scalar state (epoch, step, ...)."""
     path = run_dir / STATE_FILE
     if not path.is_file():
         raise SdtoolError(f"{path} not found; --resume needs a run folder written by `sdtool train`")
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("sdtool", "{}"))
     tensors = load_tensors(path)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     optimizer.load_state_dict(_join_optimizer(tensors, meta["optimizer"]))
     loss_module.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
     if scaler is not None and "scaler" in meta:

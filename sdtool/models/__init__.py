@@ -1,6 +1,7 @@
 """Model registry and the multi-exit network."""
 
 from sdtool.models import resnet  # noqa: F401  (registers the ResNet family)
+from sdtool.models import truncate  # noqa: F401  (registers `truncated`: one exit standing alone)
 from sdtool.models.multi_exit import MultiExitNet
 from sdtool.models.registry import create_model, list_models, register_model
 

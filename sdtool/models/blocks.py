@@ -61,19 +61,24 @@ class Pool(nn.Sequential):
         super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
 
 
-def make_head(kind: str, widths_after: list[int], c_in: int) -> tuple[nn.Module, int]:
+def make_head(kind: str, widths_after: list[int], c_in: int,
+              strides_after: list[int] | None = None) -> tuple[nn.Module, int]:
     """Head of a shallow exit and its output feature width.
 
-    widths_after: channel widths of the stages that follow this exit's stage (shallow to deep).
-    - byot (official): one stride-2 SepConv per following stage, widths following the backbone
-      (ResNet18 after stage 1: 64->128->256->512), then global pooling.
+    widths_after: channel widths of the stages that follow this exit's stage (shallow to deep);
+    strides_after: their downsampling factors (None = 2 each, as every ResNet stage after the first).
+    - byot (official): one SepConv per following stage, widths and strides following the backbone
+      (ResNet18 after stage 1: 64->128->256->512, stride 2 each), then global pooling. Where the
+      backbone does not downsample (a stage cut inside a resolution level) the SepConv has stride 1.
     - light: a single stride-2 SepConv straight to the last width, then pooling.
     - pool: global pooling of the stage output (cheapest; features keep the stage's width).
     """
+    if strides_after is None:
+        strides_after = [2] * len(widths_after)
     if kind == "byot":
         blocks, c = [], c_in
-        for w in widths_after:
-            blocks.append(SepConv(c, w))
+        for w, s in zip(widths_after, strides_after):
+            blocks.append(SepConv(c, w, stride=max(1, int(s))))
             c = w
         return nn.Sequential(*blocks, Pool()), c
     if kind == "light":

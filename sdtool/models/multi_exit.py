@@ -22,11 +22,16 @@ from sdtool.models.blocks import Attention, make_head
 
 class MultiExitNet(nn.Module):
     def __init__(self, stages: list[nn.Module], widths: list[int], num_classes: int,
-                 exits: list[int] | None = None, head: str = "byot", attention: bool = True):
+                 exits: list[int] | None = None, head: str = "byot", attention: bool = True,
+                 strides: list[int] | None = None, stage_names: list[str] | None = None):
         """stages: the backbone cut into sequential pieces; widths: each stage's output channels.
 
         exits: 1-based stage indices followed by an exit; None = after every stage. The last stage
         always gets the final exit (global pooling + the backbone's own classifier).
+        strides: each stage's downsampling factor (output side = input side / stride); the byot heads
+        follow it. None = 2 for every stage after the first (the ResNet layout).
+        stage_names: what each stage holds, e.g. "stem+layer1[:2]" (documentation; `model.spec`
+        records it for backbones whose stages are not the paper's).
         """
         super().__init__()
         n = len(stages)
@@ -38,6 +43,10 @@ class MultiExitNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.exit_stages = [e - 1 for e in exits]  # 0-based stage index of each exit
         self.num_classes = num_classes
+        self.strides = list(strides) if strides is not None else [1] + [2] * (n - 1)
+        self.stage_names = list(stage_names) if stage_names is not None else None
+        if len(self.strides) != n or (self.stage_names is not None and len(self.stage_names) != n):
+            raise ValueError("one stride and one name per stage are needed")
         att, heads, fcs = [], [], []
         for s in self.exit_stages:
             if s == n - 1:  # final exit: the backbone's own pooling and classifier
@@ -45,7 +54,7 @@ class MultiExitNet(nn.Module):
                 h, d = make_head("pool", [], widths[s])
             else:
                 att.append(Attention(widths[s]) if attention else nn.Identity())
-                h, d = make_head(head, widths[s + 1:], widths[s])
+                h, d = make_head(head, widths[s + 1:], widths[s], self.strides[s + 1:])
             heads.append(h)
             fcs.append(nn.Linear(d, num_classes))
         self.attention = nn.ModuleList(att)

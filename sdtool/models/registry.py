@@ -29,7 +29,12 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, **args) -> nn.Module:
-    """Build a registered model; `model.spec` records name and arguments for rebuilding."""
+    """Build a registered model; `model.spec` records name and arguments for rebuilding.
+
+    `torchvision:ARCH` is shorthand for `torchvision_wrapped(arch=ARCH, ...)` (sdtool/models/wrap.py).
+    """
+    if name.startswith("torchvision:"):
+        name, args = "torchvision_wrapped", {"arch": name.split(":", 1)[1], **args}
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list_models(), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -41,4 +46,14 @@ def create_model(name: str, **args) -> nn.Module:
         raise SdtoolError(f"model {name} has no argument {unknown[0]!r}; valid: {', '.join(params)}")
     model = fn(**args)
     model.spec = {"name": name, "args": dict(args)}
+    if getattr(model, "stage_names", None):  # backbones cut other than at their stages say where
+        model.spec["stages"] = list(model.stage_names)
     return model
+
+
+def model_parameters(name: str) -> list[str]:
+    """Names of the arguments the builder of `name` takes ([] for an unknown name)."""
+    if name.startswith("torchvision:"):
+        name = "torchvision_wrapped"
+    fn = _REGISTRY.get(name)
+    return list(inspect.signature(fn).parameters) if fn is not None else []

@@ -1,0 +1,188 @@
+"""In-memory data sets: digits, npz, fake, cifar10, cifar100.
+
+Each loader returns uint8 (N, 3, H, W) tensors at the network's input size; everything after that
+(splits, augmentation, loaders) is shared (`bundle.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdtool.data.arrays import (NPZ_EXPECTED, TensorSplit, channel_stats, load_images_npz, read_npz_labels,
+                                resize_uint8, to_nchw)
+from sdtool.data.registry import Source, register
+from sdtool.data.splits import stratified_split
+from sdtool.errors import SdtoolError
+
+if TYPE_CHECKING:
+    from sdtool.recipe import DataConfig
+
+# The official code's Normalize values (used for CIFAR-10 and CIFAR-100 alike, as the paper's code does).
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+# digits: channel_stats of the 1437 training images at 32x32 (the same value for the 3 replicated
+# channels); recomputed when another input size is asked for. tests/test_data.py checks the constants.
+DIGITS_SIZE = 32
+DIGITS_TEST = 360  # 1797 images -> 1437 train / 360 test, stratified, seed 0
+DIGITS_MEAN = (0.3049,) * 3
+DIGITS_STD = (0.3234,) * 3
+
+
+def _needs_stats(cfg: "DataConfig") -> bool:
+    return cfg.augment.mean is None or cfg.augment.std is None
+
+
+@register("digits")
+def load_digits_source(cfg: "DataConfig", need_train: bool) -> Source:
+    """scikit-learn's bundled 8x8 digits (offline): values 0-16 -> 0-255, bilinear to 32x32, grey -> RGB."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    grey = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))[:, None]  # (1797, 1, 8, 8)
+    size = cfg.input_size or DIGITS_SIZE
+    x = resize_uint8(grey, size).expand(-1, 3, -1, -1).contiguous()
+    y = d.target.astype(np.int64)
+    test_idx, train_idx = stratified_split(y, DIGITS_TEST, seed=0)
+    xt = torch.from_numpy(train_idx)
+    mean, std = (DIGITS_MEAN, DIGITS_STD) if size == DIGITS_SIZE else channel_stats(x[xt])
+    return Source(train=TensorSplit(x[xt], y[train_idx]),
+                  test=TensorSplit(x[torch.from_numpy(test_idx)], y[test_idx]),
+                  class_names=[str(i) for i in range(10)], input_size=size, mean=mean, std=std, in_memory=True)
+
+
+def _square(x: torch.Tensor, size: int | None, what: Path) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if size is None and h != w:
+        raise SdtoolError(f"{what.absolute()}: images are {h}x{w}, not square; set data.input_size to "
+                          f"the square side they should be resized to")
+    return resize_uint8(x, size or h)
+
+
+@register("npz")
+def load_npz_source(cfg: "DataConfig", need_train: bool) -> Source:
+    """`root/train_file` and `root/test_file` (x uint8 N x H x W x C, y ints); classes from `root/classes.txt`."""
+    root = Path(cfg.root)
+    train_path = root / (cfg.train_file or "train.npz")
+    test_path = root / (cfg.test_file or "test.npz")
+    for path, key in ((test_path, "test_file"), (train_path, "train_file")):
+        if not path.is_file() and (key == "test_file" or need_train):
+            raise SdtoolError(f"npz: {path.absolute()} not found; expected {NPZ_EXPECTED} there "
+                              f"(set data.root and data.{key})")
+    x_test, y_test = load_images_npz(test_path)
+    cifar_like = x_test.shape[1:] == (32, 32, 3)
+    # The training pixels are read only when needed: to train, to carve a validation split, or to
+    # compute default mean/std for data that is not CIFAR-shaped.
+    read_train = need_train or (_needs_stats(cfg) and not cifar_like)
+    train = None
+    if read_train:
+        x_train, y_train = load_images_npz(train_path)
+        if x_train.shape[1:3] != x_test.shape[1:3]:
+            raise SdtoolError(f"{train_path.absolute()} holds {x_train.shape[1]}x{x_train.shape[2]} images but "
+                              f"{test_path.absolute()} holds {x_test.shape[1]}x{x_test.shape[2]}; both must match")
+        train = TensorSplit(_square(to_nchw(x_train), cfg.input_size, train_path), y_train)
+    test = TensorSplit(_square(to_nchw(x_test), cfg.input_size, test_path), y_test)
+
+    names_file = root / "classes.txt"
+    if names_file.is_file():
+        class_names = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
+    else:
+        # Without names, the class count is the largest label + 1 over both files (the train labels
+        # are read even for eval-only runs, so the count never depends on what the caller needed).
+        labels = [y_test]
+        if train is not None:
+            labels.append(train.labels)
+        elif train_path.is_file():
+            labels.append(read_npz_labels(train_path))
+        class_names = [str(i) for i in range(max(int(lab.max(initial=-1)) for lab in labels) + 1)]
+    for split, path in ((train, train_path), (test, test_path)):
+        if split is not None and len(split.labels) and split.labels.max() >= len(class_names):
+            raise SdtoolError(f"{path.absolute()}: label {split.labels.max()} but {names_file.absolute()} names "
+                              f"only {len(class_names)} classes (one per line, line i = label i)")
+
+    if cifar_like:  # 32x32 RGB source images: the official CIFAR values, even when resized
+        mean, std = CIFAR_MEAN, CIFAR_STD
+    elif train is not None:
+        mean, std = channel_stats(train.x)
+    else:  # the caller gave mean and std, so these are never used
+        mean, std = (0.5,) * 3, (0.25,) * 3
+    return Source(train=train if need_train else None, test=test, class_names=class_names,
+                  input_size=test.x.shape[-1], mean=mean, std=std, in_memory=True)
+
+
+@register("fake")
+def load_fake_source(cfg: "DataConfig", need_train: bool) -> Source:
+    """Tiny deterministic data for tests: `fake_size` training and max(10, fake_size // 4) test images.
+
+    Unlike torchvision's FakeData (pure noise) each class has its own coarse 4x4 colour pattern under
+    the noise, so a tiny model can learn it in a few steps and tests can check that training works.
+    """
+    size = cfg.input_size or 32
+    protos = torch.randint(0, 256, (10, 3, 4, 4), generator=torch.Generator().manual_seed(0)).float()
+
+    def make(n: int, seed: int) -> TensorSplit:
+        g = torch.Generator().manual_seed(seed)
+        y = (torch.arange(n) % 10)[torch.randperm(n, generator=g)]  # balanced classes, shuffled
+        base = F.interpolate(protos[y], size=(size, size), mode="nearest")
+        noise = torch.randint(-64, 65, (n, 3, size, size), generator=g)
+        return TensorSplit((base + noise).clamp_(0, 255).to(torch.uint8), y.numpy())
+
+    train = make(cfg.fake_size, 1)
+    mean, std = channel_stats(train.x)
+    return Source(train=train if need_train else None, test=make(max(10, cfg.fake_size // 4), 2),
+                  class_names=[str(i) for i in range(10)], input_size=size, mean=mean, std=std, in_memory=True)
+
+
+_CIFAR_FILES = {
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", "data_batch_1..data_batch_5, test_batch, batches.meta",
+                "cifar-10-python.tar.gz"),
+    "cifar100": ("CIFAR100", "cifar-100-python", "train, test, meta", "cifar-100-python.tar.gz"),
+}
+
+
+def _cifar(cfg: "DataConfig", need_train: bool, name: str) -> Source:
+    from torchvision import datasets
+
+    cls_name, folder, files, archive = _CIFAR_FILES[name]
+    root = Path(cfg.root)
+    where = (root / folder).absolute()
+
+    def read(train: bool):
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints download chatter
+                return getattr(datasets, cls_name)(str(root), train=train, download=cfg.download)
+        except Exception as e:  # noqa: BLE001 - any failure to get the files means the same thing to a user
+            if cfg.download:
+                first = (str(e).splitlines() or [""])[0]
+                raise SdtoolError(f"{name}: downloading into {root.absolute()} failed ({type(e).__name__}: {first}); "
+                                  f"download: true needs network access, otherwise extract {archive} there so that "
+                                  f"{where}/ holds {files}") from None
+            raise SdtoolError(f"{name}: {where}/ does not hold the python-version files {files} (from {archive}); "
+                              f"put them there, or set data.download: true (needs network access)") from None
+
+    test = read(False)
+    train = read(True) if need_train else None
+
+    def split(ds) -> TensorSplit:
+        return TensorSplit(_square(to_nchw(ds.data), cfg.input_size, where), np.asarray(ds.targets))
+
+    ts = split(test)
+    return Source(train=split(train) if train is not None else None, test=ts, class_names=list(test.classes),
+                  input_size=ts.x.shape[-1], mean=CIFAR_MEAN, std=CIFAR_STD, in_memory=True)
+
+
+@register("cifar10")
+def load_cifar10_source(cfg: "DataConfig", need_train: bool) -> Source:
+    return _cifar(cfg, need_train, "cifar10")
+
+
+@register("cifar100")
+def load_cifar100_source(cfg: "DataConfig", need_train: bool) -> Source:
+    return _cifar(cfg, need_train, "cifar100")

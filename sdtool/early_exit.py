@@ -1,0 +1,128 @@
+"""Dynamic inference that really stops: each sample leaves at the first exit confident enough.
+
+A batch is driven exit by exit with `model.stages_to_exit(h, k)` and `model.exit_output(k, h)`; the
+rows that leave at exit k are written to the output and dropped from `h` (`index_select`) before the
+next stages run, so later stages only see the samples still undecided. A batch of one simply stops.
+
+Policies (the threshold of exit k is in the policy's own unit; `None` = exit k never answers):
+  * max_softmax - leave when max_c softmax(z)_c >= threshold;
+  * entropy     - leave when the entropy of softmax(z) (nats) <= threshold.
+Samples no shallow exit takes are answered by the deepest exit, or by the ensemble of all exits
+(`losses.ensemble_logits` with the checkpoint's ensemble kind), which needs every exit computed.
+
+Costs: a sample leaving at exit k costs the stages up to exit k's stage plus the attention, head and
+classifier of every exit computed on its way (exits 1..k). With the deepest fallback an exit that
+never answers is skipped altogether (its head is not run and not counted); with the ensemble
+fallback every head is run, since the ensemble needs them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdtool.errors import SdtoolError
+from sdtool.losses import ensemble_logits
+
+POLICIES = ("max_softmax", "entropy")
+FALLBACKS = ("deepest", "ensemble")
+
+
+@dataclass
+class ExitPolicy:
+    """Thresholds for the shallow exits (K-1 values, shallow to deep) and what answers the rest."""
+
+    policy: str
+    values: list[float | None]
+    fallback: str = "deepest"
+    ensemble: str = "logits"  # how the ensemble fallback combines logits
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise SdtoolError(f"unknown early-exit policy {self.policy!r}; use one of {', '.join(POLICIES)}")
+        if self.fallback not in FALLBACKS:
+            raise SdtoolError(f"unknown fallback {self.fallback!r}; use one of {', '.join(FALLBACKS)}")
+
+    def score_thresholds(self) -> list[float]:
+        """Thresholds on the confidence score (higher = more confident; +inf = never leave)."""
+        return [math.inf if v is None else (float(v) if self.policy == "max_softmax" else -float(v))
+                for v in self.values]
+
+    def computed(self) -> list[bool]:
+        """Which exits' outputs are computed on a sample's way through (the last one always)."""
+        return [self.fallback == "ensemble" or v is not None for v in self.values] + [True]
+
+    def to_meta(self, fitted_on: dict | None = None) -> dict:
+        return {"policy": self.policy, "values": list(self.values), "fallback": self.fallback,
+                "fitted_on": fitted_on}
+
+
+def values_from_scores(policy: str, scores: list[float]) -> list[float | None]:
+    """Score thresholds back to the policy's unit (inf -> None, i.e. the exit never answers)."""
+    return [None if s == math.inf else (float(s) if policy == "max_softmax" else -float(s)) for s in scores]
+
+
+def confidence(logits: torch.Tensor, policy: str) -> torch.Tensor:
+    """Confidence score per row (N,), higher = more confident: max softmax, or minus the entropy."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    if policy == "max_softmax":
+        return logp.max(dim=1).values.exp()
+    return (logp.exp() * logp).sum(dim=1)  # -H(p)
+
+
+def leave_costs(costs: dict, computed: list[bool]) -> list[int]:
+    """MACs of a sample that leaves at each exit, given which exits' heads are computed (profile's costs)."""
+    out, heads = [], 0
+    for e, c in zip(costs["exits"], computed):
+        heads += e["head_macs"] if c else 0
+        out.append(e["stages_macs"] + heads)
+    return out
+
+
+@torch.no_grad()
+def early_exit_forward(model: nn.Module, x: torch.Tensor, policy: ExitPolicy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real early exit on a batch: (logits (N, classes), exit index (N,), 0-based; K-1 = the fallback).
+
+    Each row's logits equal those of the all-exits forward for the exit that answered it (or the
+    ensemble of all exits for the ensemble fallback), up to floating-point noise from batch size.
+    """
+    k_all = model.num_exits
+    if len(policy.values) != k_all - 1:
+        raise SdtoolError(f"the thresholds name {len(policy.values)} shallow exits but the model has "
+                          f"{k_all - 1}; refit them for this model")
+    thr = policy.score_thresholds()
+    keep_all = policy.fallback == "ensemble"
+    n = x.shape[0]
+    out = None
+    exit_at = torch.full((n,), k_all - 1, dtype=torch.long, device=x.device)
+    rows = torch.arange(n, device=x.device)  # original positions of the rows still in h
+    h, seen = x, []  # seen: earlier exits' logits of the remaining rows (ensemble fallback only)
+    for k in range(k_all):
+        h = model.stages_to_exit(h, k)
+        last = k == k_all - 1
+        if not (last or keep_all or math.isfinite(thr[k])):
+            continue  # this exit never answers and nobody needs its logits: skip its head
+        z, _ = model.exit_output(k, h)
+        if out is None:
+            out = torch.empty(n, z.shape[1], dtype=z.dtype, device=z.device)
+        if last:
+            out[rows] = ensemble_logits(seen + [z], policy.ensemble).to(z.dtype) if keep_all else z
+            break
+        if keep_all:
+            seen.append(z)
+        leave = confidence(z, policy.policy) >= thr[k]
+        n_leave = int(leave.sum())
+        if n_leave == 0:
+            continue
+        out[rows[leave]] = z[leave]
+        exit_at[rows[leave]] = k
+        if n_leave == len(rows):
+            break  # everyone left (batch 1: the network simply stops here)
+        stay = (~leave).nonzero().squeeze(1)
+        h, rows = h.index_select(0, stay), rows.index_select(0, stay)
+        seen = [s.index_select(0, stay) for s in seen]
+    return out, exit_at

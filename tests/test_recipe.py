@@ -1,0 +1,73 @@
+"""Recipe schema: defaults, overrides, and error messages that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from sdtool import SdtoolError
+from sdtool.recipe import Recipe, apply_overrides, from_dict, load_recipe, reference_markdown
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_defaults_follow_the_official_method():
+    r = Recipe()
+    assert (r.sd.alpha, r.sd.beta, r.sd.temperature, r.sd.teacher) == (0.3, 0.03, 3.0, "deepest")
+    assert (r.train.lr, r.train.momentum, r.train.weight_decay) == (0.1, 0.9, 5e-4)
+
+
+def test_overrides_parse_yaml_values():
+    r = from_dict(apply_overrides({}, ["train.epochs=3", "train.lr=0.01", "sd.hint_exits=[1, 3]",
+                                       "model.attention=false", "train.milestones=null"]))
+    assert r.train.epochs == 3 and r.train.lr == 0.01 and r.sd.hint_exits == [1, 3]
+    assert r.model.attention is False and r.train.milestones is None
+
+
+def test_ints_are_accepted_for_floats():
+    assert from_dict({"train": {"lr": 1}}).train.lr == 1.0
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"train": {"epoch": 3}}, "unknown key train.epoch; did you mean train.epochs"),
+    ({"trian": {}}, "unknown key trian; did you mean train"),
+    ({"train": {"epochs": "many"}}, "train.epochs: expected an integer"),
+    ({"train": {"epochs": True}}, "train.epochs: expected an integer"),
+    ({"sd": {"mode": "distill"}}, "sd.mode: 'distill' is not allowed; use one of 'self_distill'"),
+    ({"train": {"optimizer": "adam"}}, "one of 'sgd', 'adamw'"),
+    ({"sd": {"alpha": 2}}, r"sd.alpha must be in \[0, 1\]"),
+    ({"prune": {"ratio": 1.5}}, r"prune.ratio must be in \(0, 1\)"),
+    ({"data": {"val_size": 10.5}}, "whole count"),
+    ({"sd": {"hint_exits": [1, "x"]}}, r"sd.hint_exits\[1\]: expected an integer"),
+    ({"data": "cifar"}, "data: expected a mapping"),
+])
+def test_errors_name_the_key(data, match):
+    with pytest.raises(SdtoolError, match=match) as e:
+        from_dict(data)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(SdtoolError, match="expected key=value"):
+        apply_overrides({}, ["train.epochs"])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(SdtoolError, match="not found"):
+        load_recipe(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(SdtoolError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_recipe_validates_and_names_its_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# sdtool ") and path.name in first, "a recipe starts with the command that runs it"
+    load_recipe(path)
+
+
+def test_reference_docs_are_current():
+    """docs/recipes.md embeds the generated reference; regenerate with `python -m sdtool.recipe`."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    assert reference_markdown().strip() in doc
