@@ -76,10 +76,12 @@ def train(
         raise SdtoolError("give a RECIPE to train, or --resume RUN_DIR to continue a run")
     r = load_recipe(recipe, set_) if resume is None else None
     result = fit(r, out, init=str(init) if init else None, resume=resume, quiet=json_)
-    report.print_json(result.to_json()) if json_ else report.fit_summary(result)
+    if result.is_main:
+        report.print_json(result.to_json()) if json_ else report.fit_summary(result)
 
 
-@app.command("eval", epilog="Example: sdtool eval runs/quickstart/best.safetensors --split test")
+@app.command("eval", epilog="Example: sdtool eval runs/quickstart/best.safetensors --split test; "
+             "sdtool eval runs/sd/best.safetensors --early-exit --fit-thresholds --max-drop 0.5 --out runs/sd/ee.safetensors")
 @_user_errors
 def eval_(
     ckpt: Annotated[Path, typer.Argument(help="sdtool checkpoint (.safetensors).")],
@@ -87,14 +89,36 @@ def eval_(
     set_: SetOpt = None,
     split: Annotated[str, typer.Option("--split", help="test or val.")] = "test",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, mps.")] = "auto",
+    early_exit: Annotated[bool, typer.Option("--early-exit", help="Real early exit with fitted thresholds (docs/early-exit.md).")] = False,
+    fit_thresholds: Annotated[bool, typer.Option("--fit-thresholds", help="Early exit: fit thresholds on the validation split first.")] = False,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Fit: fewest MACs with top-1 at most D points below the deepest exit (default 0.5).")] = None,
+    budget: Annotated[Optional[float], typer.Option("--budget", help="Fit: best top-1 within F x the reference cost (the deepest exit alone).")] = None,
+    policy: Annotated[Optional[str], typer.Option("--policy", help="Early exit: max_softmax (default) or entropy.")] = None,
+    fallback: Annotated[Optional[str], typer.Option("--fallback", help="Early exit: who answers the rest: deepest (default) or ensemble.")] = None,
+    sweep_out: Annotated[Optional[Path], typer.Option("--sweep-out", help="Fit: write the accuracy-vs-MACs sweep (JSON, CSV, PNG) to this folder.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Fit: write a new checkpoint with the thresholds (nothing is written without it).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Evaluation batch size (default: the recipe's eval_batch_size).")] = None,
+    latency_images: Annotated[int, typer.Option("--latency-images", help="Early exit: images timed one by one for the batch-1 speed-up (0 = skip).")] = 128,
     json_: JsonOpt = False,
 ) -> None:
-    """Per-exit and ensemble accuracy (top-1/top-5, percent) and loss of a checkpoint."""
+    """Per-exit and ensemble accuracy (top-1/top-5, percent) and loss of a checkpoint; or real early exit."""
     from sdtool import report
     from sdtool.evaluate import eval_checkpoint
 
     if split not in ("test", "val"):
         raise SdtoolError(f"--split {split!r} is not allowed; use test or val")
+    if early_exit:
+        from sdtool.early_exit import eval_early_exit
+
+        rep = eval_early_exit(str(ckpt), data, set_, split, device, fit=fit_thresholds, max_drop=max_drop,
+                              budget=budget, policy=policy, fallback=fallback,
+                              sweep_out=str(sweep_out) if sweep_out else None, out=str(out) if out else None,
+                              batch_size=batch_size, latency_images=latency_images, quiet=json_)
+        report.print_json(rep) if json_ else report.early_exit_view(rep)
+        return
+    if fit_thresholds or max_drop is not None or budget is not None or policy or fallback or sweep_out or out:
+        raise SdtoolError("--fit-thresholds, --max-drop, --budget, --policy, --fallback, --sweep-out and --out "
+                          "belong to early exit; add --early-exit")
     rep = eval_checkpoint(str(ckpt), data, set_, split, device)
     if json_:
         report.print_json(rep)
@@ -128,6 +152,93 @@ def models(json_: JsonOpt = False) -> None:
 
     names = list_models()
     report.print_json(names) if json_ else typer.echo("\n".join(names))
+
+
+@app.command(epilog="Example: sdtool profile runs/quickstart/best.safetensors --batch 64; sdtool profile recipes/quickstart.yaml --no-latency")
+@_user_errors
+def profile(
+    target: Annotated[Path, typer.Argument(help="sdtool checkpoint (.safetensors) or recipe (.yaml).")],
+    input_size: Annotated[Optional[tuple[int, int]], typer.Option("--input-size", help="Input height and width (default: the checkpoint's or data set's).")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Batch size N for latency (batch 1 is always measured).")] = 32,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, auto.")] = "cpu",
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency (MACs and parameters are always counted).")] = True,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before timing.")] = 3,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; the median is reported.")] = 10,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's).")] = None,
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Parameters, MACs and measured latency per exit, of the ensemble and of the whole multi-exit net."""
+    from sdtool import report
+    from sdtool.profile import profile as run_profile
+
+    rep = run_profile(str(target), input_size, batch, device, latency, warmup, repeats, threads, set_)
+    report.print_json(rep) if json_ else report.profile_view(rep)
+
+
+@app.command(epilog="Example: sdtool export runs/sd/best.safetensors --exit 2 --format onnx --out exit2.onnx")
+@_user_errors
+def export(
+    ckpt: Annotated[Path, typer.Argument(help="sdtool checkpoint (.safetensors).")],
+    out: Annotated[Path, typer.Option("--out", help="Output file.")],
+    format_: Annotated[str, typer.Option("--format", help="safetensors (an sdtool checkpoint), pt2 (torch.export) or onnx.")] = "safetensors",
+    exit_: Annotated[Optional[int], typer.Option("--exit", help="Keep only what exit K (1-based) needs: a compact standalone model.")] = None,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Run the written file and compare it with PyTorch.")] = True,
+    json_: JsonOpt = False,
+) -> None:
+    """Export the multi-exit net, or one exit as a compact standalone model (safetensors, pt2, onnx)."""
+    from sdtool import report
+    from sdtool.export import export as run_export
+
+    rep = run_export(str(ckpt), str(out), format_, exit_, check)
+    report.print_json(rep) if json_ else report.export_view(rep)
+
+
+@app.command(epilog="Example: sdtool prune runs/sd/best.safetensors --target-macs 0.5 --criterion taylor --eval --out runs/pruned.safetensors")
+@_user_errors
+def prune(
+    ckpt: Annotated[Path, typer.Argument(help="sdtool checkpoint (.safetensors).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the pruned checkpoint.")],
+    ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of channels to remove, in (0, 1).")] = None,
+    target_macs: Annotated[Optional[float], typer.Option("--target-macs", help="Fraction of the full multi-exit MACs to keep, in (0, 1); reached within 2%.")] = None,
+    criterion: Annotated[str, typer.Option("--criterion", help="l1, l2, taylor, bn_scale, fpgm, lamp, random.")] = "l2",
+    global_: Annotated[bool, typer.Option("--global", help="Rank channels across all layers instead of pruning each layer by the same ratio.")] = False,
+    iterative_steps: Annotated[int, typer.Option("--iterative-steps", help="Reach the ratio in N pruning steps.")] = 1,
+    round_to: Annotated[Optional[int], typer.Option("--round-to", help="Keep channel counts multiples of N.")] = None,
+    protect_exits: Annotated[bool, typer.Option("--protect-exits/--no-protect-exits", help="Keep the shallow exits' own widths (head blocks, attention inner width); classifiers always keep their classes.")] = True,
+    taylor_batches: Annotated[int, typer.Option("--taylor-batches", help="taylor: training batches whose gradients rank the channels.")] = 4,
+    eval_: Annotated[bool, typer.Option("--eval", help="Also report test accuracy per exit before and after.")] = False,
+    data: Annotated[Optional[str], typer.Option("--data", help="Recipe file whose data section to use, or a data set name (default: the checkpoint's); for taylor and --eval.")] = None,
+    set_: SetOpt = None,
+    device: Annotated[str, typer.Option("--device", help="Device for --eval: auto, cpu, cuda, mps (pruning runs on the CPU).")] = "auto",
+    json_: JsonOpt = False,
+) -> None:
+    """Structured pruning (Torch-Pruning) of every exit at once; writes a smaller checkpoint that reloads anywhere."""
+    from sdtool import report
+    from sdtool.prune import PruneOptions, prune_checkpoint
+
+    opts = PruneOptions(criterion=criterion, ratio=ratio, target_macs=target_macs, global_pruning=global_,
+                        iterative_steps=iterative_steps, round_to=round_to, protect_exits=protect_exits,
+                        taylor_batches=taylor_batches)
+    rep = prune_checkpoint(str(ckpt), str(out), opts, eval_, data, set_, device, quiet=json_)
+    report.print_json(rep) if json_ else report.prune_view(rep)
+
+
+@app.command(epilog="Example: sdtool pipeline recipes/pipeline_quickstart.yaml --out runs/pipeline")
+@_user_errors
+def pipeline(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe with a prune section (see recipes/pipeline_quickstart.yaml).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the train, pruned and fine-tune steps.")] = Path("runs/pipeline"),
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Train, prune, fine-tune and (with eval.early_exit) fit early-exit thresholds, from one recipe."""
+    from sdtool import report
+    from sdtool.pipeline import run_pipeline
+    from sdtool.recipe import load_recipe
+
+    rep = run_pipeline(load_recipe(recipe, set_), out, recipe_path=str(recipe), quiet=json_)
+    report.print_json(rep) if json_ else report.pipeline_view(rep)
 
 
 def main() -> None:

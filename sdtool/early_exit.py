@@ -19,6 +19,8 @@ fallback every head is run, since the ensemble needs them.
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -126,3 +128,218 @@ def early_exit_forward(model: nn.Module, x: torch.Tensor, policy: ExitPolicy) ->
         h, rows = h.index_select(0, stay), rows.index_select(0, stay)
         seen = [s.index_select(0, stay) for s in seen]
     return out, exit_at
+
+
+# ---------------------------------------------------------------------------------------------------
+# `sdtool eval --early-exit`: fit or load thresholds, run real early exit on a split, time it against
+# the deepest exit alone on the same machine in the same run.
+
+SEARCH_NOTE = ("per-exit thresholds from confidence percentiles, coordinate descent from two starts "
+               "(deepest exit alone; best shared threshold)")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device):
+    _sync(device)
+    t0 = time.perf_counter()
+    r = fn()
+    _sync(device)
+    return r, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def run_split(model: nn.Module, loader, prepare, device: torch.device, policy: ExitPolicy) -> dict:
+    """Early exit and the deepest exit alone over a whole split, batch by batch, side by side.
+
+    Each batch is run by both (alternating which goes first) and only the model calls are timed, so
+    data loading does not dilute the ratio. The first batch is also run once untimed (warm-up).
+    """
+    k_all = model.num_exits
+    exit_all, right_all, deep_right = [], [], 0
+    t_ee = t_deep = 0.0
+    for i, (x, y) in enumerate(loader):
+        x, y = prepare(x.to(device), train=False), y.to(device)
+        ee = lambda: early_exit_forward(model, x, policy)  # noqa: E731
+        deep = lambda: model.forward_until(x, k_all - 1)  # noqa: E731
+        if i == 0:
+            ee(), deep()
+        if i % 2:
+            zd, dt_d = _timed(deep, device)
+            (z, e), dt_e = _timed(ee, device)
+        else:
+            (z, e), dt_e = _timed(ee, device)
+            zd, dt_d = _timed(deep, device)
+        t_ee, t_deep = t_ee + dt_e, t_deep + dt_d
+        exit_all.append(e.cpu())
+        right_all.append((z.argmax(1) == y).cpu())
+        deep_right += int((zd.argmax(1) == y).sum())
+    if not exit_all:
+        raise SdtoolError("the evaluation split is empty")
+    exit_at, right = torch.cat(exit_all), torch.cat(right_all)
+    return {"exit_at": exit_at, "right": right, "deepest_right": deep_right, "early_exit_s": t_ee,
+            "deepest_s": t_deep}
+
+
+@torch.no_grad()
+def time_batch1(model: nn.Module, xs: torch.Tensor, device: torch.device, policy: ExitPolicy,
+                repeats: int = 3, warmup: int = 3) -> dict:
+    """Per-image latency at batch 1 over the images `xs` (prepared, (M, C, H, W)): early exit vs the
+    deepest exit alone, interleaved image by image; the median over `repeats` passes of each total."""
+    k_all = model.num_exits
+    ones = [xs[j:j + 1] for j in range(len(xs))]
+    for x in ones[:warmup]:
+        early_exit_forward(model, x, policy)
+        model.forward_until(x, k_all - 1)
+    tot_e, tot_d = [], []
+    for _ in range(repeats):
+        te = td = 0.0
+        for x in ones:
+            te += _timed(lambda: early_exit_forward(model, x, policy), device)[1]
+            td += _timed(lambda: model.forward_until(x, k_all - 1), device)[1]
+        tot_e.append(te)
+        tot_d.append(td)
+    e, d = statistics.median(tot_e), statistics.median(tot_d)
+    return {"images": len(ones), "repeats": repeats, "early_exit_ms_per_image": 1000 * e / len(ones),
+            "deepest_ms_per_image": 1000 * d / len(ones), "speedup": d / e}
+
+
+def _fit_context(meta: dict, bundle, cfg) -> tuple[dict, list[str]]:
+    """Where thresholds are fitted, and a warning when that split overlaps the training images."""
+    rec, now_val = meta.get("val_split"), bundle.val_info or {}
+    overlaps = not rec or rec.get("size") != now_val.get("size") or rec.get("seed") != now_val.get("seed")
+    warnings = []
+    if overlaps:
+        warnings.append(f"the validation split (data.val_size={cfg.val_size:g}, seed {cfg.val_seed}) is not the one "
+                        "held out in training, so it overlaps images the model was trained on; the fitted "
+                        "thresholds will be optimistic (retrain with data.val_size set for a clean split)")
+    return {"split": "val", "data": cfg.name, "val_size": now_val.get("size"), "val_seed": now_val.get("seed"),
+            "overlaps_training": bool(overlaps), "search": SEARCH_NOTE}, warnings
+
+
+def eval_early_exit(path: str, data: str | None = None, overrides: list[str] | None = None, split: str = "test",
+                    device: str = "auto", fit: bool = False, max_drop: float | None = None,
+                    budget: float | None = None, policy: str | None = None, fallback: str | None = None,
+                    sweep_out: str | None = None, out: str | None = None, batch_size: int | None = None,
+                    latency_images: int = 128, repeats: int = 3, quiet: bool = False) -> dict:
+    """`sdtool eval --early-exit`: see docs/early-exit.md for the options and the JSON it returns."""
+    from sdtool import checkpoint, report
+    from sdtool import thresholds as th
+    from sdtool.data import build_data
+    from sdtool.device import resolve_device
+    from sdtool.evaluate import collect_logits, data_for_checkpoint
+    from sdtool.profile import exit_costs
+
+    log = report.make_logger(quiet)
+    started = checkpoint.now()
+    if split not in ("test", "val"):
+        raise SdtoolError(f"--split {split!r} is not allowed; use test or val")
+    if not fit and (max_drop is not None or budget is not None or sweep_out or out):
+        raise SdtoolError("--max-drop, --budget, --sweep-out and --out belong to threshold fitting; "
+                          "add --fit-thresholds")
+    if max_drop is not None and budget is not None:
+        raise SdtoolError("give either --max-drop D or --budget F, not both")
+    if fit and budget is None and max_drop is None:
+        max_drop = 0.5
+    dev = resolve_device(device)
+    model, meta = checkpoint.load(path, dev)
+    if getattr(model, "num_exits", 1) < 2:
+        raise SdtoolError(f"{path} has a single exit; early exit needs a multi-exit model")
+    cfg = data_for_checkpoint(meta, data, overrides)
+    if fit and not cfg.val_size:
+        raise SdtoolError(f"{path} was trained without a validation split (data.val_size=0) and thresholds are "
+                          "never fitted on the test split; pass --set data.val_size=0.1 to hold one out of the "
+                          "training images (warning: they overlap what the model trained on, so the fit will be "
+                          "optimistic) or retrain with data.val_size set")
+    bundle = build_data(cfg, train=False)
+    if bundle.num_classes != meta["num_classes"]:
+        raise SdtoolError(f"{path} predicts {meta['num_classes']} classes but data set {cfg.name} has "
+                          f"{bundle.num_classes}; evaluate it on a matching data set")
+    if split == "val" and bundle.val is None:
+        raise SdtoolError("this data configuration has no validation split; set data.val_size "
+                          "(e.g. --set data.val_size=0.1) or use --split test")
+    costs = exit_costs(model, (bundle.input_size, bundle.input_size))
+    ens = meta.get("ensemble", "logits")
+    bs = batch_size or cfg.eval_batch_size
+    warnings: list[str] = []
+    fit_rep = sweep_rep = None
+    if fit:
+        pol_name, fb = policy or "max_softmax", fallback or "deepest"
+        ExitPolicy(pol_name, [], fb)  # validates the names before the expensive part
+        log(f"fitting thresholds on the validation split ({len(bundle.val)} images)")
+        logits, y = collect_logits(model, bundle.loader("val", bs, shuffle=False, seed=0, workers=cfg.workers),
+                                   bundle.prepare, dev)
+        table = th.make_table(logits, y, costs, pol_name, fb, ens)
+        context, warnings = _fit_context(meta, bundle, cfg)
+        fit_rep = {**th.fit(table, pol_name, max_drop=max_drop, budget=budget), **context}
+        if not fit_rep["feasible"]:
+            warnings.append("no thresholds meet the constraint on the validation split; the closest ones are used")
+        pol = ExitPolicy(pol_name, fit_rep["values"], fb, ens)
+        if sweep_out:
+            sw = th.sweep(table, pol_name)
+            keys = ("values", "top1", "macs_fraction", "objective", "max_drop", "budget")
+            sw["chosen"] = {k: fit_rep[k] for k in keys}
+            sweep_rep = {"dir": str(sweep_out), "files": report.write_sweep(sw, sweep_out)}
+    else:
+        stored = meta.get("thresholds")
+        if not stored:
+            raise SdtoolError(f"{path} has no fitted thresholds; run sdtool eval {path} --early-exit "
+                              "--fit-thresholds --out NEW.safetensors first, or add --fit-thresholds")
+        if policy and policy != stored["policy"]:
+            raise SdtoolError(f"{path} stores {stored['policy']} thresholds; refit with --fit-thresholds "
+                              f"--policy {policy} to use {policy}")
+        pol = ExitPolicy(stored["policy"], list(stored["values"]), fallback or stored.get("fallback", "deepest"), ens)
+    if fit and split == "val":
+        warnings.append("reported on the split the thresholds were fitted on; use --split test for an unbiased figure")
+
+    log(f"early exit on the {split} split, timed against the deepest exit alone")
+    ds = getattr(bundle, split)
+    run = run_split(model, bundle.loader(split, bs, shuffle=False, seed=0, workers=cfg.workers),
+                    bundle.prepare, dev, pol)
+    b1 = None
+    if latency_images > 0:
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:latency_images].tolist()
+        xs = bundle.prepare(torch.stack([ds[i][0] for i in idx]).to(dev), train=False)
+        b1 = time_batch1(model, xs, dev, pol, repeats=repeats)
+    rep = _report(path, split, cfg.name, model.num_exits, pol, costs, run, b1, bs, dev)
+    rep.update(fit=fit_rep, sweep=sweep_rep, warnings=warnings, written=None)
+    if out:
+        new_meta = {k: v for k, v in meta.items() if k not in ("format_version", "sdtool_version", "model", "shapes")}
+        new_meta["thresholds"] = pol.to_meta(fit_rep)
+        keys = ("top1", "deepest_top1", "expected_macs", "macs_speedup")
+        metrics = {"early_exit": {"fit (val)": {k: fit_rep[k] for k in keys}, split: {k: rep[k] for k in keys}}}
+        entry = checkpoint.lineage_entry("eval --early-exit --fit-thresholds", None, path, started, metrics)
+        new_meta["lineage"] = list(meta.get("lineage", [])) + [entry]
+        checkpoint.save(out, model, new_meta)
+        rep["written"] = str(out)
+    return rep
+
+
+def _report(path, split, data_name, k_all, pol, costs, run, b1, bs, dev) -> dict:
+    exit_at, right = run["exit_at"], run["right"]
+    n = len(exit_at)
+    leave = leave_costs(costs, pol.computed())
+    counts = torch.bincount(exit_at, minlength=k_all)
+    exits = []
+    for k in range(k_all):
+        mask = exit_at == k
+        c = int(counts[k])
+        exits.append({"exit": k + 1, "threshold": pol.values[k] if k < k_all - 1 else None,
+                      "answered_by": "ensemble" if k == k_all - 1 and pol.fallback == "ensemble" else f"exit {k + 1}",
+                      "count": c, "fraction": c / n, "top1": 100.0 * int(right[mask].sum()) / c if c else None,
+                      "leave_macs": leave[k]})
+    expected = float(sum(leave[k] * int(counts[k]) for k in range(k_all)) / n)
+    ref = costs["reference"]["macs"]
+    top1, deep = 100.0 * int(right.sum()) / n, 100.0 * run["deepest_right"] / n
+    bn = {"batch_size": bs, "images": n, "early_exit_s": run["early_exit_s"], "deepest_s": run["deepest_s"],
+          "speedup": run["deepest_s"] / run["early_exit_s"]}
+    return {"checkpoint": str(path), "split": split, "data": data_name, "n": n, "policy": pol.policy,
+            "thresholds": list(pol.values), "fallback": pol.fallback, "top1": top1, "deepest_top1": deep,
+            "accuracy_drop": deep - top1, "exits": exits, "expected_macs": expected, "reference_macs": ref,
+            "full_macs": costs["full"]["macs"], "macs_fraction": expected / ref, "macs_speedup": ref / expected,
+            "wall_clock_speedup": {"batch_1": b1["speedup"] if b1 else None, "batch_n": bn["speedup"]},
+            "timing": {"device": str(dev), "threads": torch.get_num_threads(), "batch_n": bn, "batch_1": b1,
+                       "note": "model calls only (data loading excluded); the same machine, one run"}}

@@ -9,6 +9,7 @@ deepest exit improved.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -20,27 +21,31 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from sdtool import checkpoint, report
+from sdtool import checkpoint, distributed, report
 from sdtool.data import DataBundle, build_data
 from sdtool.device import amp_dtype, resolve_device
 from sdtool.errors import SdtoolError
 from sdtool.evaluate import evaluate
 from sdtool.losses import SelfDistillLoss
 from sdtool.models import create_model
-from sdtool.recipe import Recipe, dump_yaml, from_dict
+from sdtool.models.registry import select_args
+from sdtool.recipe import ModelConfig, Recipe, dump_yaml, from_dict
 from sdtool.schedule import lr_factor
-from sdtool.trainstate import load_state, save_state
+from sdtool.trainstate import STATE_FILE, gather_rng, load_state, save_state
 
 RECIPE_FILE = "recipe.yaml"
 
 
-def model_args(recipe: Recipe, num_classes: int) -> dict:
+def model_args(recipe: Recipe, num_classes: int, input_size: int | None = None) -> dict:
+    """Builder arguments from the model section: null keys are left to the builder's defaults, and keys a
+    builder does not take (e.g. `stem` of the CIFAR ResNets) are dropped while they keep their defaults."""
     m = recipe.model
-    args = {"num_classes": num_classes, "stem": m.stem, "width": m.width, "head": m.head,
-            "attention": m.attention, "exits": m.exits}
+    args = {"num_classes": num_classes, "stem": m.stem, "width": m.width, "width_mult": m.width_mult,
+            "head": m.head, "attention": m.attention, "exits": m.exits, "exits_after": m.exits_after,
+            "input_size": input_size}
     if recipe.sd.mode == "plain":  # the paper's baseline: the backbone alone with its own classifier
         args.update(exits=[], attention=False)
-    return args
+    return select_args(m.name, args, dataclasses.asdict(ModelConfig()))
 
 
 def build_model(recipe: Recipe, bundle: DataBundle, init: str | None, log: Callable[[str], None]):
@@ -50,7 +55,7 @@ def build_model(recipe: Recipe, bundle: DataBundle, init: str | None, log: Calla
         raise SdtoolError(f"model.num_classes is {num_classes} but data set {recipe.data.name} has "
                           f"{bundle.num_classes} classes; remove model.num_classes or fix it")
     if init is None:
-        return create_model(recipe.model.name, **model_args(recipe, num_classes)), None
+        return create_model(recipe.model.name, **model_args(recipe, num_classes, bundle.input_size)), None
     model, meta = checkpoint.load(init)
     if meta["num_classes"] != bundle.num_classes:
         raise SdtoolError(f"--init checkpoint has {meta['num_classes']} classes but data set "
@@ -74,6 +79,7 @@ class FitResult:
     best: Path | None
     history: list[dict] = field(default_factory=list)
     test: dict | None = None
+    is_main: bool = True  # False in the other processes of a multi-process run: they print nothing
 
     def to_json(self) -> dict:
         return {"run_dir": str(self.run_dir), "last": str(self.last), "best": str(self.best) if self.best else None,
@@ -112,31 +118,68 @@ class Extra(nn.Module):
         raise NotImplementedError
 
 
+class TrainStep(nn.Module):
+    """Model + loss side in one module, so DistributedDataParallel synchronises the gradients of the
+    adaptation layers and of any extra loss term together with the network's."""
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, extra: nn.Module | None, forward=None):
+        super().__init__()
+        self.model, self.criterion, self.extra = model, criterion, extra
+        self._forward = forward or model  # possibly the torch.compile'd model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        logits, feats = self._forward(x)
+        loss, parts = self.criterion([z.float() for z in logits], [f.float() for f in feats], y)
+        if self.extra is not None:
+            extra_loss, extra_parts = self.extra(x, logits, feats, y)
+            loss = loss + extra_loss
+            parts.update(extra_parts)
+        return loss, parts, logits[-1]
+
+
+def _load_run(resume: str | Path) -> tuple[Path, Recipe, str | None]:
+    from sdtool.recipe import load_yaml
+
+    run_dir = Path(resume)
+    saved = run_dir / RECIPE_FILE
+    if not saved.is_file():
+        raise SdtoolError(f"{run_dir} has no {RECIPE_FILE}; --resume needs a run folder written by sdtool train")
+    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    return run_dir, from_dict(load_yaml(saved)), run_info.get("init")
+
+
 def fit(recipe: Recipe, out: str | Path, init: str | None = None, resume: str | Path | None = None,
         extra: Extra | None = None, command: str = "train", quiet: bool = False,
         lineage_extra: dict | None = None) -> FitResult:
-    """Train per `recipe`, writing checkpoints and metrics under `out` (or continue `resume`)."""
+    """Train per `recipe`, writing checkpoints and metrics under `out` (or continue `resume`).
+
+    Under torchrun every process calls this; rank 0 alone evaluates, writes files and shows progress.
+    """
+    ctx = distributed.from_env()
+    quiet = quiet or not ctx.is_main
     log = report.make_logger(quiet)
     if resume is not None:
-        run_dir = Path(resume)
-        saved = run_dir / RECIPE_FILE
-        if not saved.is_file():
-            raise SdtoolError(f"{run_dir} has no {RECIPE_FILE}; --resume needs a run folder written by sdtool train")
-        from sdtool.recipe import load_yaml
-
-        recipe = from_dict(load_yaml(saved))
-        run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-        init = run_info.get("init")
+        run_dir, recipe, init = _load_run(resume)
     else:
         run_dir = Path(out)
-        if (run_dir / "train_state.safetensors").exists():
+        if (run_dir / STATE_FILE).exists():
             raise SdtoolError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it or "
                               "--out with a new folder")
     t = recipe.train
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
-    device = resolve_device(t.device)
+    device = distributed.device_for(ctx, resolve_device(t.device))
+    distributed.init(ctx, device)
+    try:
+        return _fit(recipe, run_dir, init, resume is not None, extra, command, quiet, log, lineage_extra,
+                    ctx, device)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_extra, ctx, device) -> FitResult:
+    t = recipe.train
     adt = amp_dtype(device, t.amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -147,44 +190,56 @@ def fit(recipe: Recipe, out: str | Path, init: str | None = None, resume: str | 
                                 beta=recipe.sd.beta, temperature=recipe.sd.temperature,
                                 teacher=recipe.sd.teacher, hint_exits=recipe.sd.hint_exits,
                                 label_smoothing=t.label_smoothing, ensemble=recipe.sd.ensemble)
-    model.to(device)
+    if ctx.enabled:
+        torch.manual_seed(t.seed + 1_000_003 * ctx.rank)  # different augmentation per process
+        if t.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    memory_format = torch.channels_last if (t.channels_last and device.type == "cuda") else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
     criterion.to(device)
     if extra is not None:
         extra.to(device)
-    memory_format = torch.channels_last if (t.channels_last and device.type == "cuda") else torch.contiguous_format
-    model.to(memory_format=memory_format)
     trainable = [model, criterion] + ([extra] if extra is not None else [])
     optimizer = make_optimizer(recipe, _param_groups(trainable))
     scaler = torch.amp.GradScaler("cuda", enabled=adt == torch.float16)
-    forward = torch.compile(model) if t.compile else model
+    step_module = TrainStep(model, criterion, extra, torch.compile(model) if t.compile else None)
+    if ctx.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=ids)
 
     n_val = len(bundle.val) if bundle.val is not None else 0
+    pin = device.type == "cuda"
     train_loader = bundle.loader("train", recipe.data.batch_size, shuffle=True, seed=t.seed,
-                                 workers=recipe.data.workers, drop_last=len(bundle.train) % recipe.data.batch_size == 1,
-                                 pin_memory=device.type == "cuda")
+                                 workers=recipe.data.workers, distributed=ctx.enabled,
+                                 drop_last=len(bundle.train) % recipe.data.batch_size == 1, pin_memory=pin)
     eval_split = "val" if n_val else "test"
     eval_loader = bundle.loader(eval_split, recipe.data.eval_batch_size, shuffle=False, seed=0,
-                                workers=recipe.data.workers, pin_memory=device.type == "cuda")
+                                workers=recipe.data.workers, pin_memory=pin)
     steps_per_epoch = len(train_loader) if t.limit_batches is None else min(len(train_loader), t.limit_batches)
+    # Reading a value from the GPU waits for it; on CUDA read the running sums every few steps only.
+    sync_every = 1 if device.type == "cpu" else 25
 
     start_epoch, step, best_top1 = 0, 0, -math.inf
     started = checkpoint.now()
-    if resume is not None:
-        if not (run_dir / "train_state.safetensors").is_file():
+    if resuming:
+        if not (run_dir / STATE_FILE).is_file():
             raise SdtoolError(f"{run_dir} stopped before its first epoch ended; nothing to resume, start it again")
-        state = load_state(run_dir, model, optimizer, criterion, scaler)
+        state = load_state(run_dir, model, optimizer, criterion, scaler, rank=ctx.rank)
+        if state.get("world_size", 1) != ctx.world_size:
+            raise SdtoolError(f"{run_dir} was trained with {state.get('world_size', 1)} processes; resume it "
+                              f"with the same number (this run has {ctx.world_size})")
         start_epoch, step, best_top1 = state["epoch"] + 1, state["step"], state["best_top1"]
         started = state["started"]
-        _truncate_metrics(run_dir / "metrics.jsonl", state.get("row"))
+        if ctx.is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", state.get("row"))
         log(f"resuming {run_dir} after epoch {start_epoch} of {t.epochs}")
         if start_epoch >= t.epochs:
             log("the run had already finished; nothing to do")
-    else:
+    elif ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RECIPE_FILE).write_text(dump_yaml(recipe))
         (run_dir / "run.json").write_text(json.dumps({"init": init, "command": command}))
-        metrics_path = run_dir / "metrics.jsonl"
-        metrics_path.unlink(missing_ok=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     base_meta = {
         "num_classes": bundle.num_classes, "class_names": bundle.class_names,
@@ -196,21 +251,23 @@ def fit(recipe: Recipe, out: str | Path, init: str | None = None, resume: str | 
         "mode": recipe.sd.mode,
     }
     parent_lineage = (parent_meta or {}).get("lineage", [])
+    plain_model = _unwrap(model)
 
     def save_ckpt(path: Path, metrics: dict) -> None:
         entry = checkpoint.lineage_entry(command, recipe.to_dict(), init, started, metrics,
-                                         argv=sys.argv[1:], **(lineage_extra or {}))
-        checkpoint.save(path, model, {**base_meta, "metrics": metrics, "lineage": parent_lineage + [entry]})
+                                         argv=sys.argv[1:], world_size=ctx.world_size, **(lineage_extra or {}))
+        checkpoint.save(path, plain_model, {**base_meta, "metrics": metrics, "lineage": parent_lineage + [entry]})
 
     history: list[dict] = []
     best_path = run_dir / "best.safetensors" if n_val else None
-    log(report.run_header(recipe, model, bundle, device, adt, steps_per_epoch, eval_split, n_val))
+    log(report.run_header(recipe, model, bundle, device, adt, steps_per_epoch, eval_split, n_val, ctx.world_size))
+    lr = t.lr
     for epoch in range(start_epoch, t.epochs):
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        model.train()
-        criterion.train()
-        sums = {"loss": 0.0, "correct": 0, "n": 0}
+        train_loader.sampler.set_epoch(epoch)
+        step_module.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
         t0 = time.perf_counter()
         with report.epoch_progress(epoch, t.epochs, steps_per_epoch, quiet) as bar:
             for i, (x, y) in enumerate(train_loader):
@@ -224,15 +281,7 @@ def fit(recipe: Recipe, out: str | Path, init: str | None = None, resume: str | 
                 x = x.contiguous(memory_format=memory_format)
                 y = y.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=adt, enabled=adt is not None):
-                    logits, feats = forward(x)
-                    loss, parts = criterion([z.float() for z in logits], [f.float() for f in feats], y)
-                    if extra is not None:
-                        extra_loss, extra_parts = extra(x, logits, feats, y)
-                        loss = loss + extra_loss
-                        parts.update(extra_parts)
-                if not torch.isfinite(loss):
-                    raise SdtoolError(f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {i + 1} (lr {lr:.3g}); "
-                                      f"{run_dir / 'last.safetensors'} keeps the last good epoch; lower train.lr")
+                    loss, parts, deepest = step_module(x, y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if t.grad_clip:
@@ -242,39 +291,56 @@ def fit(recipe: Recipe, out: str | Path, init: str | None = None, resume: str | 
                 scaler.update()
                 step += 1
                 bs = y.shape[0]
-                sums["loss"] += float(loss.detach()) * bs
-                sums["correct"] += int((logits[-1].argmax(1) == y).sum())
-                sums["n"] += bs
-                bar.update(loss=sums["loss"] / sums["n"], acc=100.0 * sums["correct"] / sums["n"],
-                           ips=sums["n"] / (time.perf_counter() - t0))
+                loss_sum += loss.detach() * bs
+                correct += (deepest.argmax(1) == y).sum()
+                seen += bs
+                if (i + 1) % sync_every == 0 or i + 1 == steps_per_epoch:
+                    ls = float(loss_sum)
+                    # Every process must take the same decision, or the others would hang in the next step.
+                    if not distributed.broadcast_flag(not math.isfinite(ls), device, ctx) and math.isfinite(ls):
+                        bar.update(i + 1, loss=ls / seen, acc=100.0 * int(correct) / seen,
+                                   ips=seen * ctx.world_size / (time.perf_counter() - t0))
+                    else:
+                        raise SdtoolError(
+                            f"loss became {ls / seen} at epoch {epoch + 1}, step {i + 1} (lr {lr:.3g}); "
+                            f"{run_dir / 'last.safetensors'} keeps the last good epoch; lower train.lr")
         train_time = time.perf_counter() - t0
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": sums["loss"] / max(sums["n"], 1),
-                               "train_top1": 100.0 * sums["correct"] / max(sums["n"], 1),
-                               "images_per_s": sums["n"] / train_time, "train_seconds": train_time,
-                               "threads": torch.get_num_threads(), "device": str(device)}
-        if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
-            ev = evaluate(model, eval_loader, bundle.prepare, device, recipe.sd.ensemble, adt)
-            row["eval_split"] = eval_split
-            row["eval"] = ev
-        history.append(row)
-        metrics = {"epoch": epoch + 1, **({f"{eval_split}": row["eval"]} if "eval" in row else {})}
-        if best_path is not None and "eval" in row and row["eval"]["exits"][-1]["top1"] > best_top1:
-            best_top1 = row["eval"]["exits"][-1]["top1"]
-            save_ckpt(best_path, metrics)
-        save_ckpt(run_dir / "last.safetensors", metrics)
-        # The resume state is the commit point of an epoch; metrics.jsonl is reconciled with it on resume.
-        save_state(run_dir, model, optimizer, criterion, scaler,
-                   {"epoch": epoch, "step": step, "best_top1": best_top1, "started": started, "row": row})
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        log(report.epoch_line(row), table=report.epoch_table(row) if not quiet else None)
+        ls, nc, n = distributed.all_reduce_sums([float(loss_sum), float(correct), float(seen)], device, ctx)
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": ls / max(n, 1),
+                               "train_top1": 100.0 * nc / max(n, 1), "images_per_s": n / train_time,
+                               "train_seconds": train_time, "threads": torch.get_num_threads(),
+                               "device": str(device), "world_size": ctx.world_size}
+        rng = gather_rng(device, ctx)
+        if ctx.is_main:
+            if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+                row["eval_split"] = eval_split
+                row["eval"] = evaluate(plain_model, eval_loader, bundle.prepare, device, recipe.sd.ensemble, adt)
+            history.append(row)
+            metrics = {"epoch": epoch + 1, **({eval_split: row["eval"]} if "eval" in row else {})}
+            if best_path is not None and "eval" in row and row["eval"]["exits"][-1]["top1"] > best_top1:
+                best_top1 = row["eval"]["exits"][-1]["top1"]
+                save_ckpt(best_path, metrics)
+            save_ckpt(run_dir / "last.safetensors", metrics)
+            # The resume state is the commit point of an epoch; metrics.jsonl is reconciled with it on resume.
+            save_state(run_dir, plain_model, optimizer, criterion, scaler, rng,
+                       {"epoch": epoch, "step": step, "best_top1": best_top1, "started": started, "row": row,
+                        "world_size": ctx.world_size})
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log(report.epoch_line(row), table=report.epoch_table(row) if not quiet else None)
+        distributed.barrier(ctx)
 
     result = FitResult(run_dir, run_dir / "last.safetensors", best_path if best_path and best_path.exists() else None,
-                       history)
-    # The test split is reported, never used for selection: with a validation split, `best` was chosen on it.
-    test_loader = bundle.loader("test", recipe.data.eval_batch_size, shuffle=False, seed=0,
-                                workers=recipe.data.workers)
-    final, _ = checkpoint.load(result.best or result.last, device)
-    result.test = {"checkpoint": str(result.best or result.last),
-                   **evaluate(final, test_loader, bundle.prepare, device, recipe.sd.ensemble, adt)}
+                       history, is_main=ctx.is_main)
+    if ctx.is_main:
+        # The test split is reported, never used for selection: with a validation split, `best` was chosen on it.
+        test_loader = bundle.loader("test", recipe.data.eval_batch_size, shuffle=False, seed=0,
+                                    workers=recipe.data.workers)
+        final, _ = checkpoint.load(result.best or result.last, device)
+        result.test = {"checkpoint": str(result.best or result.last),
+                       **evaluate(final, test_loader, bundle.prepare, device, recipe.sd.ensemble, adt)}
     return result
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)

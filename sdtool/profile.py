@@ -52,14 +52,14 @@ def _quiet_fvcore():
 
 def module_macs(model: nn.Module, input_size: tuple[int, int]) -> dict[str, int]:
     """MACs per module name (fvcore, batch 1, on the CPU), from one traced forward of the whole net."""
-    from fvcore.nn import FlopCountAnalysis
-
     device = next(model.parameters()).device
     x = torch.zeros(1, 3, *input_size, device=device)
     was_training = model.training
     model.eval()
     try:
         with _quiet_fvcore(), torch.no_grad():
+            from fvcore.nn import FlopCountAnalysis  # its import warns about torch.jit.script
+
             fa = FlopCountAnalysis(model, x)
             fa.unsupported_ops_warnings(False)
             fa.uncalled_modules_warnings(False)

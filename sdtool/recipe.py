@@ -33,18 +33,24 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("resnet18", "Backbone registry name (`sdtool models` lists them).")
+    name: str = _f("resnet18", "Backbone registry name (`sdtool models` lists them), or `torchvision:ARCH` for a "
+                   "torchvision model wrapped with exits (see `exits_after`).")
     num_classes: Optional[int] = _f(None, "Classes; null takes the data set's count.")
     stem: Literal["cifar", "imagenet"] = _f(
         "cifar", "`cifar`: 3x3 stride-1 conv, no max-pool (32x32 inputs); `imagenet`: 7x7/2 conv + max-pool.")
-    width: int = _f(64, "Base channel width (64 is the standard network; 16 is a small CPU-friendly one).")
+    width: Optional[int] = _f(
+        None, "Base channel width; null = the model's standard (ResNet18-152 and VGG: 64, CIFAR ResNets and WRN: 16, "
+        "resnet8x4/32x4: 64). 16 makes a ResNet18 small and CPU-friendly.")
+    width_mult: Optional[float] = _f(
+        None, "mobilenet_v2 / shufflenet_v2_x1_0 width multiplier; null = 1.0.")
     head: Literal["byot", "light", "pool"] = _f(
         "byot", "Shallow-exit head: `byot` (official SepConv stack), `light` (one SepConv), `pool` (GAP + Linear).")
     attention: bool = _f(True, "Attention module before each shallow head (official: on).")
     exits: Optional[list[int]] = _f(
         None, "Stages (1-based) followed by an exit; null = after every stage. The last stage always has one.")
     exits_after: Optional[list[str]] = _f(
-        None, "For wrapped models: names of the modules after which exits go (instead of `exits`).")
+        None, "torchvision:ARCH models: names of the modules after which exits go, e.g. [layer1, layer2, layer3] "
+        "(null = the family's default, where known); `exits` then picks among these stages.")
 
 
 @dataclass
@@ -102,6 +108,7 @@ class TrainConfig:
     channels_last: bool = _f(False, "channels_last memory format on CUDA.")
     compile: bool = _f(False, "torch.compile the model.")
     threads: Optional[int] = _f(None, "CPU threads for torch (null = torch's default).")
+    sync_bn: bool = _f(False, "Multi-process runs: synchronise batch-norm statistics across processes (SyncBatchNorm).")
     limit_batches: Optional[int] = _f(None, "Stop each training epoch after N batches (smoke tests).")
     eval_every: int = _f(1, "Evaluate every N epochs (and always after the last).")
     grad_clip: Optional[float] = _f(None, "Clip the gradient norm to this value.")
@@ -263,7 +270,8 @@ def _check_values(r: Recipe) -> None:
         (r.sd.temperature > 0, "sd.temperature must be positive"),
         (r.data.batch_size >= 1, "data.batch_size must be at least 1"),
         (r.data.val_size >= 0, "data.val_size must be >= 0 (a fraction below 1 or a count)"),
-        (r.model.width >= 1, "model.width must be at least 1"),
+        (r.model.width is None or r.model.width >= 1, "model.width must be at least 1"),
+        (r.model.width_mult is None or r.model.width_mult > 0, "model.width_mult must be positive"),
         (0 <= r.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
         (r.prune.ratio is None or 0 < r.prune.ratio < 1, "prune.ratio must be in (0, 1)"),
         (r.prune.target_macs is None or 0 < r.prune.target_macs < 1, "prune.target_macs must be in (0, 1)"),

@@ -39,9 +39,9 @@ class _Bar:
     def __init__(self, progress: Progress | None, task):
         self.progress, self.task = progress, task
 
-    def update(self, loss: float, acc: float, ips: float) -> None:
+    def update(self, done: int, loss: float, acc: float, ips: float) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, advance=1, loss=loss, acc=acc, ips=ips)
+            self.progress.update(self.task, completed=done, loss=loss, acc=acc, ips=ips)
 
 
 @contextlib.contextmanager
@@ -58,14 +58,15 @@ def epoch_progress(epoch: int, epochs: int, steps: int, quiet: bool) -> Iterator
         yield _Bar(progress, task)
 
 
-def run_header(recipe, model, bundle, device, adt, steps: int, eval_split: str, n_val: int) -> str:
+def run_header(recipe, model, bundle, device, adt, steps: int, eval_split: str, n_val: int, world: int = 1) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     amp = {None: "off"}.get(adt, str(adt).replace("torch.", ""))
     import torch
 
     return (f"{recipe.model.name} ({n_params / 1e6:.3f} M params, {model.num_exits} exits, mode {recipe.sd.mode}) "
             f"on {recipe.data.name}: {len(bundle.train)} train / {n_val} val / {len(bundle.test)} test images, "
-            f"{steps} steps per epoch; device {device}, {torch.get_num_threads()} threads, amp {amp}; "
+            f"{steps} steps per epoch; device {device}, {torch.get_num_threads()} threads, amp {amp}"
+            f"{f', {world} processes' if world > 1 else ''}; "
             f"evaluating on {eval_split}")
 
 
@@ -132,3 +133,191 @@ def inspect_view(path: str, meta: dict, size: int, n_params: int) -> None:
         lin.add_row(str(i + 1), e.get("command", ""), (e.get("parent_sha256") or "-")[:12],
                     e.get("started", ""), e.get("ended", ""), json.dumps(short))
     out.print(lin)
+
+
+# --- profile, early exit, export (issue 4) --------------------------------------------------------
+
+
+def _m(macs: float) -> str:
+    """MACs in millions, with enough digits for tiny test models too."""
+    return f"{macs / 1e6:,.1f} M" if macs >= 1e8 else f"{macs / 1e6:.3g} M"
+
+
+def profile_view(rep: dict) -> None:
+    """`sdtool profile`: cost per exit (alone and cumulative), reference, ensemble, full net, latency."""
+    h, w = rep["input_size"]
+    lat = rep.get("latency")
+    sizes = [str(b) for b in lat["batch_sizes"]] if lat else []
+    table = Table(title=f"{rep['target']}: {rep['model']['name']}, {rep['num_classes']} classes, {h}x{w} input")
+    for col in ("exit", "stage", "params", "MACs alone", "share of ref.", "MACs in early exit"):
+        table.add_column(col, justify="right")
+    for b in sizes:
+        table.add_column(f"ms @ batch {b}", justify="right")
+    by_name = {r["name"]: r for r in (lat["exits"] + [lat["full"]])} if lat else {}
+
+    def lat_cells(name: str) -> list[str]:
+        r = by_name.get(name)
+        return [f"{r['latency_ms'][b]:.2f}" for b in sizes] if r else []
+
+    for e in rep["exits"]:
+        table.add_row(str(e["exit"]), str(e["stage"]), f"{e['params'] / 1e6:.3f} M", _m(e["macs"]),
+                      f"{e['share_of_reference']:.3f}", _m(e["cumulative_macs"]), *lat_cells(f"exit {e['exit']}"))
+    if rep.get("ensemble"):
+        en = rep["ensemble"]
+        table.add_row("ensemble", "all", f"{en['params'] / 1e6:.3f} M", _m(en["macs"]),
+                      f"{en['share_of_reference']:.3f}", "", *[""] * len(sizes))
+    f = rep["full"]
+    table.add_row("full net", "all", f"{f['params'] / 1e6:.3f} M", _m(f["macs"]), f"{f['share_of_reference']:.3f}",
+                  "", *lat_cells("full"))
+    out.print(table)
+    out.print(f"reference cost = exit {rep['reference']['exit']} alone ({_m(rep['reference']['macs'])} MACs); "
+              f"{rep['parameters']:,} parameters in all. MACs: {rep['macs_counter']}.", highlight=False)
+    if lat:
+        peak = [r for r in lat["exits"] + [lat["full"]] if r.get("peak_memory_bytes") is not None]
+        mem = ("; peak memory " + ", ".join(f"{r['name']} {r['peak_memory_bytes'] / 2**20:.1f} MiB" for r in peak)
+               if peak else f"; peak memory {lat['peak_memory']}")
+        out.print(f"latency: median of {lat['repeats']} runs after {lat['warmup']} warm-up, device {lat['device']}, "
+                  f"{lat['threads']} torch threads{mem}", highlight=False)
+
+
+def early_exit_view(rep: dict) -> None:
+    """`sdtool eval --early-exit`: exit histogram, accuracy, expected MACs, speed-ups, fit summary."""
+    table = Table(title=f"early exit ({rep['policy']}, fallback {rep['fallback']}) on {rep['data']} "
+                        f"{rep['split']} ({rep['n']} images)")
+    for col in ("exit", "threshold", "answers %", "top-1 % there", "MACs per sample"):
+        table.add_column(col, justify="right")
+    for e in rep["exits"]:
+        thr = "-" if e["threshold"] is None else f"{e['threshold']:.4f}"
+        name = str(e["exit"]) + (" (ensemble)" if e["answered_by"] == "ensemble" else "")
+        table.add_row(name, thr if e["exit"] < len(rep["exits"]) else "rest", f"{100 * e['fraction']:.1f}",
+                      "-" if e["top1"] is None else f"{e['top1']:.2f}", _m(e["leave_macs"]))
+    out.print(table)
+    t = rep["timing"]
+    s = rep["wall_clock_speedup"]
+    lines = [f"top-1 {rep['top1']:.2f}% (deepest exit alone {rep['deepest_top1']:.2f}%, drop "
+             f"{rep['accuracy_drop']:+.2f} points)",
+             f"expected MACs {_m(rep['expected_macs'])} = {rep['macs_fraction']:.3f} of the reference "
+             f"({_m(rep['reference_macs'])}): {rep['macs_speedup']:.2f}x fewer",
+             f"wall-clock speed-up vs the deepest exit alone ({t['device']}, {t['threads']} threads): "
+             f"batch {t['batch_n']['batch_size']}: {s['batch_n']:.2f}x"
+             + (f", batch 1: {s['batch_1']:.2f}x ({t['batch_1']['early_exit_ms_per_image']:.2f} vs "
+                f"{t['batch_1']['deepest_ms_per_image']:.2f} ms/image, {t['batch_1']['images']} images)"
+                if s.get("batch_1") is not None else "")]
+    f = rep.get("fit")
+    if f:
+        goal = (f"max drop {f['max_drop']} points" if f["objective"] == "max_drop"
+                else f"budget {f['budget']} of the reference")
+        lines.append(f"fitted on val ({f['n']} images, {goal}): top-1 {f['top1']:.2f}% vs deepest "
+                     f"{f['deepest_top1']:.2f}%, {f['macs_speedup']:.2f}x fewer MACs"
+                     + ("" if f["feasible"] else " (constraint NOT met)"))
+    if rep.get("sweep"):
+        lines.append(f"sweep written to {rep['sweep']['dir']}: {', '.join(rep['sweep']['files'])}")
+    lines.append(f"thresholds written to {rep['written']}" if rep.get("written")
+                 else ("thresholds not saved (add --out PATH to write a checkpoint with them)" if f else ""))
+    for line in lines:
+        if line:
+            out.print(line, highlight=False)
+    for w in rep.get("warnings", []):
+        err.print(f"warning: {w}", highlight=False)
+
+
+def write_sweep(sweep: dict, folder) -> list[str]:
+    """The accuracy-vs-MACs sweep as sweep.json, sweep.csv and sweep.png (matplotlib, Agg) in `folder`."""
+    import csv
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = Path(folder)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "sweep.json").write_text(json.dumps(sweep, indent=2) + "\n")
+    with open(d / "sweep.csv", "w", newline="") as fh:
+        wr = csv.writer(fh)
+        wr.writerow(["curve", "threshold_or_budget", "thresholds", "top1", "macs_fraction"])
+        for p in sweep["shared"]:
+            wr.writerow(["shared", p["threshold"], "", f"{p['top1']:.4f}", f"{p['macs_fraction']:.6f}"])
+        for p in sweep["fitted"]:
+            wr.writerow(["fitted", f"{p['budget']:.6f}", json.dumps(p["values"]), f"{p['top1']:.4f}",
+                         f"{p['macs_fraction']:.6f}"])
+        for p in sweep["exits_alone"]:
+            wr.writerow([f"exit {p['exit']} alone", "", "", f"{p['top1']:.4f}", f"{p['macs_fraction']:.6f}"])
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    for key, label, style in (("shared", "one shared threshold", "-"), ("fitted", "per-exit fit for a budget", "o-")):
+        pts = sorted((p["macs_fraction"], p["top1"]) for p in sweep[key])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=3, label=label)
+    alone = sweep["exits_alone"]
+    ax.scatter([p["macs_fraction"] for p in alone], [p["top1"] for p in alone], marker="s", c="k", zorder=3,
+               label="each exit alone")
+    ch = sweep.get("chosen")
+    if ch:
+        ax.scatter([ch["macs_fraction"]], [ch["top1"]], marker="*", s=160, c="tab:red", zorder=4, label="fitted")
+    ax.set_xlabel("expected MACs / reference (deepest exit alone)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"early exit on the fitting split ({sweep['policy']}, fallback {sweep['fallback']}, n={sweep['n']})",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(d / "sweep.png")
+    plt.close(fig)
+    return ["sweep.json", "sweep.csv", "sweep.png"]
+
+
+def export_view(rep: dict) -> None:
+    """`sdtool export`: what was written and how closely it reproduces the PyTorch model."""
+    what = f"exit {rep['exit']} alone" if rep.get("exit") else f"all {rep['exits']} exits"
+    out.print(f"wrote {rep['out']} ({rep['format']}, {what}, {rep['parameters']:,} parameters, "
+              f"{rep['file_size'] / 1e6:.2f} MB)", highlight=False)
+    c = rep.get("check")
+    if c:
+        out.print(f"checked: {c['runtime']} output vs PyTorch on {c['inputs']} random inputs, max |diff| "
+                  f"{c['max_abs_diff']:.2e}, same predictions: {c['same_argmax']}", highlight=False)
+
+
+# --- prune and pipeline (issue 5) -------------------------------------------------------------------
+
+
+def prune_view(rep: dict) -> None:
+    """`sdtool prune`: params and MACs per exit (each exit alone) before/after, accuracy if evaluated."""
+    acc = rep.get("accuracy") or {}
+    ab, aa = acc.get("before"), acc.get("after")
+    o = rep["options"]
+    target = f"ratio {o['ratio']}" if o.get("ratio") is not None else f"target {o['target_macs']} of the MACs"
+    table = Table(title=f"{rep['checkpoint']} -> {rep['out']} ({o['criterion']}, {target})")
+    cols = ["exit", "params before", "params after", "MACs before", "MACs after", "MACs kept"]
+    cols += ["top-1 % before", "top-1 % after"] if ab else []
+    for col in cols:
+        table.add_column(col, justify="right")
+    rows = list(zip(rep["before"]["exits"], rep["after"]["exits"]))
+    for k, (b, a) in enumerate(rows):
+        cells = [str(b["exit"]), f"{b['params']:,}", f"{a['params']:,}", _m(b["macs"]), _m(a["macs"]),
+                 f"{a['macs'] / b['macs']:.3f}"]
+        if ab:
+            cells += [f"{ab['exits'][k]['top1']:.2f}", f"{aa['exits'][k]['top1']:.2f}"]
+        table.add_row(*cells)
+    b, a = rep["before"]["full"], rep["after"]["full"]
+    cells = ["full net", f"{b['params']:,}", f"{a['params']:,}", _m(b["macs"]), _m(a["macs"]), f"{a['macs'] / b['macs']:.3f}"]
+    if ab:
+        ens_b, ens_a = ab.get("ensemble"), aa.get("ensemble")
+        cells += [f"{ens_b['top1']:.2f}" if ens_b else "", f"{ens_a['top1']:.2f}" if ens_a else ""]
+    table.add_row(*cells)
+    out.print(table)
+    note = f"; accuracy on the {acc.get('split', 'test')} split ({ab['n']} images, full-net row: ensemble)" if ab else ""
+    out.print(f"channel ratio {rep['ratio']:.4f} ({len(rep['search'])} pruning run(s), {rep['seconds']:.2f} s); "
+              f"{rep['pruned_modules']} modules resized; sha256 {rep['sha256'][:12]}{note}", highlight=False)
+
+
+def pipeline_view(rep: dict) -> None:
+    """`sdtool pipeline`: one row per step with its checkpoint, cost and deepest-exit accuracy."""
+    table = Table(title=f"pipeline {rep['recipe']} -> {rep['out']}")
+    for col in ("step", "checkpoint", "params", "MACs (full net)", "deepest top-1 %", "note"):
+        table.add_column(col)
+    for s in rep["steps"]:
+        table.add_row(s["step"], s["checkpoint"] or "", f"{s['params']:,}" if s.get("params") else "",
+                      _m(s["macs"]) if s.get("macs") else "",
+                      f"{s['top1']:.2f}" if s.get("top1") is not None else "", s.get("note", ""))
+    out.print(table)
+    out.print(f"final checkpoint: {rep['final']}", highlight=False)

@@ -44,35 +44,49 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], js: dict) -> dict:
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"rng.cpu": torch.get_rng_state()}
+    """This process's RNG states (CPU, and every visible GPU)."""
+    out = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda.{i}"] = s
+            out[f"cuda.{i}"] = s
     return out
 
 
-def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+def gather_rng(device: torch.device, ctx) -> dict[str, torch.Tensor]:
+    """Every process's RNG states as 'rng.rank<R>.<name>' tensors (augmentation differs per process)."""
+    from sdtool.distributed import gather_tensors
+
+    out = {}
+    for name, state in rng_tensors().items():
+        for r, s in enumerate(gather_tensors(state, device, ctx)):
+            out[f"rng.rank{r}.{name}"] = s
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], rank: int) -> None:
+    prefix = f"rng.rank{rank}."
+    torch.set_rng_state(tensors[prefix + "cpu"])
+    cuda = sorted((k for k in tensors if k.startswith(prefix + "cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
 
-def save_state(run_dir: Path, model, optimizer, loss_module, scaler, scalars: dict) -> None:
+def save_state(run_dir: Path, model, optimizer, loss_module, scaler, rng: dict[str, torch.Tensor],
+               scalars: dict) -> None:
     """One self-contained file: the model weights are stored here too, so a crash between writing
     `last.safetensors` and this file can never pair weights and optimizer state of different epochs."""
     opt_tensors, opt_json = _split_optimizer(optimizer.state_dict())
     tensors = dict(opt_tensors)
     tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
     tensors.update({f"loss.{k}": v for k, v in loss_module.state_dict().items()})
-    tensors.update(rng_tensors())
+    tensors.update(rng)
     meta = {"scalars": scalars, "optimizer": opt_json}
     if scaler is not None and scaler.is_enabled():
         meta["scaler"] = {k: (float(v) if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
     save_tensors(run_dir / STATE_FILE, tensors, meta)
 
 
-def load_state(run_dir: Path, model, optimizer, loss_module, scaler) -> dict:
+def load_state(run_dir: Path, model, optimizer, loss_module, scaler, rank: int = 0) -> dict:
     """Restore model, optimizer, loss modules, scaler and RNG; returns the scalar state (epoch, step, ...)."""
     path = run_dir / STATE_FILE
     if not path.is_file():
@@ -85,5 +99,5 @@ def load_state(run_dir: Path, model, optimizer, loss_module, scaler) -> dict:
     loss_module.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
     if scaler is not None and "scaler" in meta:
         scaler.load_state_dict(meta["scaler"])
-    restore_rng(tensors)
+    restore_rng(tensors, rank)
     return meta["scalars"]

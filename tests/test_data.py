@@ -82,6 +82,16 @@ def test_digits_input_size_resizes_once_and_recomputes_stats():
     assert (b.mean, b.std) == channel_stats(b.train.x) and b.std != DIGITS_STD
 
 
+def test_fake_is_deterministic_balanced_and_learnable():
+    a, b = build_data(cfg(name="fake", fake_size=100)), build_data(cfg(name="fake", fake_size=100))
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.x, b.test.x) and len(a.test) == 25
+    assert np.bincount(a.train.y.numpy()).tolist() == [10] * 10 and a.class_names[3] == "3"
+    # Each class has its own pattern under the noise: nearest class mean classifies the test set.
+    means = torch.stack([a.train.x[a.train.y == c].float().mean(0) for c in range(10)])
+    pred = torch.cdist(a.test.x.float().flatten(1), means.flatten(1)).argmin(1)
+    assert torch.equal(pred, a.test.y)
+
+
 # ----------------------------------------------------------------------------------------- npz
 
 

@@ -57,3 +57,21 @@ def model_parameters(name: str) -> list[str]:
         name = "torchvision_wrapped"
     fn = _REGISTRY.get(name)
     return list(inspect.signature(fn).parameters) if fn is not None else []
+
+
+def select_args(name: str, args: dict, defaults: dict) -> dict:
+    """The arguments of `args` to pass to the builder of `name`.
+
+    None means "the builder's default" and is dropped. A key the builder does not take is dropped while
+    it equals `defaults` (e.g. the recipe's `stem: cifar` for a CIFAR ResNet, which has no other stem) and
+    kept otherwise, so `create_model` reports it instead of ignoring a user's setting.
+    """
+    params = model_parameters(name)
+    out = {}
+    for k, v in args.items():
+        if v is None:
+            continue
+        if params and k not in params and (k not in defaults or v == defaults[k]):
+            continue
+        out[k] = v
+    return out

@@ -1,0 +1,158 @@
+"""`sdtool export`: the whole multi-exit net, or one exit as a compact standalone model, as a file.
+
+Formats:
+  * safetensors - an sdtool checkpoint (weights + JSON metadata). With `--exit K` the model is the
+                  `truncated` spec (models/truncate.py): only the stages, attention, head and
+                  classifier exit K needs; `sdtool profile`, `eval` and `export` take it like any
+                  checkpoint.
+  * pt2         - `torch.export.export` + `torch.export.save` (TorchScript is deprecated in this
+                  torch); load with `torch.export.load(path).module()`.
+  * onnx        - `torch.onnx.export(..., dynamo=True)`; needs the optional extra `sdtool[onnx]`.
+pt2 and onnx graphs take a normalized float batch (N, 3, S, S) with a dynamic batch size and return
+the logits only: one tensor for a single exit, else a tuple shallow to deep. The input spec (size,
+mean, std), class names and exit are embedded as JSON (pt2: extra file `sdtool.json`; onnx: model
+metadata `sdtool`). Every export is loaded back and run on random inputs against PyTorch; the
+largest difference is reported.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdtool import checkpoint
+from sdtool.errors import SdtoolError
+
+FORMATS = ("safetensors", "pt2", "onnx")
+ONNX_EXTRA = "ONNX export needs the optional packages onnx, onnxscript and onnxruntime: pip install sdtool[onnx]"
+
+
+class LogitsOnly(nn.Module):
+    """Graph-friendly wrapper: tensors out (logits per exit), the pooled features dropped."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor):
+        logits, _ = self.net(x)
+        return logits[0] if len(logits) == 1 else tuple(logits)
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise SdtoolError(ONNX_EXTRA) from None
+
+
+def _outputs(y) -> list[torch.Tensor]:
+    return list(y) if isinstance(y, (tuple, list)) else [y]
+
+
+def _embedded_meta(meta: dict, exit: int | None, num_exits: int) -> dict:
+    names = ["logits"] if num_exits == 1 else [f"logits_exit{k + 1}" for k in range(num_exits)]
+    return {"sdtool_version": meta.get("sdtool_version"), "model": meta.get("model"), "exit": exit,
+            "outputs": names, "num_classes": meta["num_classes"], "class_names": meta.get("class_names"),
+            "input": meta.get("input"), "layout": "NCHW float32, normalized: (pixel/255 - mean) / std"}
+
+
+def _save_pt2(wrapper: nn.Module, x: torch.Tensor, out: Path, extra: dict) -> None:
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    ep = torch.export.export(wrapper, (x,), dynamic_shapes=({0: batch},))
+    buf = io.BytesIO()
+    torch.export.save(ep, buf, extra_files={"sdtool.json": json.dumps(extra)})
+    checkpoint.atomic_write_bytes(out, buf.getvalue())
+
+
+def _save_onnx(wrapper: nn.Module, x: torch.Tensor, out: Path, extra: dict) -> None:
+    import contextlib
+    import warnings
+
+    import onnx
+
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp, warnings.catch_warnings(), \
+            contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+        warnings.simplefilter("ignore")
+        f = Path(tmp) / "model.onnx"
+        torch.onnx.export(wrapper, (x,), str(f), dynamo=True, input_names=["input"], output_names=extra["outputs"],
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},), external_data=False)
+        proto = onnx.load(str(f))
+    onnx.helper.set_model_props(proto, {"sdtool": json.dumps(extra)})
+    checkpoint.atomic_write_bytes(out, proto.SerializeToString())
+
+
+def _check(fmt: str, out: Path, wrapper: nn.Module, size: int) -> dict:
+    """Run the written file on random inputs and compare with the PyTorch model."""
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = _outputs(wrapper(x))
+        if fmt == "safetensors":
+            got, runtime = _outputs(LogitsOnly(checkpoint.load(out)[0])(x)), "sdtool (safetensors)"
+        elif fmt == "pt2":
+            got, runtime = _outputs(torch.export.load(str(out)).module()(x)), "torch.export.load"
+        else:
+            import onnxruntime as ort
+
+            sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            got = [torch.from_numpy(a) for a in sess.run(None, {"input": x.numpy()})]
+            runtime = f"onnxruntime {ort.__version__}"
+    diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
+    same = all(bool((a.argmax(1) == b.argmax(1)).all()) for a, b in zip(ref, got))
+    return {"runtime": runtime, "inputs": x.shape[0], "max_abs_diff": diff, "same_argmax": same}
+
+
+def export(path: str, out: str, fmt: str = "safetensors", exit: int | None = None,  # noqa: A002
+           check: bool = True) -> dict:
+    """Write checkpoint `path` (or its exit `exit`, 1-based) to `out` in format `fmt`; see the module doc."""
+    started = checkpoint.now()
+    if fmt not in FORMATS:
+        raise SdtoolError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        _require_onnx()
+    model, meta = checkpoint.load(path)
+    k_all = getattr(model, "num_exits", 1)
+    if exit is not None and not 1 <= exit <= k_all:
+        raise SdtoolError(f"--exit {exit} is out of range; {path} has exits 1..{k_all}")
+    if exit is not None:
+        from sdtool.models.truncate import truncate
+
+        model = truncate(model, exit - 1).eval()
+    outp = Path(out)
+    if outp.resolve() == Path(path).resolve():
+        raise SdtoolError(f"--out {out} is the checkpoint being exported; choose another path")
+    outp.parent.mkdir(parents=True, exist_ok=True)
+    size = int((meta.get("input") or {}).get("size") or 32)
+    wrapper = LogitsOnly(model).eval()
+    if fmt == "safetensors":
+        new = {k: v for k, v in meta.items() if k not in ("format_version", "sdtool_version", "model", "shapes")}
+        if exit is not None:  # thresholds and metrics describe the multi-exit net, not this exit
+            new.pop("thresholds", None)
+            new["metrics"] = {}
+        entry = checkpoint.lineage_entry(f"export --exit {exit}" if exit else "export", None, path, started,
+                                         exported={"exit": exit, "of_exits": k_all, "format": fmt})
+        new["lineage"] = list(meta.get("lineage", [])) + [entry]
+        checkpoint.save(outp, model, new)
+    else:
+        extra = _embedded_meta({**meta, "model": getattr(model, "spec", meta["model"])}, exit, model.num_exits)
+        x = torch.randn(2, 3, size, size)
+        try:
+            (_save_pt2 if fmt == "pt2" else _save_onnx)(wrapper, x, outp, extra)
+        except SdtoolError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an exporter failure is a limitation to report in one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise SdtoolError(f"{fmt} export failed ({type(e).__name__}: {first}); try --format safetensors "
+                              "or pt2, or report this model") from None
+    rep = {"checkpoint": str(path), "out": str(outp), "format": fmt, "exit": exit, "exits": model.num_exits,
+           "source_exits": k_all, "model": getattr(model, "spec", meta["model"]),
+           "parameters": sum(p.numel() for p in model.parameters()), "file_size": outp.stat().st_size,
+           "input": meta.get("input"), "check": _check(fmt, outp, wrapper, size) if check else None}
+    return rep

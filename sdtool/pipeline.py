@@ -1,0 +1,104 @@
+"""`sdtool pipeline`: the paper's composition, train -> prune -> fine-tune -> early exit, from one recipe.
+
+    OUT/train/            sdtool train with the recipe (self-distillation by default)
+    OUT/pruned.safetensors  sdtool prune of train's best (or last) checkpoint, per the `prune` section
+    OUT/finetune/         sdtool train --init pruned.safetensors for prune.finetune_epochs epochs
+    OUT/final.safetensors   with eval.early_exit: the fine-tuned model plus thresholds fitted on the
+                          validation split (sdtool eval --early-exit --fit-thresholds)
+    OUT/pipeline.json     the summary printed by the command
+
+Each step is the same library call its command makes, so every checkpoint carries the full lineage
+(train -> prune -> train [-> thresholds]) with parent hashes. Options are checked before training
+starts, so a bad prune section fails in a second, not after the training run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sdtool import checkpoint, report
+from sdtool.errors import SdtoolError
+from sdtool.recipe import Recipe, apply_overrides, from_dict
+
+
+def _costs(path: Path) -> dict:
+    from sdtool.profile import exit_costs
+
+    model, meta = checkpoint.load(path)
+    size = int((meta.get("input") or {}).get("size") or 32)
+    return exit_costs(model, (size, size))["full"]
+
+
+def _step(name: str, path: Path | None, top1: float | None, note: str = "", costs: dict | None = None) -> dict:
+    costs = costs or (_costs(path) if path else {})
+    return {"step": name, "checkpoint": str(path) if path else None, "params": costs.get("params"),
+            "macs": costs.get("macs"), "top1": top1, "note": note}
+
+
+def _deepest(rep: dict | None) -> float | None:
+    return rep["exits"][-1]["top1"] if rep and rep.get("exits") else None
+
+
+def run_pipeline(recipe: Recipe, out: str | Path, recipe_path: str | None = None, quiet: bool = False) -> dict:
+    """Run the steps the recipe asks for under `out`; returns the summary (also OUT/pipeline.json).
+
+    Accuracies are deepest-exit top-1 on the test split (reported, never used to select anything).
+    """
+    from sdtool.engine import fit
+    from sdtool.prune import PruneOptions, prune_checkpoint
+
+    log = report.make_logger(quiet)
+    out = Path(out)
+    p, ev = recipe.prune, recipe.eval
+    opts = PruneOptions.from_recipe(p) if p.enabled else None
+    if opts is not None:
+        opts.check()
+        if p.finetune_epochs < 0:
+            raise SdtoolError(f"prune.finetune_epochs must be >= 0, got {p.finetune_epochs}")
+    if ev.early_exit:
+        if recipe.sd.mode == "plain":
+            raise SdtoolError("eval.early_exit needs several exits but sd.mode is plain; use self_distill")
+        if not recipe.data.val_size:
+            raise SdtoolError("eval.early_exit fits thresholds on a validation split, never on test; "
+                              "set data.val_size (e.g. 0.1)")
+    if (out / "pipeline.json").exists():
+        raise SdtoolError(f"{out} already holds a pipeline run; choose a new --out folder")
+
+    steps = []
+    log("pipeline: train")
+    res = fit(recipe, out / "train", quiet=quiet)
+    ckpt = res.best or res.last
+    steps.append(_step("train", ckpt, _deepest(res.test)))
+
+    if opts is not None:
+        log("pipeline: prune")
+        pruned = out / "pruned.safetensors"
+        pr = prune_checkpoint(ckpt, pruned, opts, evaluate=True, device=recipe.train.device, quiet=quiet)
+        steps.append(_step("prune", pruned, _deepest(pr["accuracy"]["after"]), costs=pr["after"]["full"],
+                           note=f"{opts.criterion}, {pr['macs_fraction']:.3f} of the MACs, "
+                                f"{pr['params_fraction']:.3f} of the params"))
+        ckpt = pruned
+        if p.finetune_epochs > 0:
+            log("pipeline: fine-tune the pruned model")
+            ft = from_dict(apply_overrides(recipe.to_dict(), [f"train.epochs={p.finetune_epochs}"]))
+            res = fit(ft, out / "finetune", init=str(pruned), quiet=quiet)
+            ckpt = res.best or res.last
+            steps.append(_step("fine-tune", ckpt, _deepest(res.test), costs=pr["after"]["full"],
+                               note=f"{p.finetune_epochs} epochs, {ft.sd.mode}"))
+
+    if ev.early_exit:
+        from sdtool.early_exit import eval_early_exit
+
+        log("pipeline: fit early-exit thresholds")
+        final = out / "final.safetensors"
+        ee = eval_early_exit(str(ckpt), fit=True, max_drop=ev.max_drop if ev.budget is None else None,
+                             budget=ev.budget, policy=ev.policy, fallback=ev.fallback, out=str(final),
+                             latency_images=0, quiet=quiet)
+        steps.append(_step("early exit", final, ee["top1"], costs=_costs(final),
+                           note=f"{ee['macs_speedup']:.2f}x fewer MACs than the deepest exit alone"))
+        ckpt = final
+
+    rep = {"recipe": recipe_path, "out": str(out), "final": str(ckpt), "steps": steps}
+    (out / "pipeline.json").write_text(json.dumps(rep, indent=2) + "\n")
+    return rep

@@ -1,0 +1,405 @@
+"""`sdtool prune`: physical structured pruning of a multi-exit network with Torch-Pruning.
+
+Torch-Pruning's DependencyGraph traces one forward through *every* exit (the logits list of
+`MultiExitNet.forward`) and groups the layers whose channels must be removed together: a stage's
+convolutions and batch norms, the residual additions, the attention module after the stage (its
+mask multiplies the stage output, `x * sigmoid(up(...))`, so the attention convolutions, the
+bilinear resize and the product share the stage's channels), the first depthwise convolution of the
+exit head and, for the deepest exit, the classifier's input features. Removing channel i of such a
+group removes it everywhere at once, so the pruned network stays consistent and really shrinks.
+
+Which channels go is decided per group by an importance criterion (`CRITERIA`). Two invariants hold
+whatever the options: every classifier keeps `num_classes` outputs (its input features follow the
+pruning, and `model.feature_dims` with them), and every exit still runs (checked after pruning).
+
+Targets: `ratio` removes that fraction of the channels of every prunable group (or of all channels
+ranked together, `global_pruning`); `target_macs` keeps that fraction of the full multi-exit MACs
+(fvcore, every exit computed) by bisection on the ratio, re-pruning a fresh copy each time, until
+the result is within 2 % (relative) of the target.
+
+The pruned shapes are not stored with Torch-Pruning's `tp.state_dict` (it pickles module
+attributes): `checkpoint.save` records the modules whose shapes differ from a fresh build as plain
+JSON (`sdtool.models.shapes`), and `checkpoint.load` rebuilds the pruned model from that.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from sdtool.errors import SdtoolError
+
+CRITERIA = ("l1", "l2", "taylor", "bn_scale", "fpgm", "lamp", "random")
+TOLERANCE = 0.02  # target_macs: relative distance to the target that counts as reached
+EXIT_PREFIXES = ("attention.", "heads.")  # modules of the shallow exit branches
+_ROOTS = (nn.Conv2d, nn.Linear)
+
+
+@dataclass
+class PruneOptions:
+    """What to prune and how; mirrors the CLI options and a recipe's `prune` section."""
+
+    criterion: str = "l2"
+    ratio: float | None = None  # fraction of channels removed, in (0, 1)
+    target_macs: float | None = None  # fraction of the full multi-exit MACs kept, in (0, 1)
+    global_pruning: bool = False
+    iterative_steps: int = 1
+    round_to: int | None = None
+    protect_exits: bool = True
+    taylor_batches: int = 4
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise SdtoolError for anything out of range, before any work is done."""
+        if self.criterion not in CRITERIA:
+            raise SdtoolError(f"unknown criterion {self.criterion!r}; valid criteria: {', '.join(CRITERIA)}")
+        if (self.ratio is None) == (self.target_macs is None):
+            raise SdtoolError("give exactly one of --ratio R (fraction of channels to remove) or "
+                              "--target-macs F (fraction of MACs to keep)")
+        if self.ratio is not None and not 0 < self.ratio < 1:
+            raise SdtoolError(f"--ratio must be in (0, 1) (the fraction of channels to remove), got {self.ratio}")
+        if self.target_macs is not None and not 0 < self.target_macs < 1:
+            raise SdtoolError(f"--target-macs must be in (0, 1) (the fraction of MACs to keep), got {self.target_macs}")
+        if self.iterative_steps < 1:
+            raise SdtoolError(f"--iterative-steps must be at least 1, got {self.iterative_steps}")
+        if self.round_to is not None and self.round_to < 1:
+            raise SdtoolError(f"--round-to must be at least 1, got {self.round_to}")
+        if self.taylor_batches < 1:
+            raise SdtoolError(f"--taylor-batches must be at least 1, got {self.taylor_batches}")
+
+    @classmethod
+    def from_recipe(cls, p) -> "PruneOptions":
+        """From a recipe's `prune` section: `ratio` when set, otherwise `target_macs`."""
+        return cls(criterion=p.criterion, ratio=p.ratio, target_macs=None if p.ratio is not None else p.target_macs,
+                   global_pruning=p.global_pruning, iterative_steps=p.iterative_steps, round_to=p.round_to,
+                   protect_exits=p.protect_exits)
+
+
+def make_importance(name: str) -> tp.importance.Importance:
+    """Torch-Pruning importance estimator by criterion name (group importance, mean-normalised)."""
+    imp = tp.importance
+    table: dict[str, Callable[[], imp.Importance]] = {
+        "l1": lambda: imp.MagnitudeImportance(p=1),
+        "l2": lambda: imp.MagnitudeImportance(p=2),
+        "taylor": lambda: imp.TaylorImportance(),  # needs .grad on the weights (see _taylor_grads)
+        "bn_scale": lambda: imp.BNScaleImportance(),
+        "fpgm": lambda: imp.FPGMImportance(),
+        "lamp": lambda: imp.LAMPImportance(),
+        "random": lambda: imp.RandomImportance(),
+    }
+    if name not in table:
+        raise SdtoolError(f"unknown criterion {name!r}; valid criteria: {', '.join(CRITERIA)}")
+    return table[name]()
+
+
+class _TieBreak(tp.importance.Importance):
+    """Adds a jitter a millionth of the largest score, so that equal scores (BN scales of an untrained
+    net are all 1) do not all fall under a global threshold at once, which makes Torch-Pruning skip
+    those groups whole. Deterministic: pruning runs under a fixed seed."""
+
+    def __init__(self, inner: tp.importance.Importance):
+        self.inner = inner
+
+    def __call__(self, group):
+        imp = self.inner(group)
+        if imp is None:
+            return None
+        return imp + (imp.abs().max() * 1e-6 + 1e-12) * torch.rand(imp.shape, device=imp.device)
+
+
+def _logits(out):
+    """Trace through every exit: MultiExitNet returns (logits list, features list)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _plan(model: nn.Module, example: torch.Tensor, opts: PruneOptions) -> tuple[list[str], float]:
+    """(names of the ignored layers, highest safe ratio) for this model.
+
+    Classifiers are always ignored (their outputs are the classes). With `protect_exits`, the groups
+    that live entirely inside the shallow exit branches (the widths of the head's SepConv blocks, the
+    inner width of the attention module) are ignored too: those exits then change only where they
+    share channels with the backbone. The safe ratio keeps at least one channel (or `round_to`) in
+    the smallest prunable group; beyond it Torch-Pruning skips whole groups and MACs stop falling.
+    """
+    ignored: list[nn.Module] = list(model.classifiers)
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, output_transform=_logits)
+    names = {m: n for n, m in model.named_modules()}
+    q = opts.round_to or 1
+    channels = []
+    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=_ROOTS):
+        outs = [dep.target.module for dep, _ in group
+                if dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names]
+        if opts.protect_exits and outs and all(names[m].startswith(EXIT_PREFIXES) for m in outs):
+            ignored.extend(outs)
+            continue
+        c = dg.get_out_channels(group[0].dep.target.module)
+        if c is not None and c > q:
+            channels.append(c)
+    if not channels:
+        raise SdtoolError("this model has no prunable channel groups left at these options; "
+                          "try --no-protect-exits or a smaller --round-to")
+    return [names[m] for m in ignored], min(0.95, 1.0 - q / min(channels) - 1e-9)
+
+
+def _taylor_grads(model: nn.Module, batches: list, loss_fn: Callable) -> None:
+    """Accumulate the loss gradient over `batches` into .grad (BN in eval mode: statistics untouched).
+
+    Every parameter gets a .grad (zeros where the loss does not reach), because Torch-Pruning's
+    Taylor importance reads the gradient of every layer of a group.
+    """
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        for x, y in batches:
+            logits, feats = model(x)
+            loss = loss_fn(logits, feats, y)
+            (loss / len(batches)).backward()
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def prune_once(model: nn.Module, example: torch.Tensor, opts: PruneOptions, ratio: float,
+               batches: list | None = None, loss_fn: Callable | None = None,
+               ignored: list[str] | None = None) -> nn.Module:
+    """Prune `model` in place with channel ratio `ratio` (in `opts.iterative_steps` steps); returns it.
+
+    ignored: names of layers whose output channels stay (default: from `_plan`).
+    """
+    if opts.criterion == "taylor" and not batches:
+        raise SdtoolError("criterion taylor needs data batches for the gradients; give the checkpoint's "
+                          "data (recorded in it) or --data")
+    if ignored is None:
+        ignored = _plan(model, example, opts)[0]
+    modules = dict(model.named_modules())
+    with torch.random.fork_rng(), torch.enable_grad():
+        torch.manual_seed(opts.seed)  # the random criterion and the tie-break draw numbers
+        pruner = tp.pruner.BasePruner(
+            model, example, importance=_TieBreak(make_importance(opts.criterion)), pruning_ratio=ratio,
+            global_pruning=opts.global_pruning, iterative_steps=opts.iterative_steps,
+            ignored_layers=[modules[n] for n in ignored], round_to=opts.round_to, output_transform=_logits)
+        for _ in range(opts.iterative_steps):
+            if opts.criterion == "taylor":  # gradients of the current (partly pruned) network
+                _taylor_grads(model, batches, loss_fn)
+            pruner.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def check_pruned(model: nn.Module, example: torch.Tensor, num_classes: int) -> None:
+    """Every exit runs, alone and in the full forward, and predicts `num_classes` classes."""
+    with torch.no_grad():
+        logits, _ = model(example)
+        for k, z in enumerate(logits):
+            if tuple(z.shape) != (example.shape[0], num_classes):
+                raise SdtoolError(f"pruning broke exit {k + 1} (logits {tuple(z.shape)}); please report this")
+            if not torch.allclose(model.forward_until(example, k), z, atol=1e-5, rtol=1e-4):
+                raise SdtoolError(f"pruning left exit {k + 1} inconsistent with the full forward; please report this")
+
+
+def full_macs(model: nn.Module, size: int) -> int:
+    """MACs of the whole multi-exit network, every exit computed (fvcore, batch 1)."""
+    from sdtool.profile import module_macs
+
+    return module_macs(model, (size, size))[""]
+
+
+def prune_model(model: nn.Module, opts: PruneOptions, size: int, batches: list | None = None,
+                loss_fn: Callable | None = None, log: Callable[[str], None] = lambda s: None) -> tuple[nn.Module, dict]:
+    """Prune a copy of `model` per `opts` (the original is left as it was).
+
+    size: square input side. batches: [(x, y)] prepared inputs for taylor. Returns (pruned model in eval
+    mode, info) with info = {"ratio", "macs_before", "macs_after", "macs_fraction", "search": [...]}.
+    """
+    opts.check()
+    model = model.eval()
+    num_classes = model.classifiers[-1].out_features
+    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    base = full_macs(model, size)
+    ignored, r_max = _plan(model, example, opts)
+    search: list[dict] = []
+
+    def probe(r: float) -> tuple[nn.Module, float]:
+        m = prune_once(copy.deepcopy(model), example, opts, r, batches, loss_fn, ignored)
+        f = full_macs(m, size) / base
+        search.append({"ratio": round(r, 6), "macs_fraction": f})
+        log(f"ratio {r:.4f}: {100 * f:.2f}% of the MACs")
+        return m, f
+
+    if opts.ratio is not None:
+        pruned, frac = probe(opts.ratio)
+        ratio = opts.ratio
+    else:
+        pruned, ratio, frac = _bisect(probe, opts.target_macs, r_max, opts.protect_exits)
+    check_pruned(pruned, example, num_classes)
+    info = {"ratio": ratio, "macs_before": base, "macs_after": round(frac * base), "macs_fraction": frac,
+            "search": search}
+    return pruned, info
+
+
+def _bisect(probe, target: float, r_max: float, protected: bool) -> tuple[nn.Module, float, float]:
+    """Bisection on the ratio until the MACs fraction is within TOLERANCE (relative) of `target`.
+
+    MACs fall in steps as the ratio grows (channel counts are integers). Past some ratio a group
+    would lose every channel and Torch-Pruning skips it whole, so MACs jump back up: a probe that
+    keeps more MACs than a probe at a smaller ratio marks such a collapse and bounds the search
+    from above. The first probe uses MACs ~ (1 - r)^2 (convolutions shrink on both channel sides).
+    """
+    ok = lambda f: abs(f - target) <= TOLERANCE * target  # noqa: E731
+    lo, hi = 0.0, r_max
+    seen: list[tuple[float, float]] = [(0.0, 1.0)]  # (ratio, fraction) probed so far
+    best = None
+    r = min(max(1.0 - target ** 0.5, 1e-3), r_max)
+    for _ in range(24):
+        m, f = probe(r)
+        if best is None or abs(f - target) < best[0]:
+            best = (abs(f - target), m, r, f)
+        if ok(f):
+            return m, r, f
+        collapsed = any(r0 < r and f0 < f - 1e-9 for r0, f0 in seen)
+        seen.append((r, f))
+        lo, hi = (r, hi) if f > target and not collapsed else (lo, r)
+        if hi - lo < 1e-4:
+            break
+        # After a first probe that kept too much, try the limit: an unreachable target fails fast.
+        r = r_max if len(seen) == 2 and lo == r else (lo + hi) / 2
+    _, m, r, f = best
+    lowest = min(f0 for _, f0 in seen)
+    if lowest > target:
+        raise SdtoolError(f"--target-macs {target} is unreachable: the most this model can be pruned keeps "
+                          f"{lowest:.3f} of its MACs; ask for at least {lowest + 0.005:.2f}"
+                          + (" or use --no-protect-exits" if protected else ""))
+    raise SdtoolError(f"--target-macs {target} could not be reached within {100 * TOLERANCE:.0f}%: the closest "
+                      f"is {f:.3f} (ratio {r:.3f}); channel counts move in steps here; try --global, a smaller "
+                      "--round-to or a nearby target")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint level: load, prune, measure, save with lineage.
+
+
+def taylor_loss(meta: dict, num_exits: int) -> Callable:
+    """The gradient signal for taylor: the self-distillation loss of the recorded recipe (feature hints
+    off: their adaptation layers are not in the checkpoint), or CE for a single-exit model."""
+    from sdtool.evaluate import recorded_recipe
+    from sdtool.losses import SelfDistillLoss
+
+    sd = (recorded_recipe(meta) or {}).get("sd") or {}
+    if num_exits == 1:
+        crit = SelfDistillLoss("plain", [1])
+    else:
+        crit = SelfDistillLoss("self_distill", [1] * num_exits, alpha=sd.get("alpha", 0.3), beta=0.0,
+                               temperature=sd.get("temperature", 3.0), teacher=sd.get("teacher", "deepest"),
+                               ensemble=sd.get("ensemble", "logits"))
+    return lambda logits, feats, y: crit(logits, feats, y)[0]
+
+
+def _first_batches(loader, prepare, n: int) -> list:
+    out = []
+    for x, y in loader:
+        out.append((prepare(x, train=False), y))
+        if len(out) >= n:
+            break
+    return out
+
+
+def prune_checkpoint(path: str | Path, out: str | Path, opts: PruneOptions, evaluate: bool = False,
+                     data: str | None = None, overrides: list[str] | None = None, device: str = "auto",
+                     quiet: bool = False) -> dict:
+    """`sdtool prune`: prune the checkpoint at `path` and write the pruned one to `out` (atomically).
+
+    Nothing is written unless every step succeeds. Returns the report (see docs/pruning.md).
+    """
+    from sdtool import checkpoint, report
+    from sdtool.profile import exit_costs
+
+    log = report.make_logger(quiet)
+    opts.check()
+    path, out = Path(path), Path(out)
+    if out.exists() and out.resolve() == path.resolve():
+        raise SdtoolError("--out must differ from the input checkpoint (the pruned model is a new file)")
+    if out.exists() and out.is_dir():
+        raise SdtoolError(f"--out {out} is a folder; give the path of the pruned .safetensors file")
+    model, meta = checkpoint.load(path)
+    if not hasattr(model, "classifiers"):
+        raise SdtoolError(f"{path} does not hold a multi-exit sdtool model; sdtool prune needs one")
+    started = checkpoint.now()
+    size = int((meta.get("input") or {}).get("size") or 32)
+
+    batches, ev = None, None
+    if opts.criterion == "taylor" or evaluate:
+        from sdtool.data import build_data
+        from sdtool.evaluate import data_for_checkpoint
+
+        cfg = data_for_checkpoint(meta, data, overrides)
+        bundle = build_data(cfg, train=opts.criterion == "taylor")
+        if bundle.num_classes != meta["num_classes"]:
+            raise SdtoolError(f"{path} predicts {meta['num_classes']} classes but data set {cfg.name} has "
+                              f"{bundle.num_classes}; use a matching data set")
+        if opts.criterion == "taylor":
+            loader = bundle.loader("train", cfg.batch_size, shuffle=True, seed=opts.seed, workers=cfg.workers)
+            batches = _first_batches(loader, bundle.prepare, opts.taylor_batches)
+        if evaluate:
+            ev = _evaluator(bundle, cfg, meta, device)
+
+    before = exit_costs(model, (size, size))
+    acc_before = ev(model) if ev else None
+    log(f"pruning {path} ({opts.criterion}, "
+        + (f"ratio {opts.ratio}" if opts.ratio is not None else f"target {opts.target_macs} of the MACs") + ")")
+    t0 = time.perf_counter()
+    pruned, info = prune_model(model, opts, size, batches, taylor_loss(meta, model.num_exits) if batches else None,
+                               log=log)
+    seconds = time.perf_counter() - t0
+    after = exit_costs(pruned, (size, size))
+    acc_after = ev(pruned) if ev else None
+
+    metrics = {"before": _brief(before, acc_before), "after": _brief(after, acc_after),
+               "macs_fraction": info["macs_fraction"], "params_fraction": after["parameters"] / before["parameters"],
+               "seconds": seconds}
+    options = asdict(opts)
+    entry = checkpoint.lineage_entry("prune", None, path, started, metrics, options=options,
+                                     ratio_used=info["ratio"], argv=sys.argv[1:])
+    new_meta = {k: v for k, v in meta.items() if k not in ("format_version", "sdtool_version", "model", "shapes")}
+    new_meta.update(metrics=metrics, lineage=list(meta.get("lineage") or []) + [entry],
+                    thresholds=None)  # early-exit thresholds were fitted on the unpruned model
+    checkpoint.save(out, pruned, new_meta)
+    return {"checkpoint": str(path), "out": str(out), "sha256": checkpoint.sha256(out), "options": options,
+            "ratio": info["ratio"], "macs_fraction": info["macs_fraction"],
+            "params_fraction": metrics["params_fraction"], "seconds": seconds, "search": info["search"],
+            "before": before, "after": after,
+            "accuracy": {"split": "test", "data": ev.data, "before": acc_before, "after": acc_after} if ev else None,
+            "pruned_modules": len(checkpoint.read_meta(out).get("shapes") or {})}
+
+
+def _brief(costs: dict, acc: dict | None) -> dict:
+    """What the lineage keeps of a cost report: totals and per-exit params/MACs (and accuracy)."""
+    d = {"params": costs["full"]["params"], "macs": costs["full"]["macs"],
+         "exits": [{"exit": e["exit"], "params": e["params"], "macs": e["macs"]} for e in costs["exits"]]}
+    if acc is not None:
+        d["test"] = acc
+    return d
+
+
+def _evaluator(bundle, cfg, meta: dict, device: str) -> Callable[[nn.Module], dict]:
+    from sdtool.device import resolve_device
+    from sdtool.evaluate import evaluate
+
+    dev = resolve_device(device)
+    loader = bundle.loader("test", cfg.eval_batch_size, shuffle=False, seed=0, workers=cfg.workers)
+
+    def run(model: nn.Module) -> dict:
+        try:
+            return evaluate(model.to(dev), loader, bundle.prepare, dev, meta.get("ensemble", "logits"))
+        finally:
+            model.to("cpu")
+
+    run.data = cfg.name
+    return run

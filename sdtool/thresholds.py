@@ -1,0 +1,186 @@
+"""Fitting early-exit thresholds on held-out logits (the validation split, never the test split).
+
+Every exit's logits are collected once with the all-exits forward; early exit is then simulated
+exactly on them (which exit answers each sample, whether it is right, what it cost), so a candidate
+set of thresholds is scored in a few vectorised numpy operations.
+
+Search. Thresholds are chosen per exit among candidates: the 0, 1, ..., 100th percentiles of that
+exit's confidence on the fitting data (so every candidate changes which samples leave) plus "never
+answer". Coordinate descent then changes one exit's threshold at a time to the candidate that best
+improves a lexicographic key, sweeping shallow to deep until a full round changes nothing:
+  * `max_drop` (a): (shortfall below deepest top-1 - max_drop, expected MACs, -top-1);
+  * `budget`   (b): (MACs above budget x reference, -top-1, expected MACs).
+The shortfall / excess term comes first, so a feasible start stays feasible and an infeasible one
+moves towards feasibility. It starts twice - from "no shallow exit answers" (the deepest exit alone)
+and from the best point of a shared-threshold sweep (one confidence threshold for all exits) - and
+keeps the better result; the key strictly decreases, so it always ends. Coordinate descent finds a
+local optimum, not a proven global one; the shared start makes it at least as good as the best
+single shared threshold.
+
+Fitted thresholds are tuned to the fitting data; expect the test split to land near, not exactly
+on, the constraint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sdtool.early_exit import confidence, values_from_scores
+from sdtool.errors import SdtoolError
+from sdtool.losses import ensemble_logits
+
+N_QUANTILES = 100
+
+
+@dataclass
+class ExitTable:
+    """What the simulation needs, from all exits' logits on the fitting data."""
+
+    scores: np.ndarray  # (K-1, N) confidence of each shallow exit, higher = more confident
+    correct: np.ndarray  # (K+1, N) bool: exit k's prediction is right (k < K); row K: the ensemble's
+    stages_macs: np.ndarray  # (K,) MACs of the stages up to each exit's stage
+    head_macs: np.ndarray  # (K,) MACs of each exit's attention + head + classifier
+    reference_macs: float  # the deepest exit alone
+    fallback: str  # deepest | ensemble
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stages_macs)
+
+    @property
+    def n(self) -> int:
+        return self.correct.shape[1]
+
+
+def make_table(logits: list[torch.Tensor], y: torch.Tensor, costs: dict, policy: str, fallback: str,
+               ensemble: str) -> ExitTable:
+    scores = np.stack([confidence(z, policy).double().numpy() for z in logits[:-1]])
+    correct = [(z.argmax(1) == y).numpy() for z in logits]
+    correct.append((ensemble_logits(logits, ensemble).argmax(1) == y).numpy())
+    ex = costs["exits"]
+    return ExitTable(scores=scores, correct=np.stack(correct), fallback=fallback,
+                     stages_macs=np.array([e["stages_macs"] for e in ex], dtype=np.float64),
+                     head_macs=np.array([e["head_macs"] for e in ex], dtype=np.float64),
+                     reference_macs=float(costs["reference"]["macs"]))
+
+
+def simulate(t: ExitTable, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Score C candidate threshold vectors at once.
+
+    thr: (C, K-1) score thresholds (+inf = the exit never answers). Returns (top-1 % (C,),
+    expected MACs (C,), exit index (C, N), with K-1 meaning the fallback answered).
+    """
+    k_all, n = t.num_exits, t.n
+    c = thr.shape[0]
+    exit_at = np.full((c, n), k_all - 1, dtype=np.int64)
+    undecided = np.ones((c, n), dtype=bool)
+    for k in range(k_all - 1):
+        leave = undecided & (t.scores[k][None, :] >= thr[:, k:k + 1])
+        exit_at[leave] = k
+        undecided &= ~leave
+    last = t.correct[k_all] if t.fallback == "ensemble" else t.correct[k_all - 1]
+    rows = np.vstack([t.correct[: k_all - 1], last[None]])  # (K, N) correctness per answering exit
+    right = rows[exit_at, np.arange(n)[None, :]]  # (C, N)
+    computed = np.ones((c, k_all), dtype=bool)
+    if t.fallback != "ensemble":
+        computed[:, :-1] = np.isfinite(thr)
+    leave_cost = t.stages_macs[None, :] + np.cumsum(computed * t.head_macs[None, :], axis=1)  # (C, K)
+    macs = np.take_along_axis(leave_cost, exit_at, axis=1).mean(axis=1)
+    return 100.0 * right.mean(axis=1), macs, exit_at
+
+
+def candidates(t: ExitTable) -> list[np.ndarray]:
+    """Per shallow exit: its confidence percentiles (observed values, deduplicated) and +inf."""
+    q = np.linspace(0, 1, N_QUANTILES + 1)
+    return [np.unique(np.append(np.quantile(s, q, method="lower"), np.inf)) for s in t.scores]
+
+
+def _keys(objective: str, limit: float, acc: np.ndarray, macs: np.ndarray) -> list[np.ndarray]:
+    if objective == "max_drop":  # limit = the accuracy target
+        return [np.maximum(0.0, np.round(limit - acc, 9)), macs, -acc]
+    return [np.maximum(0.0, macs - limit), -acc, macs]  # limit = the MACs budget
+
+
+def _best(keys: list[np.ndarray]) -> int:
+    return int(np.lexsort(keys[::-1])[0])
+
+
+def _descend(t: ExitTable, thr: np.ndarray, cands: list[np.ndarray], objective: str, limit: float,
+             max_rounds: int = 50) -> tuple[np.ndarray, tuple]:
+    acc, macs, _ = simulate(t, thr[None])
+    key = tuple(float(k[0]) for k in _keys(objective, limit, acc, macs))
+    for _ in range(max_rounds):
+        changed = False
+        for k in range(t.num_exits - 1):
+            trial = np.repeat(thr[None], len(cands[k]), axis=0)
+            trial[:, k] = cands[k]
+            acc, macs, _ = simulate(t, trial)
+            keys = _keys(objective, limit, acc, macs)
+            i = _best(keys)
+            new = tuple(float(kk[i]) for kk in keys)
+            if new < key:
+                thr, key, changed = trial[i].copy(), new, True
+        if not changed:
+            break
+    return thr, key
+
+
+def shared_sweep(t: ExitTable, n: int = N_QUANTILES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One threshold for every shallow exit: (thresholds (M,), top-1 (M,), MACs (M,)), shallow to deep."""
+    pooled = t.scores.ravel()
+    levels = np.unique(np.append(np.quantile(pooled, np.linspace(0, 1, n + 1), method="lower"), np.inf))
+    thr = np.repeat(levels[:, None], t.num_exits - 1, axis=1)
+    acc, macs, _ = simulate(t, thr)
+    return levels, acc, macs
+
+
+def fit(t: ExitTable, policy: str, max_drop: float | None = None, budget: float | None = None) -> dict:
+    """Fit thresholds for objective (a) `max_drop` (points) or (b) `budget` (fraction of the reference cost)."""
+    if (max_drop is None) == (budget is None):
+        raise SdtoolError("fit thresholds for either --max-drop D or --budget F, not both")
+    if max_drop is not None and max_drop < 0:
+        raise SdtoolError(f"--max-drop must be >= 0 percentage points, got {max_drop}")
+    if budget is not None and not 0 < budget:
+        raise SdtoolError(f"--budget must be a positive fraction of the reference cost, got {budget}")
+    deepest = 100.0 * float(t.correct[t.num_exits - 1].mean())
+    objective = "max_drop" if max_drop is not None else "budget"
+    limit = deepest - max_drop if max_drop is not None else budget * t.reference_macs
+    cands = candidates(t)
+    levels, acc, macs = shared_sweep(t)
+    i = _best(_keys(objective, limit, acc, macs))
+    starts = [np.full(t.num_exits - 1, np.inf), np.full(t.num_exits - 1, levels[i])]
+    thr, key = min((_descend(t, s, cands, objective, limit) for s in starts), key=lambda r: r[1])
+    acc, macs, exit_at = simulate(t, thr[None])
+    counts = np.bincount(exit_at[0], minlength=t.num_exits)
+    res = {"objective": objective, "max_drop": max_drop, "budget": budget, "n": t.n,
+           "deepest_top1": deepest, "top1": float(acc[0]), "accuracy_drop": deepest - float(acc[0]),
+           "expected_macs": float(macs[0]), "macs_fraction": float(macs[0]) / t.reference_macs,
+           "macs_speedup": t.reference_macs / float(macs[0]), "feasible": key[0] == 0.0,
+           "exit_fractions": (counts / t.n).tolist(), "values": values_from_scores(policy, thr.tolist())}
+    if objective == "max_drop":
+        res["target_top1"] = limit
+    else:
+        res["budget_macs"] = limit
+    return res
+
+
+def sweep(t: ExitTable, policy: str, n_budgets: int = 16) -> dict:
+    """(c) The accuracy-vs-MACs curve: a shared-threshold sweep, per-exit fits over a grid of budgets,
+    and every exit alone. MACs as fractions of the reference cost, accuracy in percent."""
+    ref = t.reference_macs
+    levels, acc, macs = shared_sweep(t)
+    shared = [{"threshold": values_from_scores(policy, [float(v)])[0], "top1": float(a),
+               "expected_macs": float(m), "macs_fraction": float(m) / ref} for v, a, m in zip(levels, acc, macs)]
+    cheapest = float(macs.min()) / ref
+    fitted = []
+    for b in np.linspace(cheapest, 1.0, n_budgets):
+        r = fit(t, policy, budget=float(b))
+        fitted.append({"budget": float(b), "values": r["values"], "top1": r["top1"],
+                       "expected_macs": r["expected_macs"], "macs_fraction": r["macs_fraction"]})
+    alone = [{"exit": k + 1, "top1": 100.0 * float(t.correct[k].mean()),
+              "macs_fraction": float(t.stages_macs[k] + t.head_macs[k]) / ref} for k in range(t.num_exits)]
+    return {"policy": policy, "fallback": t.fallback, "n": t.n, "reference_macs": ref,
+            "deepest_top1": alone[-1]["top1"], "shared": shared, "fitted": fitted, "exits_alone": alone}
