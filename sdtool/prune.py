@@ -39,6 +39,9 @@ from sdtool.errors import SdtoolError
 
 CRITERIA = ("l1", "l2", "taylor", "bn_scale", "fpgm", "lamp", "random")
 TOLERANCE = 0.02  # target_macs: relative distance to the target that counts as reached
+# A larger ratio keeping this much more of the MACs than a smaller one means a group was skipped
+# whole (see _bisect); smaller wiggles are normal with global ranking and are searched through.
+COLLAPSE = 0.05
 EXIT_PREFIXES = ("attention.", "heads.")  # modules of the shallow exit branches
 _ROOTS = (nn.Conv2d, nn.Linear)
 
@@ -130,7 +133,13 @@ def _plan(model: nn.Module, example: torch.Tensor, opts: PruneOptions) -> tuple[
     the smallest prunable group; beyond it Torch-Pruning skips whole groups and MACs stop falling.
     """
     ignored: list[nn.Module] = list(model.classifiers)
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, output_transform=_logits)
+    try:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, output_transform=_logits)
+    except Exception as e:  # e.g. a channel shuffle (view + transpose) that the graph cannot map
+        name = getattr(model, "spec", {}).get("name", type(model).__name__)
+        raise SdtoolError(f"Torch-Pruning cannot trace the channel dependencies of {name} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else 'no message'}); "
+                          "sdtool prune does not support this architecture") from None
     names = {m: n for n, m in model.named_modules()}
     q = opts.round_to or 1
     channels = []
@@ -250,13 +259,16 @@ def _bisect(probe, target: float, r_max: float, protected: bool) -> tuple[nn.Mod
 
     MACs fall in steps as the ratio grows (channel counts are integers). Past some ratio a group
     would lose every channel and Torch-Pruning skips it whole, so MACs jump back up: a probe that
-    keeps more MACs than a probe at a smaller ratio marks such a collapse and bounds the search
-    from above. The first probe uses MACs ~ (1 - r)^2 (convolutions shrink on both channel sides).
+    keeps clearly more MACs (COLLAPSE) than a probe at a smaller ratio marks such a collapse and
+    bounds the search from above. The first probe uses MACs ~ (1 - r)^2 (convolutions shrink on
+    both channel sides); if it keeps too much, the second tries the highest safe ratio, so an
+    unreachable target fails after two runs. When the target falls inside one step, the probes
+    keep landing on the step's two sides and the search stops after a few of them.
     """
     ok = lambda f: abs(f - target) <= TOLERANCE * target  # noqa: E731
     lo, hi = 0.0, r_max
     seen: list[tuple[float, float]] = [(0.0, 1.0)]  # (ratio, fraction) probed so far
-    best = None
+    best, stale = None, 0
     r = min(max(1.0 - target ** 0.5, 1e-3), r_max)
     for _ in range(24):
         m, f = probe(r)
@@ -264,12 +276,12 @@ def _bisect(probe, target: float, r_max: float, protected: bool) -> tuple[nn.Mod
             best = (abs(f - target), m, r, f)
         if ok(f):
             return m, r, f
-        collapsed = any(r0 < r and f0 < f - 1e-9 for r0, f0 in seen)
+        collapsed = any(r0 < r and f > f0 + COLLAPSE for r0, f0 in seen)
+        stale = stale + 1 if any(f == f0 for _, f0 in seen) else 0
         seen.append((r, f))
         lo, hi = (r, hi) if f > target and not collapsed else (lo, r)
-        if hi - lo < 1e-4:
+        if hi - lo < 1e-4 or stale >= 4:
             break
-        # After a first probe that kept too much, try the limit: an unreachable target fails fast.
         r = r_max if len(seen) == 2 and lo == r else (lo + hi) / 2
     _, m, r, f = best
     lowest = min(f0 for _, f0 in seen)
