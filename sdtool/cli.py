@@ -220,7 +220,7 @@ def prune(
     opts = PruneOptions(criterion=criterion, ratio=ratio, target_macs=target_macs, global_pruning=global_,
                         iterative_steps=iterative_steps, round_to=round_to, protect_exits=protect_exits,
                         taylor_batches=taylor_batches)
-    rep = prune_checkpoint(str(ckpt), str(out), opts, eval_, data, set_, device, quiet=json_)
+    rep = prune_checkpoint(str(ckpt), str(out), opts, eval_, data, set_, device)
     report.print_json(rep) if json_ else report.prune_view(rep)
 
 
@@ -239,6 +239,30 @@ def pipeline(
 
     rep = run_pipeline(load_recipe(recipe, set_), out, recipe_path=str(recipe), quiet=json_)
     report.print_json(rep) if json_ else report.pipeline_view(rep)
+
+
+@app.command(epilog="Example: sdtool distill recipes/cifar100_resnet32x4_to_resnet8x4_sd_kd.yaml "
+                     "--teacher runs/resnet32x4/best.safetensors --out runs/kd")
+@_user_errors
+def distill(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe of the student (its sd.mode and distill section apply).")],
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="sdtool checkpoint, or torchvision:NAME (default: the recipe's distill.teacher).")] = None,
+    teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="torchvision teacher: local .safetensors or .pth state dict (nothing is downloaded).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Run folder for checkpoints and metrics.")] = Path("runs/distill"),
+    set_: SetOpt = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Start the student from this checkpoint's structure and weights.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Train a student with its recipe's loss plus knowledge distillation from a frozen external teacher."""
+    from sdtool import report
+    from sdtool.distill import distill as run_distill
+    from sdtool.recipe import load_recipe
+
+    result = run_distill(load_recipe(recipe, set_), out, teacher=teacher,
+                         teacher_weights=str(teacher_weights) if teacher_weights else None,
+                         init=str(init) if init else None, quiet=json_)
+    if getattr(result, "is_main", True):
+        report.print_json(result.to_json()) if json_ else report.fit_summary(result)
 
 
 def main() -> None:

@@ -198,6 +198,8 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
     model.to(device, memory_format=memory_format)
     criterion.to(device)
     if extra is not None:
+        if hasattr(extra, "bind"):  # lets the extra see the student and the data (hooks, widths, checks)
+            extra.bind(model, bundle)
         extra.to(device)
     trainable = [model, criterion] + ([extra] if extra is not None else [])
     optimizer = make_optimizer(recipe, _param_groups(trainable))
@@ -310,6 +312,8 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
                                "train_top1": 100.0 * nc / max(n, 1), "images_per_s": n / train_time,
                                "train_seconds": train_time, "threads": torch.get_num_threads(),
                                "device": str(device), "world_size": ctx.world_size}
+        if extra is not None and hasattr(extra, "epoch_metrics"):  # e.g. the external teacher's time
+            row.update(extra.epoch_metrics())
         rng = gather_rng(device, ctx)
         if ctx.is_main:
             if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:

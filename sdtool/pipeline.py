@@ -74,10 +74,9 @@ def run_pipeline(recipe: Recipe, out: str | Path, recipe_path: str | None = None
     if opts is not None:
         log("pipeline: prune")
         pruned = out / "pruned.safetensors"
-        pr = prune_checkpoint(ckpt, pruned, opts, evaluate=True, device=recipe.train.device, quiet=quiet)
+        pr = prune_checkpoint(ckpt, pruned, opts, evaluate=True, device=recipe.train.device)
         steps.append(_step("prune", pruned, _deepest(pr["accuracy"]["after"]), costs=pr["after"]["full"],
-                           note=f"{opts.criterion}, {pr['macs_fraction']:.3f} of the MACs, "
-                                f"{pr['params_fraction']:.3f} of the params"))
+                           note=f"{opts.criterion}: {pr['macs_fraction']:.2f} MACs, {pr['params_fraction']:.2f} params"))
         ckpt = pruned
         if p.finetune_epochs > 0:
             log("pipeline: fine-tune the pruned model")
@@ -85,7 +84,7 @@ def run_pipeline(recipe: Recipe, out: str | Path, recipe_path: str | None = None
             res = fit(ft, out / "finetune", init=str(pruned), quiet=quiet)
             ckpt = res.best or res.last
             steps.append(_step("fine-tune", ckpt, _deepest(res.test), costs=pr["after"]["full"],
-                               note=f"{p.finetune_epochs} epochs, {ft.sd.mode}"))
+                               note=f"{ft.sd.mode}, {p.finetune_epochs} ep."))
 
     if ev.early_exit:
         from sdtool.early_exit import eval_early_exit
@@ -96,7 +95,7 @@ def run_pipeline(recipe: Recipe, out: str | Path, recipe_path: str | None = None
                              budget=ev.budget, policy=ev.policy, fallback=ev.fallback, out=str(final),
                              latency_images=0, quiet=quiet)
         steps.append(_step("early exit", final, ee["top1"], costs=_costs(final),
-                           note=f"{ee['macs_speedup']:.2f}x fewer MACs than the deepest exit alone"))
+                           note=f"{ee['macs_speedup']:.2f}x fewer MACs vs deepest"))
         ckpt = final
 
     rep = {"recipe": recipe_path, "out": str(out), "final": str(ckpt), "steps": steps}

@@ -24,6 +24,7 @@ JSON (`sdtool.models.shapes`), and `checkpoint.load` rebuilds the pruned model f
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import time
@@ -158,7 +159,22 @@ def _plan(model: nn.Module, example: torch.Tensor, opts: PruneOptions) -> tuple[
     return [names[m] for m in ignored], min(0.95, 1.0 - q / min(channels) - 1e-9)
 
 
-def _taylor_grads(model: nn.Module, batches: list, loss_fn: Callable) -> None:
+@contextlib.contextmanager
+def _threads(n: int):
+    """Run with n torch CPU threads, then restore the caller's setting.
+
+    Tracing, pruning and counting MACs run the network on a single image: extra threads only wait on
+    each other, and on a busy 2-core machine that made a pruning run 15x slower than on one thread.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _taylor_grads(model: nn.Module, batches: list, loss_fn: Callable, threads: int) -> None:
     """Accumulate the loss gradient over `batches` into .grad (BN in eval mode: statistics untouched).
 
     Every parameter gets a .grad (zeros where the loss does not reach), because Torch-Pruning's
@@ -166,7 +182,7 @@ def _taylor_grads(model: nn.Module, batches: list, loss_fn: Callable) -> None:
     """
     model.eval()
     model.zero_grad(set_to_none=True)
-    with torch.enable_grad():
+    with torch.enable_grad(), _threads(threads):  # real batches: the caller's threads pay off here
         for x, y in batches:
             logits, feats = model(x)
             loss = loss_fn(logits, feats, y)
@@ -178,10 +194,14 @@ def _taylor_grads(model: nn.Module, batches: list, loss_fn: Callable) -> None:
 
 def prune_once(model: nn.Module, example: torch.Tensor, opts: PruneOptions, ratio: float,
                batches: list | None = None, loss_fn: Callable | None = None,
-               ignored: list[str] | None = None) -> nn.Module:
+               ignored: list[str] | None = None, threads: int | None = None,
+               grads: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Prune `model` in place with channel ratio `ratio` (in `opts.iterative_steps` steps); returns it.
 
-    ignored: names of layers whose output channels stay (default: from `_plan`).
+    ignored: names of layers whose output channels stay (default: from `_plan`). threads: torch
+    threads for taylor's gradient batches (default: the current setting); the rest uses one.
+    grads: taylor, the gradients of this (unpruned) model by parameter name, reused for the first
+    step instead of running the batches again (the target search prunes many copies of one model).
     """
     if opts.criterion == "taylor" and not batches:
         raise SdtoolError("criterion taylor needs data batches for the gradients; give the checkpoint's "
@@ -189,15 +209,19 @@ def prune_once(model: nn.Module, example: torch.Tensor, opts: PruneOptions, rati
     if ignored is None:
         ignored = _plan(model, example, opts)[0]
     modules = dict(model.named_modules())
-    with torch.random.fork_rng(), torch.enable_grad():
+    threads = threads or torch.get_num_threads()
+    with torch.random.fork_rng(), torch.enable_grad(), _threads(1):
         torch.manual_seed(opts.seed)  # the random criterion and the tie-break draw numbers
         pruner = tp.pruner.BasePruner(
             model, example, importance=_TieBreak(make_importance(opts.criterion)), pruning_ratio=ratio,
             global_pruning=opts.global_pruning, iterative_steps=opts.iterative_steps,
             ignored_layers=[modules[n] for n in ignored], round_to=opts.round_to, output_transform=_logits)
-        for _ in range(opts.iterative_steps):
-            if opts.criterion == "taylor":  # gradients of the current (partly pruned) network
-                _taylor_grads(model, batches, loss_fn)
+        for step in range(opts.iterative_steps):
+            if opts.criterion == "taylor" and step == 0 and grads is not None:
+                for n, p in model.named_parameters():  # the unpruned network's, computed once
+                    p.grad = grads[n].clone()
+            elif opts.criterion == "taylor":  # gradients of the current (partly pruned) network
+                _taylor_grads(model, batches, loss_fn, threads)
             pruner.step()
     model.zero_grad(set_to_none=True)
     return model.eval()
@@ -229,29 +253,36 @@ def prune_model(model: nn.Module, opts: PruneOptions, size: int, batches: list |
     mode, info) with info = {"ratio", "macs_before", "macs_after", "macs_fraction", "search": [...]}.
     """
     opts.check()
-    model = model.eval()
-    num_classes = model.classifiers[-1].out_features
-    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    base = full_macs(model, size)
-    ignored, r_max = _plan(model, example, opts)
-    search: list[dict] = []
+    caller_threads = torch.get_num_threads()  # for taylor's batches; the rest runs on one thread
+    with _threads(1):
+        model = model.eval()
+        num_classes = model.classifiers[-1].out_features
+        example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        base = full_macs(model, size)
+        ignored, r_max = _plan(model, example, opts)
+        search: list[dict] = []
+        grads = None
+        if opts.criterion == "taylor" and batches:
+            scratch = copy.deepcopy(model)
+            _taylor_grads(scratch, batches, loss_fn, caller_threads)
+            grads = {n: p.grad for n, p in scratch.named_parameters()}
 
-    def probe(r: float) -> tuple[nn.Module, float]:
-        m = prune_once(copy.deepcopy(model), example, opts, r, batches, loss_fn, ignored)
-        f = full_macs(m, size) / base
-        search.append({"ratio": round(r, 6), "macs_fraction": f})
-        log(f"ratio {r:.4f}: {100 * f:.2f}% of the MACs")
-        return m, f
+        def probe(r: float) -> tuple[nn.Module, float]:
+            m = prune_once(copy.deepcopy(model), example, opts, r, batches, loss_fn, ignored, caller_threads, grads)
+            f = full_macs(m, size) / base
+            search.append({"ratio": round(r, 6), "macs_fraction": f})
+            log(f"ratio {r:.4f}: {100 * f:.2f}% of the MACs")
+            return m, f
 
-    if opts.ratio is not None:
-        pruned, frac = probe(opts.ratio)
-        ratio = opts.ratio
-    else:
-        pruned, ratio, frac = _bisect(probe, opts.target_macs, r_max, opts.protect_exits)
-    check_pruned(pruned, example, num_classes)
-    info = {"ratio": ratio, "macs_before": base, "macs_after": round(frac * base), "macs_fraction": frac,
-            "search": search}
-    return pruned, info
+        if opts.ratio is not None:
+            pruned, frac = probe(opts.ratio)
+            ratio = opts.ratio
+        else:
+            pruned, ratio, frac = _bisect(probe, opts.target_macs, r_max, opts.protect_exits)
+        check_pruned(pruned, example, num_classes)
+        info = {"ratio": ratio, "macs_before": base, "macs_after": round(frac * base), "macs_fraction": frac,
+                "search": search}
+        return pruned, info
 
 
 def _bisect(probe, target: float, r_max: float, protected: bool) -> tuple[nn.Module, float, float]:
@@ -324,16 +355,15 @@ def _first_batches(loader, prepare, n: int) -> list:
 
 
 def prune_checkpoint(path: str | Path, out: str | Path, opts: PruneOptions, evaluate: bool = False,
-                     data: str | None = None, overrides: list[str] | None = None, device: str = "auto",
-                     quiet: bool = False) -> dict:
+                     data: str | None = None, overrides: list[str] | None = None, device: str = "auto") -> dict:
     """`sdtool prune`: prune the checkpoint at `path` and write the pruned one to `out` (atomically).
 
-    Nothing is written unless every step succeeds. Returns the report (see docs/pruning.md).
+    Nothing is written unless every step succeeds, and nothing is printed: a failure is one line.
+    Returns the report (see docs/pruning.md).
     """
-    from sdtool import checkpoint, report
+    from sdtool import checkpoint
     from sdtool.profile import exit_costs
 
-    log = report.make_logger(quiet)
     opts.check()
     path, out = Path(path), Path(out)
     if out.exists() and out.resolve() == path.resolve():
@@ -362,15 +392,14 @@ def prune_checkpoint(path: str | Path, out: str | Path, opts: PruneOptions, eval
         if evaluate:
             ev = _evaluator(bundle, cfg, meta, device)
 
-    before = exit_costs(model, (size, size))
+    with _threads(1):
+        before = exit_costs(model, (size, size))
     acc_before = ev(model) if ev else None
-    log(f"pruning {path} ({opts.criterion}, "
-        + (f"ratio {opts.ratio}" if opts.ratio is not None else f"target {opts.target_macs} of the MACs") + ")")
     t0 = time.perf_counter()
-    pruned, info = prune_model(model, opts, size, batches, taylor_loss(meta, model.num_exits) if batches else None,
-                               log=log)
+    pruned, info = prune_model(model, opts, size, batches, taylor_loss(meta, model.num_exits) if batches else None)
     seconds = time.perf_counter() - t0
-    after = exit_costs(pruned, (size, size))
+    with _threads(1):
+        after = exit_costs(pruned, (size, size))
     acc_after = ev(pruned) if ev else None
 
     metrics = {"before": _brief(before, acc_before), "after": _brief(after, acc_after),

@@ -72,7 +72,17 @@ def run_header(recipe, model, bundle, device, adt, steps: int, eval_split: str, 
 
 def epoch_line(row: dict) -> str:
     return (f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, train acc {row['train_top1']:.2f}%, "
-            f"{row['images_per_s']:.0f} img/s ({row['threads']} threads), lr {row['lr']:.4g}")
+            f"{row['images_per_s']:.0f} img/s ({row['threads']} threads), lr {row['lr']:.4g}"
+            + teacher_cost(row))
+
+
+def teacher_cost(row: dict) -> str:
+    """`sdtool distill`: the external teacher's share of the training time, from the epoch's loss parts."""
+    seconds = row.get("teacher_seconds")
+    if seconds is None or not row.get("train_seconds"):
+        return ""
+    return (f", teacher {seconds:.1f} s ({100 * seconds / row['train_seconds']:.0f}% of training, "
+            f"{row.get('teacher_ms_per_step', 0):.1f} ms/step)")
 
 
 def accuracy_table(rep: dict, title: str | None = None) -> Table:

@@ -10,8 +10,8 @@ from sdtool.recipe import from_dict
 
 
 def make_ckpt(path: Path, val_size: float = 100, seed: int = 0, width: int = 4, sharpen: float = 1.0,
-              **model_args) -> Path:
-    """An untrained width-4 resnet18 on the built-in `fake` data (400 train / 100 test images).
+              size: int = 16, **model_args) -> Path:
+    """An untrained width-4 resnet18 on the built-in `fake` data (400 train / 100 test images, 16x16).
 
     The lineage entry carries the resolved recipe, so `sdtool eval` rebuilds the data exactly as
     for a trained checkpoint; `val_split` records the held-out split (None when val_size is 0).
@@ -22,10 +22,10 @@ def make_ckpt(path: Path, val_size: float = 100, seed: int = 0, width: int = 4, 
     with torch.no_grad():
         for fc in model.classifiers:
             fc.weight.mul_(sharpen)
-    recipe = from_dict({"data": {"name": "fake", "fake_size": 400, "val_size": val_size,
+    recipe = from_dict({"data": {"name": "fake", "fake_size": 400, "val_size": val_size, "input_size": size,
                                  "eval_batch_size": 64}}).to_dict()
     meta = {"num_classes": 10, "class_names": [str(i) for i in range(10)],
-            "input": {"size": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3},
+            "input": {"size": size, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3},
             "data": {"name": "fake"}, "val_split": {"size": int(val_size), "seed": 0} if val_size else None,
             "ensemble": "logits", "mode": "self_distill",
             "lineage": [checkpoint.lineage_entry("train", recipe, None, checkpoint.now())]}

@@ -19,6 +19,16 @@ from sdtool.profile import exit_costs
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: these tests check values, and tiny ops on a busy 2-core machine slow down by
+    orders of magnitude when two threads contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
@@ -26,10 +36,10 @@ def net():
     with torch.no_grad():
         for fc in model.classifiers:  # spread the confidences out
             fc.weight.mul_(20)
-    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits, _ = model(x)
-    return model, x, logits
+    return model, x, logits, exit_costs(model, (16, 16))
 
 
 def _midpoint_thresholds(logits, policy, q=(0.6, 0.5, 0.5)):
@@ -46,7 +56,7 @@ def _midpoint_thresholds(logits, policy, q=(0.6, 0.5, 0.5)):
 @pytest.mark.parametrize("policy", ["max_softmax", "entropy"])
 @pytest.mark.parametrize("fallback", ["deepest", "ensemble"])
 def test_early_exit_equals_all_exits_forward(net, policy, fallback):
-    model, x, logits = net
+    model, x, logits, costs = net
     pol = ExitPolicy(policy, _midpoint_thresholds(logits, policy), fallback)
     out, exit_at = early_exit_forward(model, x, pol)
     assert set(exit_at.tolist()) == {0, 1, 2, 3}  # every exit answers someone
@@ -54,7 +64,7 @@ def test_early_exit_equals_all_exits_forward(net, policy, fallback):
     expected = torch.stack([final[i] if k == 3 else logits[k][i] for i, k in enumerate(exit_at.tolist())])
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     # The exit each sample takes is the first whose score passes: the same as simulating on all logits.
-    table = th.make_table(logits, torch.zeros(len(x), dtype=torch.long), exit_costs(model, (32, 32)), policy,
+    table = th.make_table(logits, torch.zeros(len(x), dtype=torch.long), costs, policy,
                           fallback, "logits")
     _, _, sim_exit = th.simulate(table, np.array([pol.score_thresholds()]))
     assert sim_exit[0].tolist() == exit_at.tolist()
@@ -67,7 +77,7 @@ def test_early_exit_equals_all_exits_forward(net, policy, fallback):
 
 def test_rows_that_leave_skip_the_later_stages(net):
     """The deeper stages see only the samples still undecided; a never-answering exit's head is skipped."""
-    model, x, logits = net
+    model, x, logits, costs = net
     seen = {}
     hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.setdefault(name, []).append(inp[0].shape[0]))
              for name, m in [("stage4", model.stages[3]), ("head2", model.heads[1]), ("head3", model.heads[2])]]
@@ -86,6 +96,10 @@ def test_rows_that_leave_skip_the_later_stages(net):
             h.remove()
 
 
+COSTS = {"reference": {"macs": 400.0},  # made-up costs: 4 stages of 100 MACs, heads of 10 each
+         "exits": [{"stages_macs": 100.0 * (k + 1), "head_macs": 10.0 if k < 3 else 0.0} for k in range(4)]}
+
+
 def _synthetic_table(fallback="deepest", n=3000, seed=0):
     """Logits whose exits get more accurate with depth (like a trained self-distilled net)."""
     g = torch.Generator().manual_seed(seed)
@@ -95,8 +109,7 @@ def _synthetic_table(fallback="deepest", n=3000, seed=0):
         z = torch.randn(n, 10, generator=g) * 1.5
         z[torch.arange(n), y] += 1.2 + 0.9 * k
         logits.append(z)
-    costs = exit_costs(create_model("resnet18", num_classes=10, width=4), (32, 32))
-    return th.make_table(logits, y, costs, "max_softmax", fallback, "logits")
+    return th.make_table(logits, y, COSTS, "max_softmax", fallback, "logits")
 
 
 @pytest.mark.parametrize("max_drop", [0.0, 0.5, 2.0])

@@ -153,7 +153,7 @@ def test_taylor_needs_data(model):
 def test_checkpoint_reloads_in_a_fresh_process(trained, model, tmp_path):
     out = tmp_path / "pruned.safetensors"
     opts = PruneOptions(criterion="l2", target_macs=0.5)
-    rep = prune_checkpoint(trained, out, opts, quiet=True)
+    rep = prune_checkpoint(trained, out, opts)
     # The same pruning in memory (it is deterministic), against the file loaded by a new interpreter.
     pruned, _ = prune_model(model, opts, SIZE)
     x = x_batch(4)
@@ -180,7 +180,7 @@ def test_checkpoint_reloads_in_a_fresh_process(trained, model, tmp_path):
 
 def test_lineage_and_metadata(trained, tmp_path):
     out = tmp_path / "p.safetensors"
-    rep = prune_checkpoint(trained, out, PruneOptions(ratio=0.3, criterion="fpgm", round_to=2), quiet=True)
+    rep = prune_checkpoint(trained, out, PruneOptions(ratio=0.3, criterion="fpgm", round_to=2))
     meta, parent = checkpoint.read_meta(out), checkpoint.read_meta(trained)
     entry = meta["lineage"][-1]
     assert [e["command"] for e in meta["lineage"]] == ["train", "prune"]
@@ -197,7 +197,7 @@ def test_lineage_and_metadata(trained, tmp_path):
 
 def test_finetune_from_pruned_init_keeps_structure_and_lineage(trained, tmp_path):
     pruned = tmp_path / "pruned.safetensors"
-    prune_checkpoint(trained, pruned, PruneOptions(ratio=0.5, protect_exits=False), quiet=True)
+    prune_checkpoint(trained, pruned, PruneOptions(ratio=0.5, protect_exits=False))
     res = fit(from_dict(json.loads(json.dumps(TINY))), tmp_path / "ft", init=str(pruned), quiet=True)
     ft = res.best or res.last
     meta, pmeta = checkpoint.read_meta(ft), checkpoint.read_meta(pruned)
@@ -254,7 +254,8 @@ def test_cli_prune_json_and_table(trained, tmp_path):
     r = runner.invoke(app, ["prune", str(trained), "--out", str(out2), "--target-macs", "0.5", "--eval",
                             "--criterion", "taylor", "--iterative-steps", "2"])
     assert r.exit_code == 0, r.output
-    assert "full net" in r.stdout and "top-1 % after" in r.stdout and out2.is_file()
+    assert "full" in r.stdout and "top-1" in r.stdout and "accuracy on the test split" in r.stdout
+    assert out2.is_file() and checkpoint.read_meta(out2)["lineage"][-1]["options"]["iterative_steps"] == 2
 
 
 def _foreign(tmp_path):
@@ -284,3 +285,53 @@ def test_cli_bad_input_is_one_line_exit_1_nothing_written(trained, tmp_path, arg
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
     assert not out.exists() and not list(tmp_path.glob(".never*"))  # no temporary file left either
+
+
+def test_prune_a_pruned_checkpoint_again(trained, tmp_path):
+    once, twice = tmp_path / "once.safetensors", tmp_path / "twice.safetensors"
+    prune_checkpoint(trained, once, PruneOptions(ratio=0.3))
+    prune_checkpoint(once, twice, PruneOptions(ratio=0.3, criterion="l1", protect_exits=False))
+    m1, _ = checkpoint.load(once)
+    m2, meta = checkpoint.load(twice)
+    assert params(m2) < params(m1)
+    assert [e["command"] for e in meta["lineage"]] == ["train", "prune", "prune"]
+    assert meta["lineage"][-1]["parent_sha256"] == checkpoint.sha256(once)
+
+
+def test_taylor_gradients_computed_once_match_a_fresh_computation(model, trained):
+    """The target search reuses the unpruned model's gradients; they equal recomputing them per copy."""
+    import copy
+
+    from sdtool.data import build_data
+    from sdtool.evaluate import data_for_checkpoint
+    from sdtool.prune import _first_batches, _taylor_grads, prune_once, taylor_loss
+
+    meta = checkpoint.read_meta(trained)
+    bundle = build_data(data_for_checkpoint(meta))
+    batches = _first_batches(bundle.loader("train", 16, shuffle=True, seed=0), bundle.prepare, 2)
+    loss_fn = taylor_loss(meta, model.num_exits)
+    opts = PruneOptions(criterion="taylor", ratio=0.4)
+    x = torch.zeros(1, 3, SIZE, SIZE)
+    scratch = copy.deepcopy(model)
+    _taylor_grads(scratch, batches, loss_fn, 1)
+    grads = {n: p.grad for n, p in scratch.named_parameters()}
+    a = prune_once(copy.deepcopy(model), x, opts, 0.4, batches, loss_fn, grads=grads)
+    b = prune_once(copy.deepcopy(model), x, opts, 0.4, batches, loss_fn)
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
+    c = prune_once(copy.deepcopy(model), x, PruneOptions(criterion="l2", ratio=0.4), 0.4)
+    assert any(not torch.equal(p, q) for p, q in zip(a.state_dict().values(), c.state_dict().values())
+               if p.shape == q.shape)  # the gradients changed the choice
+
+
+@pytest.mark.parametrize("cmd", ["prune", "pipeline"])
+def test_help_has_an_example(cmd):
+    r = runner.invoke(app, [cmd, "--help"])
+    assert r.exit_code == 0 and f"Example: sdtool {cmd}" in r.output
+
+
+def test_pipeline_recipe_is_valid():
+    r = load_recipe(ROOT / "recipes" / "pipeline_quickstart.yaml")
+    assert r.prune.enabled and r.prune.criterion == "taylor" and r.eval.early_exit and r.data.val_size > 0
+    assert (ROOT / "recipes" / "pipeline_quickstart.yaml").read_text().startswith(
+        "# sdtool pipeline recipes/pipeline_quickstart.yaml")
