@@ -245,12 +245,13 @@ def pipeline(
                      "--teacher runs/resnet32x4/best.safetensors --out runs/kd")
 @_user_errors
 def distill(
-    recipe: Annotated[Path, typer.Argument(help="YAML recipe of the student (its sd.mode and distill section apply).")],
+    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe of the student (its sd.mode and distill section apply).", show_default=False)] = None,
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="sdtool checkpoint, or torchvision:NAME (default: the recipe's distill.teacher).")] = None,
     teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="torchvision teacher: local .safetensors or .pth state dict (nothing is downloaded).")] = None,
     out: Annotated[Path, typer.Option("--out", help="Run folder for checkpoints and metrics.")] = Path("runs/distill"),
     set_: SetOpt = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start the student from this checkpoint's structure and weights.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the distillation run in this folder exactly where it stopped.")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Train a student with its recipe's loss plus knowledge distillation from a frozen external teacher."""
@@ -258,9 +259,11 @@ def distill(
     from sdtool.distill import distill as run_distill
     from sdtool.recipe import load_recipe
 
-    result = run_distill(load_recipe(recipe, set_), out, teacher=teacher,
+    if resume is None and recipe is None:
+        raise SdtoolError("give a RECIPE to distill, or --resume RUN_DIR to continue a run")
+    result = run_distill(load_recipe(recipe, set_) if resume is None else None, out, teacher=teacher,
                          teacher_weights=str(teacher_weights) if teacher_weights else None,
-                         init=str(init) if init else None, quiet=json_)
+                         init=str(init) if init else None, quiet=json_, resume=resume)
     if getattr(result, "is_main", True):
         report.print_json(result.to_json()) if json_ else report.fit_summary(result)
 

@@ -278,10 +278,15 @@ class DistillExtra(nn.Module):
 
 
 def distill(recipe, out: str | Path, teacher: str | None = None, teacher_weights: str | None = None,
-            init: str | None = None, quiet: bool = False):
-    """`sdtool distill`: `fit` with a DistillExtra; the lineage records the teacher (path and sha256)."""
-    from sdtool.engine import fit
+            init: str | None = None, quiet: bool = False, resume: str | Path | None = None):
+    """`sdtool distill`: `fit` with a DistillExtra; the lineage records the teacher (path and sha256).
 
+    With `resume`, the run folder's recipe (which names the teacher actually used) rebuilds the teacher.
+    """
+    from sdtool.engine import fit, load_run
+
+    if resume is not None:
+        _, recipe, init = load_run(resume)
     spec = teacher or recipe.distill.teacher
     weights = teacher_weights or recipe.distill.teacher_weights
     if not spec:
@@ -289,5 +294,5 @@ def distill(recipe, out: str | Path, teacher: str | None = None, teacher_weights
     # The run's recipe.yaml and the lineage's resolved recipe then name the teacher actually used.
     recipe.distill.teacher, recipe.distill.teacher_weights = str(spec), (str(weights) if weights else None)
     extra = DistillExtra(recipe.distill, str(spec), str(weights) if weights else None)
-    return fit(recipe, out, init=init, extra=extra, command="distill", quiet=quiet,
+    return fit(recipe, out, init=init, resume=resume, extra=extra, command="distill", quiet=quiet,
                lineage_extra={"teacher": extra.info})

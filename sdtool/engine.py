@@ -137,7 +137,7 @@ class TrainStep(nn.Module):
         return loss, parts, logits[-1]
 
 
-def _load_run(resume: str | Path) -> tuple[Path, Recipe, str | None]:
+def load_run(resume: str | Path) -> tuple[Path, Recipe, str | None]:
     from sdtool.recipe import load_yaml
 
     run_dir = Path(resume)
@@ -159,7 +159,7 @@ def fit(recipe: Recipe, out: str | Path, init: str | None = None, resume: str | 
     quiet = quiet or not ctx.is_main
     log = report.make_logger(quiet)
     if resume is not None:
-        run_dir, recipe, init = _load_run(resume)
+        run_dir, recipe, init = load_run(resume)
     else:
         run_dir = Path(out)
         if (run_dir / STATE_FILE).exists():
@@ -226,7 +226,7 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
     if resuming:
         if not (run_dir / STATE_FILE).is_file():
             raise SdtoolError(f"{run_dir} stopped before its first epoch ended; nothing to resume, start it again")
-        state = load_state(run_dir, model, optimizer, criterion, scaler, rank=ctx.rank)
+        state = load_state(run_dir, model, optimizer, criterion, scaler, rank=ctx.rank, extra=extra)
         if state.get("world_size", 1) != ctx.world_size:
             raise SdtoolError(f"{run_dir} was trained with {state.get('world_size', 1)} processes; resume it "
                               f"with the same number (this run has {ctx.world_size})")
@@ -328,7 +328,7 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
             # The resume state is the commit point of an epoch; metrics.jsonl is reconciled with it on resume.
             save_state(run_dir, plain_model, optimizer, criterion, scaler, rng,
                        {"epoch": epoch, "step": step, "best_top1": best_top1, "started": started, "row": row,
-                        "world_size": ctx.world_size})
+                        "world_size": ctx.world_size}, extra=extra)
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             log(report.epoch_line(row), table=report.epoch_table(row) if not quiet else None)

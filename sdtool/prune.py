@@ -247,7 +247,7 @@ def full_macs(model: nn.Module, size: int) -> int:
 
 def prune_model(model: nn.Module, opts: PruneOptions, size: int, batches: list | None = None,
                 loss_fn: Callable | None = None, log: Callable[[str], None] = lambda s: None) -> tuple[nn.Module, dict]:
-    """Prune a copy of `model` per `opts` (the original is left as it was).
+    """Prune a copy of `model` per `opts` (the original keeps its weights; it is put in eval mode).
 
     size: square input side. batches: [(x, y)] prepared inputs for taylor. Returns (pruned model in eval
     mode, info) with info = {"ratio", "macs_before", "macs_after", "macs_fraction", "search": [...]}.

@@ -71,14 +71,20 @@ def restore_rng(tensors: dict[str, torch.Tensor], rank: int) -> None:
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
 
+def _trainable(extra) -> dict[str, torch.Tensor]:
+    """The extra loss term's own trainable tensors (e.g. FitNet adapters), not its frozen teacher."""
+    return {} if extra is None else {n: p for n, p in extra.named_parameters() if p.requires_grad}
+
+
 def save_state(run_dir: Path, model, optimizer, loss_module, scaler, rng: dict[str, torch.Tensor],
-               scalars: dict) -> None:
+               scalars: dict, extra=None) -> None:
     """One self-contained file: the model weights are stored here too, so a crash between writing
     `last.safetensors` and this file can never pair weights and optimizer state of different epochs."""
     opt_tensors, opt_json = _split_optimizer(optimizer.state_dict())
     tensors = dict(opt_tensors)
     tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
     tensors.update({f"loss.{k}": v for k, v in loss_module.state_dict().items()})
+    tensors.update({f"extra.{k}": v for k, v in _trainable(extra).items()})
     tensors.update(rng)
     meta = {"scalars": scalars, "optimizer": opt_json}
     if scaler is not None and scaler.is_enabled():
@@ -86,7 +92,7 @@ def save_state(run_dir: Path, model, optimizer, loss_module, scaler, rng: dict[s
     save_tensors(run_dir / STATE_FILE, tensors, meta)
 
 
-def load_state(run_dir: Path, model, optimizer, loss_module, scaler, rank: int = 0) -> dict:
+def load_state(run_dir: Path, model, optimizer, loss_module, scaler, rank: int = 0, extra=None) -> dict:
     """Restore model, optimizer, loss modules, scaler and RNG; returns the scalar state (epoch, step, ...)."""
     path = run_dir / STATE_FILE
     if not path.is_file():
@@ -97,6 +103,9 @@ def load_state(run_dir: Path, model, optimizer, loss_module, scaler, rank: int =
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     optimizer.load_state_dict(_join_optimizer(tensors, meta["optimizer"]))
     loss_module.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
+    with torch.no_grad():
+        for name, p in _trainable(extra).items():
+            p.copy_(tensors[f"extra.{name}"])
     if scaler is not None and "scaler" in meta:
         scaler.load_state_dict(meta["scaler"])
     restore_rng(tensors, rank)

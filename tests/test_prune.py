@@ -87,6 +87,40 @@ def test_attention_and_residuals_stay_consistent(model):
             assert b.conv2.out_channels == b.downsample[0].out_channels
 
 
+@pytest.mark.parametrize("protect", [True, False])
+def test_pruning_equals_silencing_the_removed_channels(model, protect):
+    """The strongest consistency check: removing channels gives exactly the network in which those
+    channels are silenced (their batch-norm scale and shift set to 0, so they carry zeros through
+    every residual sum, attention product and head). A wrong index mapping anywhere breaks it."""
+    import copy
+
+    import torch_pruning as tp
+    from torch import nn
+
+    from sdtool.prune import _logits, _plan, make_importance
+
+    a, b = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
+    x = x_batch(4)
+    ignored, _ = _plan(a, x[:1], PruneOptions(ratio=0.4, protect_exits=protect))
+    names, mods_a, mods_b = {m: n for n, m in a.named_modules()}, dict(a.named_modules()), dict(b.named_modules())
+    pruner = tp.pruner.BasePruner(a, x[:1], importance=make_importance("l2"), pruning_ratio=0.4,
+                                  ignored_layers=[mods_a[n] for n in ignored], output_transform=_logits)
+    silenced = 0
+    for group in pruner.step(interactive=True):
+        for dep, idxs in group:
+            if isinstance(dep.target.module, nn.BatchNorm2d) and dep.handler == tp.prune_batchnorm_out_channels:
+                bn = mods_b[names[dep.target.module]]
+                with torch.no_grad():
+                    bn.weight[idxs] = 0
+                    bn.bias[idxs] = 0
+                silenced += len(idxs)
+        group.prune()
+    assert silenced > 100 and params(a) < 0.7 * params(b)
+    with torch.no_grad():
+        for za, zb in zip(a(x)[0], b(x)[0]):
+            torch.testing.assert_close(za, zb, rtol=1e-4, atol=1e-5)
+
+
 def test_protect_exits_keeps_the_exit_branches_own_widths(model):
     kept, _ = prune_model(model, PruneOptions(ratio=0.5), SIZE)
     free, _ = prune_model(model, PruneOptions(ratio=0.5, protect_exits=False), SIZE)

@@ -45,7 +45,8 @@ def build_cifar_resnet(name: str, n: int, width: int, stem_width: int, num_class
     stages = [nn.Sequential(stem, *layers[0][:h]), nn.Sequential(*layers[0][h:]),
               nn.Sequential(*layers[1]), nn.Sequential(*layers[2])]
     widths = [stem_width if h == 0 else width, width, 2 * width, 4 * width]
-    names = ["stem" if h == 0 else f"stem+layer1[:{h}]", f"layer1[{h}:]", "layer2", "layer3"]
+    names = ["stem", "layer1"] if h == 0 else [f"stem+layer1[:{h}]", f"layer1[{h}:]"]
+    names += ["layer2", "layer3"]
     return multi_exit(stages, widths, [1, 1, 2, 2], names, num_classes, head, attention, exits)
 
 

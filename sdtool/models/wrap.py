@@ -128,6 +128,14 @@ def _stage(gm: fx.GraphModule, nodes: list[fx.Node], start: fx.Node | None, end:
             continue  # copied on first use
         env[n] = g.node_copy(n, arg)
     g.output(arg(end))
+    if start is not None:
+        # The exit head reads the previous stage's output too: an in-place op on it here would corrupt
+        # the head's input and its saved tensors for backward (e.g. a ReLU(inplace=True) right after the cut).
+        for n in x.users:
+            if n.op == "call_module" and getattr(gm.get_submodule(n.target), "inplace", False):
+                gm.get_submodule(n.target).inplace = False
+            elif n.op == "call_function" and n.kwargs.get("inplace"):
+                n.kwargs = {**n.kwargs, "inplace": False}
     stage = fx.GraphModule(gm, g, class_name=f"Stage{i}")
     stage.graph.eliminate_dead_code()  # e.g. nodes of an auxiliary branch the stage output does not need
     stage.graph.lint()
@@ -191,13 +199,13 @@ def wrap_model(module: nn.Module, exits_after: list[str], num_classes: int, head
     cut_nodes.sort(key=order.__getitem__)
     names = [n.target for n in cut_nodes]
     end = _feature_end(gm, order)
-    if cut_nodes and order[end] <= order[cut_nodes[-1]]:
-        raise SdtoolError(f"model.exits_after: {names[-1]!r} is not followed by any feature layer; "
-                          "the last stage would be empty")
     for n in cut_nodes:
         if len(_shape(n) or ()) != 4:
             raise SdtoolError(f"model.exits_after: {n.target!r} outputs shape {_shape(n)}; exits need 4-D "
                               "(N, C, H, W) feature maps")
+    if cut_nodes and order[end] <= order[cut_nodes[-1]]:
+        raise SdtoolError(f"model.exits_after: {names[-1]!r} is not followed by any feature layer; "
+                          "the last stage would be empty")
     ends = cut_nodes + [end]
     bounds = [-1] + [order[n] for n in ends]
     pieces = [nodes[a + 1: b + 1] for a, b in zip(bounds, bounds[1:])]
