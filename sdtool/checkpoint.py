@@ -46,16 +46,23 @@ def sha256(path: str | Path) -> str:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` via a fsynced temporary file in the same folder and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise SdtoolError(f"cannot write {path}: it is a folder; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise SdtoolError(f"cannot write {path}: {e.strerror or e}; choose another folder") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise SdtoolError(f"cannot write {path}: {e.strerror or e}; free space or choose another folder") from None
         raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -83,7 +90,27 @@ def save(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
     full["model"] = model.spec
     full["shapes"] = shape_changes(model, model.spec)
     full.setdefault("lineage", [])
-    save_tensors(path, model.state_dict(), full)
+    state = model.state_dict()
+    _check_rebuild(full, state)
+    save_tensors(path, state, full)
+
+
+def _check_rebuild(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Refuse to write a file that would not load: rebuild the structure from the metadata (shapes only,
+    on the meta device) and compare every tensor's shape with the model's."""
+    problem = None
+    try:
+        with torch.device("meta"):
+            rebuilt = build_model(meta).state_dict()
+    except SdtoolError as e:
+        problem = str(e).split(";")[0]
+    else:
+        bad = [k for k in state if k not in rebuilt or rebuilt[k].shape != state[k].shape]
+        if bad or len(rebuilt) != len(state):
+            problem = (bad[0] if bad else next(k for k in rebuilt if k not in state)) + " would not reload"
+    if problem:
+        raise SdtoolError(f"this model's structure cannot be recorded in the checkpoint format ({problem}); "
+                          "nothing was written. Please report it with the model and the command")
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

@@ -74,6 +74,9 @@ def train(
 
     if resume is None and recipe is None:
         raise SdtoolError("give a RECIPE to train, or --resume RUN_DIR to continue a run")
+    if resume is not None and (recipe or set_ or init):
+        raise SdtoolError("--resume continues a run exactly as it was set up; drop RECIPE, --set and --init "
+                          "(to change the run, start a new one with --init RUN_DIR/last.safetensors)")
     r = load_recipe(recipe, set_) if resume is None else None
     result = fit(r, out, init=str(init) if init else None, resume=resume, quiet=json_)
     if result.is_main:
@@ -119,7 +122,7 @@ def eval_(
     if fit_thresholds or max_drop is not None or budget is not None or policy or fallback or sweep_out or out:
         raise SdtoolError("--fit-thresholds, --max-drop, --budget, --policy, --fallback, --sweep-out and --out "
                           "belong to early exit; add --early-exit")
-    rep = eval_checkpoint(str(ckpt), data, set_, split, device)
+    rep = eval_checkpoint(str(ckpt), data, set_, split, device, batch_size=batch_size)
     if json_:
         report.print_json(rep)
     else:
@@ -261,10 +264,13 @@ def distill(
 
     if resume is None and recipe is None:
         raise SdtoolError("give a RECIPE to distill, or --resume RUN_DIR to continue a run")
+    if resume is not None and (recipe or set_ or init or teacher or teacher_weights):
+        raise SdtoolError("--resume continues a run exactly as it was set up (its recipe names the teacher); "
+                          "drop RECIPE, --set, --init, --teacher and --teacher-weights")
     result = run_distill(load_recipe(recipe, set_) if resume is None else None, out, teacher=teacher,
                          teacher_weights=str(teacher_weights) if teacher_weights else None,
                          init=str(init) if init else None, quiet=json_, resume=resume)
-    if getattr(result, "is_main", True):
+    if result.is_main:
         report.print_json(result.to_json()) if json_ else report.fit_summary(result)
 
 

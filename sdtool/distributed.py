@@ -80,10 +80,11 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def broadcast_flag(flag: bool, device: torch.device, ctx: DistContext) -> bool:
-    """Rank 0's decision for everyone (e.g. 'the loss is not finite, stop')."""
+def any_flag(flag: bool, device: torch.device, ctx: DistContext) -> bool:
+    """True on every rank when any rank says True (e.g. 'my loss is not finite', 'saving failed'), so all
+    processes stop together instead of some waiting forever in the next collective."""
     if not ctx.enabled:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.broadcast(t, 0)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())

@@ -228,9 +228,8 @@ def eval_early_exit(path: str, data: str | None = None, overrides: list[str] | N
     """`sdtool eval --early-exit`: see docs/early-exit.md for the options and the JSON it returns."""
     from sdtool import checkpoint, report
     from sdtool import thresholds as th
-    from sdtool.data import build_data
     from sdtool.device import resolve_device
-    from sdtool.evaluate import collect_logits, data_for_checkpoint
+    from sdtool.evaluate import bundle_for_checkpoint, collect_logits, data_for_checkpoint
     from sdtool.profile import exit_costs
 
     log = report.make_logger(quiet)
@@ -254,13 +253,7 @@ def eval_early_exit(path: str, data: str | None = None, overrides: list[str] | N
                           "never fitted on the test split; pass --set data.val_size=0.1 to hold one out of the "
                           "training images (warning: they overlap what the model trained on, so the fit will be "
                           "optimistic) or retrain with data.val_size set")
-    bundle = build_data(cfg, train=False)
-    if bundle.num_classes != meta["num_classes"]:
-        raise SdtoolError(f"{path} predicts {meta['num_classes']} classes but data set {cfg.name} has "
-                          f"{bundle.num_classes}; evaluate it on a matching data set")
-    if split == "val" and bundle.val is None:
-        raise SdtoolError("this data configuration has no validation split; set data.val_size "
-                          "(e.g. --set data.val_size=0.1) or use --split test")
+    bundle = bundle_for_checkpoint(path, meta, cfg, split)
     costs = exit_costs(model, (bundle.input_size, bundle.input_size))
     ens = meta.get("ensemble", "logits")
     bs = batch_size or cfg.eval_batch_size

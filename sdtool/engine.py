@@ -31,7 +31,7 @@ from sdtool.models import create_model
 from sdtool.models.registry import select_args
 from sdtool.recipe import ModelConfig, Recipe, dump_yaml, from_dict
 from sdtool.schedule import lr_factor
-from sdtool.trainstate import STATE_FILE, gather_rng, load_state, save_state
+from sdtool.trainstate import STATE_FILE, gather_rng, load_state, read_scalars, save_state
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -107,17 +107,6 @@ def make_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-class Extra(nn.Module):
-    """Hook for an additional loss term (external-teacher distillation) that `fit` adds per step.
-
-    `forward(x, logits, features, y)` returns (loss, parts). Its parameters (e.g. FitNet adapters)
-    are optimised and stored in the resume state with the self-distillation loss's.
-    """
-
-    def forward(self, x, logits, features, y):  # pragma: no cover - interface
-        raise NotImplementedError
-
-
 class TrainStep(nn.Module):
     """Model + loss side in one module, so DistributedDataParallel synchronises the gradients of the
     adaptation layers and of any extra loss term together with the network's."""
@@ -149,11 +138,14 @@ def load_run(resume: str | Path) -> tuple[Path, Recipe, str | None]:
 
 
 def fit(recipe: Recipe, out: str | Path, init: str | None = None, resume: str | Path | None = None,
-        extra: Extra | None = None, command: str = "train", quiet: bool = False,
+        extra: nn.Module | None = None, command: str = "train", quiet: bool = False,
         lineage_extra: dict | None = None) -> FitResult:
     """Train per `recipe`, writing checkpoints and metrics under `out` (or continue `resume`).
 
     Under torchrun every process calls this; rank 0 alone evaluates, writes files and shows progress.
+    `extra` is an optional additional loss term (external-teacher distillation): a module whose
+    `forward(x, logits, features, y)` returns (loss, parts); its trainable parameters (e.g. FitNet
+    adapters) are optimised with the network and stored in the resume state.
     """
     ctx = distributed.from_env()
     quiet = quiet or not ctx.is_main
@@ -184,12 +176,13 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
+    if not ctx.is_main:
+        distributed.barrier(ctx)  # rank 0 downloads or extracts the data set first, alone
     bundle = build_data(recipe.data, train=True)
+    if ctx.is_main:
+        distributed.barrier(ctx)
     model, parent_meta = build_model(recipe, bundle, init, log)
-    criterion = SelfDistillLoss(recipe.sd.mode, model.feature_dims, alpha=recipe.sd.alpha,
-                                beta=recipe.sd.beta, temperature=recipe.sd.temperature,
-                                teacher=recipe.sd.teacher, hint_exits=recipe.sd.hint_exits,
-                                label_smoothing=t.label_smoothing, ensemble=recipe.sd.ensemble)
+    criterion = SelfDistillLoss.from_recipe(recipe.sd, model.feature_dims, t.label_smoothing)
     if ctx.enabled:
         torch.manual_seed(t.seed + 1_000_003 * ctx.rank)  # different augmentation per process
         if t.sync_bn:
@@ -226,10 +219,11 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
     if resuming:
         if not (run_dir / STATE_FILE).is_file():
             raise SdtoolError(f"{run_dir} stopped before its first epoch ended; nothing to resume, start it again")
-        state = load_state(run_dir, model, optimizer, criterion, scaler, rank=ctx.rank, extra=extra)
-        if state.get("world_size", 1) != ctx.world_size:
-            raise SdtoolError(f"{run_dir} was trained with {state.get('world_size', 1)} processes; resume it "
+        saved_world = read_scalars(run_dir).get("world_size", 1)
+        if saved_world != ctx.world_size:  # checked first: other ranks' RNG states would be missing
+            raise SdtoolError(f"{run_dir} was trained with {saved_world} processes; resume it "
                               f"with the same number (this run has {ctx.world_size})")
+        state = load_state(run_dir, model, optimizer, criterion, scaler, rank=ctx.rank, extra=extra)
         start_epoch, step, best_top1 = state["epoch"] + 1, state["step"], state["best_top1"]
         started = state["started"]
         if ctx.is_main:
@@ -253,12 +247,11 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
         "mode": recipe.sd.mode,
     }
     parent_lineage = (parent_meta or {}).get("lineage", [])
-    plain_model = _unwrap(model)
 
     def save_ckpt(path: Path, metrics: dict) -> None:
         entry = checkpoint.lineage_entry(command, recipe.to_dict(), init, started, metrics,
                                          argv=sys.argv[1:], world_size=ctx.world_size, **(lineage_extra or {}))
-        checkpoint.save(path, plain_model, {**base_meta, "metrics": metrics, "lineage": parent_lineage + [entry]})
+        checkpoint.save(path, model, {**base_meta, "metrics": metrics, "lineage": parent_lineage + [entry]})
 
     history: list[dict] = []
     best_path = run_dir / "best.safetensors" if n_val else None
@@ -268,6 +261,7 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
         train_loader.sampler.set_epoch(epoch)
         step_module.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        part_sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
         t0 = time.perf_counter()
@@ -294,45 +288,55 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
                 step += 1
                 bs = y.shape[0]
                 loss_sum += loss.detach() * bs
+                for k, v in parts.items():
+                    part_sums[k] = part_sums.get(k, 0) + v * bs
                 correct += (deepest.argmax(1) == y).sum()
                 seen += bs
                 if (i + 1) % sync_every == 0 or i + 1 == steps_per_epoch:
                     ls = float(loss_sum)
                     # Every process must take the same decision, or the others would hang in the next step.
-                    if not distributed.broadcast_flag(not math.isfinite(ls), device, ctx) and math.isfinite(ls):
-                        bar.update(i + 1, loss=ls / seen, acc=100.0 * int(correct) / seen,
-                                   ips=seen * ctx.world_size / (time.perf_counter() - t0))
-                    else:
-                        raise SdtoolError(
-                            f"loss became {ls / seen} at epoch {epoch + 1}, step {i + 1} (lr {lr:.3g}); "
-                            f"{run_dir / 'last.safetensors'} keeps the last good epoch; lower train.lr")
+                    if distributed.any_flag(not math.isfinite(ls), device, ctx):
+                        kept = (f"{run_dir / 'last.safetensors'} keeps the last good epoch" if epoch > start_epoch
+                                or resuming else "no checkpoint was written")
+                        raise SdtoolError(f"loss became {ls / seen if math.isfinite(ls) else ls} at epoch "
+                                          f"{epoch + 1}, step {i + 1} (lr {lr:.3g}); {kept}; lower train.lr")
+                    bar.update(i + 1, loss=ls / seen, acc=100.0 * int(correct) / seen,
+                               ips=seen * ctx.world_size / (time.perf_counter() - t0))
         train_time = time.perf_counter() - t0
-        ls, nc, n = distributed.all_reduce_sums([float(loss_sum), float(correct), float(seen)], device, ctx)
+        names = sorted(part_sums)
+        ls, nc, n, *ps = distributed.all_reduce_sums(
+            [float(loss_sum), float(correct), float(seen)] + [float(part_sums[k]) for k in names], device, ctx)
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": ls / max(n, 1),
                                "train_top1": 100.0 * nc / max(n, 1), "images_per_s": n / train_time,
                                "train_seconds": train_time, "threads": torch.get_num_threads(),
-                               "device": str(device), "world_size": ctx.world_size}
+                               "device": str(device), "world_size": ctx.world_size,
+                               "train_parts": {k: v / max(n, 1) for k, v in zip(names, ps)}}
         if extra is not None and hasattr(extra, "epoch_metrics"):  # e.g. the external teacher's time
             row.update(extra.epoch_metrics())
         rng = gather_rng(device, ctx)
+        failure: BaseException | None = None
         if ctx.is_main:
-            if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
-                row["eval_split"] = eval_split
-                row["eval"] = evaluate(plain_model, eval_loader, bundle.prepare, device, recipe.sd.ensemble, adt)
-            history.append(row)
-            metrics = {"epoch": epoch + 1, **({eval_split: row["eval"]} if "eval" in row else {})}
-            if best_path is not None and "eval" in row and row["eval"]["exits"][-1]["top1"] > best_top1:
-                best_top1 = row["eval"]["exits"][-1]["top1"]
-                save_ckpt(best_path, metrics)
-            save_ckpt(run_dir / "last.safetensors", metrics)
-            # The resume state is the commit point of an epoch; metrics.jsonl is reconciled with it on resume.
-            save_state(run_dir, plain_model, optimizer, criterion, scaler, rng,
-                       {"epoch": epoch, "step": step, "best_top1": best_top1, "started": started, "row": row,
-                        "world_size": ctx.world_size}, extra=extra)
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            log(report.epoch_line(row), table=report.epoch_table(row) if not quiet else None)
-        distributed.barrier(ctx)
+            try:
+                if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+                    row["eval_split"] = eval_split
+                    row["eval"] = evaluate(model, eval_loader, bundle.prepare, device, recipe.sd.ensemble, adt)
+                history.append(row)
+                metrics = {"epoch": epoch + 1, **({eval_split: row["eval"]} if "eval" in row else {})}
+                if best_path is not None and "eval" in row and row["eval"]["exits"][-1]["top1"] > best_top1:
+                    best_top1 = row["eval"]["exits"][-1]["top1"]
+                    save_ckpt(best_path, metrics)
+                save_ckpt(run_dir / "last.safetensors", metrics)
+                # The resume state is the commit point of an epoch; metrics.jsonl is reconciled with it on resume.
+                save_state(run_dir, model, optimizer, criterion, scaler, rng,
+                           {"epoch": epoch, "step": step, "best_top1": best_top1, "started": started, "row": row,
+                            "world_size": ctx.world_size}, extra=extra)
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                log(report.epoch_line(row), table=report.epoch_table(row) if not quiet else None)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                failure = exc
+        if distributed.any_flag(failure is not None, device, ctx):
+            raise failure or SdtoolError("process 0 failed while evaluating or saving; see its message")
 
     result = FitResult(run_dir, run_dir / "last.safetensors", best_path if best_path and best_path.exists() else None,
                        history, is_main=ctx.is_main)
@@ -344,7 +348,3 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
         result.test = {"checkpoint": str(result.best or result.last),
                        **evaluate(final, test_loader, bundle.prepare, device, recipe.sd.ensemble, adt)}
     return result
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)

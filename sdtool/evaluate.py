@@ -33,7 +33,9 @@ def collect_logits(model: nn.Module, loader, prepare: Callable, device: torch.de
         outs.append([z.float().cpu() for z in logits])
         ys.append(y.cpu())
     if not outs:
-        raise ValueError("empty evaluation split")
+        from sdtool.errors import SdtoolError
+
+        raise SdtoolError("the evaluation split is empty; check data.limit_test, data.val_size and the data files")
     return [torch.cat(z) for z in zip(*outs)], torch.cat(ys)
 
 
@@ -94,24 +96,32 @@ def data_for_checkpoint(meta: dict, data: str | None = None, overrides: list[str
     return from_dict(apply_overrides(raw, overrides or [])).data
 
 
-def eval_checkpoint(path: str, data: str | None = None, overrides: list[str] | None = None,
-                    split: str = "test", device: str = "auto", batch_size: int | None = None) -> dict:
-    """`sdtool eval`: per-exit and ensemble accuracy of a checkpoint on a split of its data set."""
-    from sdtool.checkpoint import load
+def bundle_for_checkpoint(path, meta: dict, cfg, split: str):
+    """Build `cfg`'s data for evaluating the checkpoint at `path`; refuse a class-count mismatch and a
+    missing validation split when `split` is val."""
     from sdtool.data import build_data
-    from sdtool.device import resolve_device
     from sdtool.errors import SdtoolError
 
-    dev = resolve_device(device)
-    model, meta = load(path, dev)
-    cfg = data_for_checkpoint(meta, data, overrides)
-    bundle = build_data(cfg, train=split == "val")
+    bundle = build_data(cfg, train=False)
     if bundle.num_classes != meta["num_classes"]:
         raise SdtoolError(f"{path} predicts {meta['num_classes']} classes but data set {cfg.name} has "
                           f"{bundle.num_classes}; evaluate it on a matching data set")
     if split == "val" and bundle.val is None:
-        raise SdtoolError("this data set configuration has no validation split; set data.val_size "
+        raise SdtoolError("this data configuration has no validation split; set data.val_size "
                           "(e.g. --set data.val_size=0.1) or use --split test")
+    return bundle
+
+
+def eval_checkpoint(path: str, data: str | None = None, overrides: list[str] | None = None,
+                    split: str = "test", device: str = "auto", batch_size: int | None = None) -> dict:
+    """`sdtool eval`: per-exit and ensemble accuracy of a checkpoint on a split of its data set."""
+    from sdtool.checkpoint import load
+    from sdtool.device import resolve_device
+
+    dev = resolve_device(device)
+    model, meta = load(path, dev)
+    cfg = data_for_checkpoint(meta, data, overrides)
+    bundle = bundle_for_checkpoint(path, meta, cfg, split)
     loader = bundle.loader(split, batch_size or cfg.eval_batch_size, shuffle=False, seed=0, workers=cfg.workers)
     rep = evaluate(model, loader, bundle.prepare, dev, meta.get("ensemble", "logits"))
     return {"checkpoint": str(path), "split": split, "data": cfg.name, **rep}

@@ -64,12 +64,13 @@ def _embedded_meta(meta: dict, exit: int | None, num_exits: int) -> dict:
             "input": meta.get("input"), "layout": "NCHW float32, normalized: (pixel/255 - mean) / std"}
 
 
-def _save_pt2(wrapper: nn.Module, x: torch.Tensor, out: Path, extra: dict) -> None:
+def _save_pt2(wrapper: nn.Module, x: torch.Tensor, out: Path, extra: dict):
     batch = torch.export.Dim("batch", min=1, max=65536)
     ep = torch.export.export(wrapper, (x,), dynamic_shapes=({0: batch},))
     buf = io.BytesIO()
     torch.export.save(ep, buf, extra_files={"sdtool.json": json.dumps(extra)})
     checkpoint.atomic_write_bytes(out, buf.getvalue())
+    return ep
 
 
 def _save_onnx(wrapper: nn.Module, x: torch.Tensor, out: Path, extra: dict) -> None:
@@ -89,15 +90,19 @@ def _save_onnx(wrapper: nn.Module, x: torch.Tensor, out: Path, extra: dict) -> N
     checkpoint.atomic_write_bytes(out, proto.SerializeToString())
 
 
-def _check(fmt: str, out: Path, wrapper: nn.Module, size: int) -> dict:
-    """Run the written file on random inputs and compare with the PyTorch model."""
+def _check(fmt: str, out: Path, wrapper: nn.Module, size: int, program=None) -> dict:
+    """Run the export on random inputs and compare with the PyTorch model.
+
+    pt2 is checked through the exported program that was serialised, not by reading the archive back:
+    `torch.export.load` unpickles, and sdtool never unpickles a file.
+    """
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = _outputs(wrapper(x))
         if fmt == "safetensors":
             got, runtime = _outputs(LogitsOnly(checkpoint.load(out)[0])(x)), "sdtool (safetensors)"
         elif fmt == "pt2":
-            got, runtime = _outputs(torch.export.load(str(out)).module()(x)), "torch.export.load"
+            got, runtime = _outputs(program.module()(x)), "torch.export (the serialised program)"
         else:
             import onnxruntime as ort
 
@@ -131,6 +136,7 @@ def export(path: str, out: str, fmt: str = "safetensors", exit: int | None = Non
     outp.parent.mkdir(parents=True, exist_ok=True)
     size = int((meta.get("input") or {}).get("size") or 32)
     wrapper = LogitsOnly(model).eval()
+    program = None
     if fmt == "safetensors":
         new = {k: v for k, v in meta.items() if k not in ("format_version", "sdtool_version", "model", "shapes")}
         if exit is not None:  # thresholds and metrics describe the multi-exit net, not this exit
@@ -144,7 +150,7 @@ def export(path: str, out: str, fmt: str = "safetensors", exit: int | None = Non
         extra = _embedded_meta({**meta, "model": getattr(model, "spec", meta["model"])}, exit, model.num_exits)
         x = torch.randn(2, 3, size, size)
         try:
-            (_save_pt2 if fmt == "pt2" else _save_onnx)(wrapper, x, outp, extra)
+            program = (_save_pt2 if fmt == "pt2" else _save_onnx)(wrapper, x, outp, extra)
         except SdtoolError:
             raise
         except Exception as e:  # noqa: BLE001 - an exporter failure is a limitation to report in one line
@@ -154,5 +160,5 @@ def export(path: str, out: str, fmt: str = "safetensors", exit: int | None = Non
     rep = {"checkpoint": str(path), "out": str(outp), "format": fmt, "exit": exit, "exits": model.num_exits,
            "source_exits": k_all, "model": getattr(model, "spec", meta["model"]),
            "parameters": sum(p.numel() for p in model.parameters()), "file_size": outp.stat().st_size,
-           "input": meta.get("input"), "check": _check(fmt, outp, wrapper, size) if check else None}
+           "input": meta.get("input"), "check": _check(fmt, outp, wrapper, size, program) if check else None}
     return rep

@@ -104,7 +104,7 @@ class SelfDistillLoss(nn.Module):
     plain:            L = CE(z_K, y)       (a single-exit model; only the deepest logits are used).
 
     Hard CE terms use `label_smoothing`; soft terms never do. `forward` returns (L, parts) where
-    parts are the weighted terms as floats and sum to L: ce_deepest, and per mode ce_shallow
+    parts are the weighted terms as detached 0-dim tensors and sum to L: ce_deepest, and per mode ce_shallow
     ((1-alpha)*sum CE in self_distill, sum CE in deep_supervision), kd (alpha*sum softCE), hint.
     """
 
@@ -143,7 +143,7 @@ class SelfDistillLoss(nn.Module):
         return F.cross_entropy(z.float(), y, label_smoothing=self.label_smoothing)
 
     def forward(self, logits: list[Tensor], features: list[Tensor], target: Tensor
-                ) -> tuple[Tensor, dict[str, float]]:
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         K = len(self.feature_dims)
         zK = logits[-1]
         if self.mode == "plain":
@@ -176,9 +176,8 @@ class SelfDistillLoss(nn.Module):
                         adapted = self.adapters[str(i)](features[i - 1]).float()
                         parts["hint"] = parts["hint"] + self.beta * torch.dist(adapted, fK)
         total = sum(parts.values())
-        # One device sync for all the logged numbers instead of one `.item()` per part.
-        values = torch.stack([p.detach().float() for p in parts.values()]).tolist()
-        return total, dict(zip(parts, values))
+        # Detached 0-dim tensors, not floats: reading a value would wait for the GPU on every step.
+        return total, {k: v.detach().float() for k, v in parts.items()}
 
 
 class KDLoss(nn.Module):

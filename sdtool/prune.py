@@ -403,8 +403,8 @@ def prune_checkpoint(path: str | Path, out: str | Path, opts: PruneOptions, eval
     acc_after = ev(pruned) if ev else None
 
     metrics = {"before": _brief(before, acc_before), "after": _brief(after, acc_after),
-               "macs_fraction": info["macs_fraction"], "params_fraction": after["parameters"] / before["parameters"],
-               "seconds": seconds}
+               "macs_fraction": round(info["macs_fraction"], 4),
+               "params_fraction": round(after["parameters"] / before["parameters"], 4), "seconds": round(seconds, 2)}
     options = asdict(opts)
     entry = checkpoint.lineage_entry("prune", None, path, started, metrics, options=options,
                                      ratio_used=info["ratio"], argv=sys.argv[1:])
@@ -414,7 +414,7 @@ def prune_checkpoint(path: str | Path, out: str | Path, opts: PruneOptions, eval
     checkpoint.save(out, pruned, new_meta)
     return {"checkpoint": str(path), "out": str(out), "sha256": checkpoint.sha256(out), "options": options,
             "ratio": info["ratio"], "macs_fraction": info["macs_fraction"],
-            "params_fraction": metrics["params_fraction"], "seconds": seconds, "search": info["search"],
+            "params_fraction": after["parameters"] / before["parameters"], "seconds": seconds, "search": info["search"],
             "before": before, "after": after,
             "accuracy": {"split": "test", "data": ev.data, "before": acc_before, "after": acc_after} if ev else None,
             "pruned_modules": len(checkpoint.read_meta(out).get("shapes") or {})}

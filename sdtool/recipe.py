@@ -150,7 +150,7 @@ class PruneConfig:
     global_pruning: bool = _f(False, "Rank channels across layers instead of per layer.")
     iterative_steps: int = _f(1, "Prune in this many steps.")
     round_to: Optional[int] = _f(None, "Keep channel counts multiples of this.")
-    protect_exits: bool = _f(True, "Classifiers keep their output size.")
+    protect_exits: bool = _f(True, "Keep the shallow exits' own widths (heads, attention); classifiers always keep their outputs.")
     finetune_epochs: int = _f(10, "Fine-tuning epochs after pruning (pipeline recipes).")
 
 
@@ -277,6 +277,29 @@ def _check_values(r: Recipe) -> None:
         (r.prune.target_macs is None or 0 < r.prune.target_macs < 1, "prune.target_macs must be in (0, 1)"),
         (r.data.val_size < 1 or float(r.data.val_size).is_integer(),
          "data.val_size must be a fraction below 1 or a whole count"),
+        (r.data.eval_batch_size >= 1, "data.eval_batch_size must be at least 1"),
+        (r.data.workers >= 0, "data.workers must be >= 0"),
+        (r.data.input_size is None or r.data.input_size >= 1, "data.input_size must be at least 1"),
+        (r.data.fake_size >= 1, "data.fake_size must be at least 1"),
+        (r.data.limit_train is None or r.data.limit_train >= 1, "data.limit_train must be at least 1"),
+        (r.data.limit_test is None or r.data.limit_test >= 1, "data.limit_test must be at least 1"),
+        (r.train.eval_every >= 1, "train.eval_every must be at least 1"),
+        (r.train.limit_batches is None or r.train.limit_batches >= 1, "train.limit_batches must be at least 1"),
+        (r.train.warmup_epochs >= 0, "train.warmup_epochs must be >= 0"),
+        (r.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (0 <= r.train.momentum < 1, "train.momentum must be in [0, 1)"),
+        (r.train.gamma > 0, "train.gamma must be positive"),
+        (r.train.grad_clip is None or r.train.grad_clip > 0, "train.grad_clip must be positive"),
+        (r.train.threads is None or r.train.threads >= 1, "train.threads must be at least 1"),
+        (r.train.milestones is None or list(r.train.milestones) == sorted(set(r.train.milestones)),
+         "train.milestones must be increasing epochs"),
+        (r.distill.temperature > 0, "distill.temperature must be positive"),
+        (r.distill.alpha >= 0, "distill.alpha must be >= 0"),
+        (r.prune.iterative_steps >= 1, "prune.iterative_steps must be at least 1"),
+        (r.prune.round_to is None or r.prune.round_to >= 1, "prune.round_to must be at least 1"),
+        (r.prune.finetune_epochs >= 0, "prune.finetune_epochs must be >= 0"),
+        (r.eval.max_drop is None or r.eval.max_drop >= 0, "eval.max_drop must be >= 0 (percentage points)"),
+        (r.eval.budget is None or r.eval.budget > 0, "eval.budget must be a positive fraction of the reference cost"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -92,6 +92,17 @@ def save_state(run_dir: Path, model, optimizer, loss_module, scaler, rng: dict[s
     save_tensors(run_dir / STATE_FILE, tensors, meta)
 
 
+def read_scalars(run_dir: Path) -> dict:
+    """The scalar state (epoch, step, world size, ...) without touching any tensor."""
+    path = run_dir / STATE_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("sdtool", "{}"))["scalars"]
+    except Exception:  # noqa: BLE001 - any unreadable state is the same problem for the user
+        raise SdtoolError(f"{path} is unreadable (damaged?); the run cannot be resumed exactly, "
+                          f"start it again or use --init {run_dir / 'last.safetensors'}") from None
+
+
 def load_state(run_dir: Path, model, optimizer, loss_module, scaler, rank: int = 0, extra=None) -> dict:
     """Restore model, optimizer, loss modules, scaler and RNG; returns the scalar state (epoch, step, ...)."""
     path = run_dir / STATE_FILE

@@ -24,14 +24,6 @@ TINY = {  # arguments that make a network small enough for a CPU test (and valid
 PRUNE_UNSUPPORTED = {"shufflenet_v2_x1_0"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and idle threads spinning on a busy machine cost a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(name):
     if name == "truncated":  # one exit of another model, standing alone

@@ -125,6 +125,20 @@ def test_tensors_that_do_not_fit_the_spec(tmp_path, model):
     _bad(p, "missing classifiers.3.weight")
 
 
+def test_write_to_a_folder_is_one_line(tmp_path, model):
+    with pytest.raises(SdtoolError, match="is a folder"):
+        checkpoint.save(tmp_path, model, META)
+
+
+def test_unrecordable_structure_is_refused_before_writing(tmp_path, model):
+    """A structural change the format cannot express (here: a module swapped for another type) is caught
+    by rebuilding the recorded structure before anything is written."""
+    model.heads[0][0] = torch.nn.Conv2d(4, 8, 3)
+    with pytest.raises(SdtoolError, match="nothing was written"):
+        checkpoint.save(tmp_path / "x.safetensors", model, META)
+    assert not list(tmp_path.iterdir())
+
+
 def test_missing_file(tmp_path):
     _bad(tmp_path / "nope.safetensors", "not found")
 
@@ -137,7 +151,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(SdtoolError, match="cannot write .*a.bin: disk full"):
         checkpoint.atomic_write_bytes(target, b"new" * 1000)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]  # the temporary file was removed

@@ -60,6 +60,7 @@ def test_train_eval_inspect_json(tmp_path):
     (["train", "recipes/quickstart.yaml", "--set", "model.name=resnet81"], "error: unknown model 'resnet81'"),
     (["eval", "README.md"], "error: README.md is not a readable safetensors file"),
     (["eval", "nope.safetensors"], "error: checkpoint nope.safetensors not found"),
+    (["train", "recipes/quickstart.yaml", "--resume", "runs/x"], "error: --resume continues a run exactly"),
 ])
 def test_user_errors_are_one_line_exit_1(args, message):
     r = sdtool(*args)

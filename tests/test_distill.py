@@ -17,14 +17,6 @@ from sdtool.recipe import DistillConfig, from_dict
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and idle threads spinning on a busy machine cost a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def bundle(classes=10, size=32, mean=MEAN, std=STD):
     return SimpleNamespace(num_classes=classes, input_size=size, mean=tuple(mean), std=tuple(std))

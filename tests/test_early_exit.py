@@ -19,15 +19,6 @@ from sdtool.profile import exit_costs
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these tests check values, and tiny ops on a busy 2-core machine slow down by
-    orders of magnitude when two threads contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def net():

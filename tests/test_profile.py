@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 import yaml
 from ckpt_factory import make_ckpt
 from typer.testing import CliRunner
@@ -15,15 +14,6 @@ from sdtool.profile import exit_costs
 
 runner = CliRunner()
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these tests check values, and tiny ops on a busy 2-core machine slow down by
-    orders of magnitude when two threads contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_parity_resnet18_cifar100_byot_attention():

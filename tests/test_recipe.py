@@ -39,6 +39,10 @@ def test_ints_are_accepted_for_floats():
     ({"data": {"val_size": 10.5}}, "whole count"),
     ({"sd": {"hint_exits": [1, "x"]}}, r"sd.hint_exits\[1\]: expected an integer"),
     ({"data": "cifar"}, "data: expected a mapping"),
+    ({"train": {"eval_every": 0}}, "train.eval_every must be at least 1"),
+    ({"train": {"milestones": [20, 10]}}, "train.milestones must be increasing"),
+    ({"data": {"workers": -1}}, "data.workers must be >= 0"),
+    ({"eval": {"budget": 0}}, "eval.budget must be a positive fraction"),
 ])
 def test_errors_name_the_key(data, match):
     with pytest.raises(SdtoolError, match=match) as e:

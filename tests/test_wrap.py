@@ -11,14 +11,6 @@ from sdtool.models.registry import _REGISTRY
 from sdtool.models.wrap import wrap_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and idle threads spinning on a busy machine cost a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class UserNet(nn.Module):
     """A user's own CNN: functional residual add and pooling in forward(), a Linear classifier."""

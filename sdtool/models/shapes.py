@@ -19,7 +19,7 @@ def _shape_of(m: nn.Module) -> dict | None:
     if isinstance(m, nn.Conv2d):
         return {"type": "conv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
                 "groups": m.groups}
-    if isinstance(m, nn.BatchNorm2d):
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):  # SyncBatchNorm too
         return {"type": "batchnorm2d", "num_features": m.num_features}
     if isinstance(m, nn.Linear):
         return {"type": "linear", "in_features": m.in_features, "out_features": m.out_features}
