@@ -188,11 +188,14 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
 
 
 def lineage_entry(command: str, recipe: dict | None, parent: str | Path | None, started: str,
-                  metrics: dict | None = None, **extra: Any) -> dict[str, Any]:
-    """One step of a checkpoint's history: command, resolved recipe, parent hash, times, metrics."""
+                  metrics: dict | None = None, parent_sha256: str | None = None, **extra: Any) -> dict[str, Any]:
+    """One step of a checkpoint's history: command, resolved recipe, parent hash, times, metrics.
+
+    `parent_sha256` may be given when it was computed earlier (a run hashes its parent once, at its start).
+    """
     entry = {"command": command, "sdtool_version": __version__, "recipe": recipe,
              "parent": str(parent) if parent else None,
-             "parent_sha256": sha256(parent) if parent else None,
+             "parent_sha256": parent_sha256 or (sha256(parent) if parent else None),
              "started": started, "ended": now(), "metrics": metrics or {}}
     entry.update(extra)
     return entry

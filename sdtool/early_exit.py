@@ -22,6 +22,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -239,6 +240,8 @@ def eval_early_exit(path: str, data: str | None = None, overrides: list[str] | N
     if not fit and (max_drop is not None or budget is not None or sweep_out or out):
         raise SdtoolError("--max-drop, --budget, --sweep-out and --out belong to threshold fitting; "
                           "add --fit-thresholds")
+    if out and Path(out).resolve() == Path(path).resolve():
+        raise SdtoolError(f"--out {out} is the checkpoint being evaluated; write the fitted one to a new path")
     if max_drop is not None and budget is not None:
         raise SdtoolError("give either --max-drop D or --budget F, not both")
     if fit and budget is None and max_drop is None:

@@ -214,6 +214,9 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
     # Reading a value from the GPU waits for it; on CUDA read the running sums every few steps only.
     sync_every = 1 if device.type == "cpu" else 25
 
+    # The parent is hashed once, when the run starts; a resumed run keeps that hash (the file may have moved).
+    run_info = json.loads((run_dir / "run.json").read_text()) if resuming and (run_dir / "run.json").is_file() else {}
+    parent_sha = run_info.get("init_sha256") or (checkpoint.sha256(init) if init else None)
     start_epoch, step, best_top1 = 0, 0, -math.inf
     started = checkpoint.now()
     if resuming:
@@ -234,7 +237,7 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
     elif ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RECIPE_FILE).write_text(dump_yaml(recipe))
-        (run_dir / "run.json").write_text(json.dumps({"init": init, "command": command}))
+        (run_dir / "run.json").write_text(json.dumps({"init": init, "init_sha256": parent_sha, "command": command}))
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     base_meta = {
@@ -249,7 +252,7 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
     parent_lineage = (parent_meta or {}).get("lineage", [])
 
     def save_ckpt(path: Path, metrics: dict) -> None:
-        entry = checkpoint.lineage_entry(command, recipe.to_dict(), init, started, metrics,
+        entry = checkpoint.lineage_entry(command, recipe.to_dict(), init, started, metrics, parent_sha256=parent_sha,
                                          argv=sys.argv[1:], world_size=ctx.world_size, **(lineage_extra or {}))
         checkpoint.save(path, model, {**base_meta, "metrics": metrics, "lineage": parent_lineage + [entry]})
 

@@ -103,6 +103,14 @@ def bundle_for_checkpoint(path, meta: dict, cfg, split: str):
     from sdtool.errors import SdtoolError
 
     bundle = build_data(cfg, train=False)
+    spec = meta.get("input") or {}
+    if spec.get("size") and bundle.input_size != spec["size"]:
+        raise SdtoolError(f"{path} takes {spec['size']}x{spec['size']} inputs but data set {cfg.name} gives "
+                          f"{bundle.input_size}x{bundle.input_size}; pass --set data.input_size={spec['size']}")
+    if spec.get("mean") and spec.get("std") and bundle.in_memory:
+        # The network expects the normalisation it was trained with, whatever the data set's default.
+        bundle.mean, bundle.std = tuple(spec["mean"]), tuple(spec["std"])
+        bundle._stats.clear()
     if bundle.num_classes != meta["num_classes"]:
         raise SdtoolError(f"{path} predicts {meta['num_classes']} classes but data set {cfg.name} has "
                           f"{bundle.num_classes}; evaluate it on a matching data set")

@@ -48,6 +48,11 @@ def run_pipeline(recipe: Recipe, out: str | Path, recipe_path: str | None = None
     from sdtool.engine import fit
     from sdtool.prune import PruneOptions, prune_checkpoint
 
+    from sdtool.distributed import from_env
+
+    if from_env().enabled:
+        raise SdtoolError("sdtool pipeline runs in one process; for several GPUs run its steps as commands "
+                          "(torchrun ... sdtool train, then sdtool prune, sdtool train --init ...)")
     log = report.make_logger(quiet)
     out = Path(out)
     p, ev = recipe.prune, recipe.eval
