@@ -204,9 +204,12 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
 
     n_val = len(bundle.val) if bundle.val is not None else 0
     pin = device.type == "cuda"
+    # A final batch of one sample breaks batch norm in training mode: drop it (each process sees its
+    # own shard, padded to equal size by the DistributedSampler).
+    shard = -(-len(bundle.train) // ctx.world_size)
     train_loader = bundle.loader("train", recipe.data.batch_size, shuffle=True, seed=t.seed,
                                  workers=recipe.data.workers, distributed=ctx.enabled,
-                                 drop_last=len(bundle.train) % recipe.data.batch_size == 1, pin_memory=pin)
+                                 drop_last=shard % recipe.data.batch_size == 1, pin_memory=pin)
     eval_split = "val" if n_val else "test"
     eval_loader = bundle.loader(eval_split, recipe.data.eval_batch_size, shuffle=False, seed=0,
                                 workers=recipe.data.workers, pin_memory=pin)
