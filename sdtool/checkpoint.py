@@ -201,6 +201,16 @@ def lineage_entry(command: str, recipe: dict | None, parent: str | Path | None, 
     return entry
 
 
+def input_size(meta: dict[str, Any]) -> int:
+    """The square input side the checkpoint's network expects (32 when the file does not say)."""
+    return int((meta.get("input") or {}).get("size") or 32)
+
+
+def derived_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """Metadata a checkpoint derived from this one carries over; `save` fills in version, spec and shapes."""
+    return {k: v for k, v in meta.items() if k not in ("format_version", "sdtool_version", "model", "shapes")}
+
+
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """`sdtool inspect`: the metadata, parameter count, exits and file size (tensors are validated too)."""
     model, meta = load(path)

@@ -30,6 +30,7 @@ from torch import nn
 
 from sdtool.errors import SdtoolError
 from sdtool.losses import ensemble_logits
+from sdtool.profile import sync as _sync
 
 POLICIES = ("max_softmax", "entropy")
 FALLBACKS = ("deepest", "ensemble")
@@ -137,11 +138,6 @@ def early_exit_forward(model: nn.Module, x: torch.Tensor, policy: ExitPolicy) ->
 
 SEARCH_NOTE = ("per-exit thresholds from confidence percentiles, coordinate descent from two starts "
                "(deepest exit alone; best shared threshold)")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _timed(fn, device: torch.device):
@@ -303,7 +299,7 @@ def eval_early_exit(path: str, data: str | None = None, overrides: list[str] | N
     rep = _report(path, split, cfg.name, model.num_exits, pol, costs, run, b1, bs, dev)
     rep.update(fit=fit_rep, sweep=sweep_rep, warnings=warnings, written=None)
     if out:
-        new_meta = {k: v for k, v in meta.items() if k not in ("format_version", "sdtool_version", "model", "shapes")}
+        new_meta = checkpoint.derived_meta(meta)
         new_meta["thresholds"] = pol.to_meta(fit_rep)
         keys = ("top1", "deepest_top1", "expected_macs", "macs_speedup")
         metrics = {"early_exit": {"fit (val)": {k: fit_rep[k] for k in keys}, split: {k: rep[k] for k in keys}}}

@@ -134,11 +134,11 @@ def export(path: str, out: str, fmt: str = "safetensors", exit: int | None = Non
     if outp.resolve() == Path(path).resolve():
         raise SdtoolError(f"--out {out} is the checkpoint being exported; choose another path")
     outp.parent.mkdir(parents=True, exist_ok=True)
-    size = int((meta.get("input") or {}).get("size") or 32)
+    size = checkpoint.input_size(meta)
     wrapper = LogitsOnly(model).eval()
     program = None
     if fmt == "safetensors":
-        new = {k: v for k, v in meta.items() if k not in ("format_version", "sdtool_version", "model", "shapes")}
+        new = checkpoint.derived_meta(meta)
         if exit is not None:  # thresholds and metrics describe the multi-exit net, not this exit
             new.pop("thresholds", None)
             new["metrics"] = {}

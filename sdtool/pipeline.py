@@ -26,7 +26,7 @@ def _costs(path: Path) -> dict:
     from sdtool.profile import exit_costs
 
     model, meta = checkpoint.load(path)
-    size = int((meta.get("input") or {}).get("size") or 32)
+    size = checkpoint.input_size(meta)
     return exit_costs(model, (size, size))["full"]
 
 

@@ -109,7 +109,8 @@ def exit_costs(model: nn.Module, input_size: tuple[int, int]) -> dict:
             "macs_counter": MACS_NOTE}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer measures it (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -119,12 +120,12 @@ def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, 
     """Median wall-clock seconds of `fn()` over `repeats` runs after `warmup` untimed ones (synchronised on CUDA)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -214,10 +215,10 @@ def profile(target: str, input_size: tuple[int, int] | None = None, batch: int =
     else:
         if overrides:
             raise SdtoolError("--set applies to recipes only; a checkpoint's model is fixed")
-        from sdtool.checkpoint import load
+        from sdtool.checkpoint import input_size as recorded_size, load
 
         model, meta = load(target)
-        side = (meta.get("input") or {}).get("size") or 32
+        side = recorded_size(meta)
         source = {"kind": "checkpoint", "num_classes_from": "checkpoint"}
     size = tuple(input_size) if input_size else (side, side)
     if min(size) < 1:

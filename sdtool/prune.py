@@ -374,7 +374,7 @@ def prune_checkpoint(path: str | Path, out: str | Path, opts: PruneOptions, eval
     if not hasattr(model, "classifiers"):
         raise SdtoolError(f"{path} does not hold a multi-exit sdtool model; sdtool prune needs one")
     started = checkpoint.now()
-    size = int((meta.get("input") or {}).get("size") or 32)
+    size = checkpoint.input_size(meta)
 
     batches, ev = None, None
     if opts.criterion == "taylor" or evaluate:
@@ -408,7 +408,7 @@ def prune_checkpoint(path: str | Path, out: str | Path, opts: PruneOptions, eval
     options = asdict(opts)
     entry = checkpoint.lineage_entry("prune", None, path, started, metrics, options=options,
                                      ratio_used=info["ratio"], argv=sys.argv[1:])
-    new_meta = {k: v for k, v in meta.items() if k not in ("format_version", "sdtool_version", "model", "shapes")}
+    new_meta = checkpoint.derived_meta(meta)
     new_meta.update(metrics=metrics, lineage=list(meta.get("lineage") or []) + [entry],
                     thresholds=None)  # early-exit thresholds were fitted on the unpruned model
     checkpoint.save(out, pruned, new_meta)
