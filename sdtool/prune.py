@@ -37,6 +37,7 @@ import torch_pruning as tp
 from torch import nn
 
 from sdtool.errors import SdtoolError
+from sdtool.models.mobile import ChannelShuffle
 
 CRITERIA = ("l1", "l2", "taylor", "bn_scale", "fpgm", "lamp", "random")
 TOLERANCE = 0.02  # target_macs: relative distance to the target that counts as reached
@@ -45,6 +46,33 @@ TOLERANCE = 0.02  # target_macs: relative distance to the target that counts as 
 COLLAPSE = 0.05
 EXIT_PREFIXES = ("attention.", "heads.")  # modules of the shallow exit branches
 _ROOTS = (nn.Conv2d, nn.Linear)
+
+
+class _FixedWidth(tp.pruner.function.BasePruningFunc):
+    """Pruner for a fixed channel permutation (ShuffleNet's `ChannelShuffle`).
+
+    Separate in- and out-channel functions make it a boundary in the dependency graph, like a
+    convolution, instead of something channels are mapped through. `_plan` keeps every group that
+    reaches it unpruned, so these functions are never asked to remove a channel.
+    """
+
+    TARGET_MODULES = (ChannelShuffle,)
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        if len(idxs):
+            raise AssertionError("a channel shuffle's widths are fixed")
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        return self.prune_out_channels(layer, idxs)
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.channels
+
+    get_in_channels = get_out_channels
+
+
+_CUSTOM = {ChannelShuffle: _FixedWidth()}
 
 
 @dataclass
@@ -135,7 +163,8 @@ def _plan(model: nn.Module, example: torch.Tensor, opts: PruneOptions) -> tuple[
     """
     ignored: list[nn.Module] = list(model.classifiers)
     try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, output_transform=_logits)
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, output_transform=_logits,
+                                                   customized_pruners=_CUSTOM)
     except Exception as e:  # e.g. a channel shuffle (view + transpose) that the graph cannot map
         name = getattr(model, "spec", {}).get("name", type(model).__name__)
         raise SdtoolError(f"Torch-Pruning cannot trace the channel dependencies of {name} "
@@ -147,6 +176,9 @@ def _plan(model: nn.Module, example: torch.Tensor, opts: PruneOptions) -> tuple[
     for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=_ROOTS):
         outs = [dep.target.module for dep, _ in group
                 if dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names]
+        if any(isinstance(dep.target.module, ChannelShuffle) for dep, _ in group):
+            ignored.extend(outs)
+            continue
         if opts.protect_exits and outs and all(names[m].startswith(EXIT_PREFIXES) for m in outs):
             ignored.extend(outs)
             continue
@@ -215,7 +247,8 @@ def prune_once(model: nn.Module, example: torch.Tensor, opts: PruneOptions, rati
         pruner = tp.pruner.BasePruner(
             model, example, importance=_TieBreak(make_importance(opts.criterion)), pruning_ratio=ratio,
             global_pruning=opts.global_pruning, iterative_steps=opts.iterative_steps,
-            ignored_layers=[modules[n] for n in ignored], round_to=opts.round_to, output_transform=_logits)
+            ignored_layers=[modules[n] for n in ignored], round_to=opts.round_to, output_transform=_logits,
+            customized_pruners=_CUSTOM)
         for step in range(opts.iterative_steps):
             if opts.criterion == "taylor" and step == 0 and grads is not None:
                 for n, p in model.named_parameters():  # the unpruned network's, computed once

@@ -20,9 +20,6 @@ TINY = {  # arguments that make a network small enough for a CPU test (and valid
     "resnet8x4": {"width": 8}, "resnet32x4": {"width": 8},
     "torchvision_wrapped": {"arch": "resnet18", "exits_after": ["layer1", "layer2", "layer3"]},
 }
-# Torch-Pruning (1.6) cannot follow channel_shuffle's 5-D view; `sdtool prune` refuses with one line.
-PRUNE_UNSUPPORTED = {"shufflenet_v2_x1_0"}
-
 
 
 def tiny(name):
@@ -63,10 +60,6 @@ def test_backbone_trains_profiles_prunes_and_reloads(name, tmp_path):
     assert [e["stages_macs"] for e in costs["exits"]] == sorted(e["stages_macs"] for e in costs["exits"])
 
     prune = pytest.importorskip("sdtool.prune")
-    if name in PRUNE_UNSUPPORTED:
-        with pytest.raises(SdtoolError, match="does not support this architecture"):
-            prune.prune_model(model, prune.PruneOptions(ratio=0.3), 32)
-        return
     pruned, info = prune.prune_model(model, prune.PruneOptions(ratio=0.3), 32)
     assert n_params(pruned) < 0.9 * n_params(model)
     assert info["macs_fraction"] < 0.9
@@ -110,6 +103,36 @@ def test_imagenet_stems_are_torchvision_layouts():
     m.load_state_dict(state)
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(m(x)[0][-1], ref(x))
+
+
+def test_shufflenet_imagenet_stem_is_torchvision_with_a_prunable_shuffle():
+    """shufflenet_v2_x1_0 (stem=imagenet) loads torchvision's weights and gives its logits, although its
+    channel shuffle is a gather module; pruning then keeps every block's input and output width (the
+    shuffle interleaves them) and narrows the stem, the right branches' inner width and conv5."""
+    import torchvision
+    from sdtool.prune import PruneOptions, prune_model
+
+    torch.manual_seed(0)
+    ref = torchvision.models.shufflenet_v2_x1_0(num_classes=10).eval()
+    m = create_model("shufflenet_v2_x1_0", num_classes=10, stem="imagenet", exits=[], attention=False).eval()
+    places = [("conv1", None), *((f"stage2.{i}", f"0.{2 + i}") for i in range(4)),  # 0.1 is the max-pool
+              *((f"stage3.{i}", f"{1 + i // 4}.{i % 4}") for i in range(8)),  # stage3 is cut in two
+              *((f"stage4.{i}", f"3.{i}") for i in range(4)), ("conv5", "3.4")]
+    state = {f"stages.{dst or '0.0'}.{k}": v for src, dst in places
+             for k, v in ref.get_submodule(src).state_dict().items()}
+    state.update({"classifiers.0.weight": ref.fc.weight, "classifiers.0.bias": ref.fc.bias})
+    m.load_state_dict(state)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(m(x)[0][-1], ref(x))
+
+    small = tiny("shufflenet_v2_x1_0")
+    pruned, _ = prune_model(small, PruneOptions(ratio=0.5), 32)
+    before, after = dict(small.named_modules()), dict(pruned.named_modules())
+    blocks = [n for n, mod in before.items() if n.endswith(".branch2")]
+    for n in blocks:
+        assert after[n][-3].out_channels == before[n][-3].out_channels  # block output: kept
+        assert after[n][0].out_channels < before[n][0].out_channels  # inner width: pruned
+    assert after["stages.3.4.0"].out_channels < before["stages.3.4.0"].out_channels  # conv5
 
 
 @pytest.mark.parametrize("name,sides", [

@@ -117,3 +117,35 @@ def test_in_place_op_right_after_a_cut_does_not_corrupt_the_exit():
     logits, _ = m(torch.randn(2, 3, 8, 8))
     sum(z.sum() for z in logits).backward()  # would fail if Hardtanh modified stage 1's output in place
     assert not net[3].inplace
+
+
+def test_wrapped_torchvision_shufflenet_prunes_and_reloads(tmp_path, monkeypatch):
+    """torchvision's ShuffleNetV2 blocks get a shuffle module (same outputs), so the wrapped model prunes."""
+    import copy
+
+    import torch_pruning as tp
+    import torchvision
+
+    from sdtool.models.mobile import prunable_shuffles
+    from sdtool.prune import PruneOptions, prune_model
+
+    torch.manual_seed(0)
+    ref = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(prunable_shuffles(copy.deepcopy(ref))(x), ref(x), rtol=0, atol=0)
+
+    m = create_model("torchvision:shufflenet_v2_x0_5", num_classes=10)
+    pruned, info = prune_model(m, PruneOptions(ratio=0.3), 32)
+    assert info["macs_fraction"] < 0.9
+    checkpoint.save(tmp_path / "p.safetensors", pruned, {"num_classes": 10})
+    reloaded, _ = checkpoint.load(tmp_path / "p.safetensors")
+    with torch.no_grad():
+        for a, b in zip(reloaded(x)[0], pruned.eval()(x)[0]):
+            torch.testing.assert_close(a, b)
+
+    def untraceable(*args, **kwargs):
+        raise ZeroDivisionError("integer division or modulo by zero")
+
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", untraceable)
+    with pytest.raises(SdtoolError, match="cannot trace the channel dependencies of torchvision_wrapped"):
+        prune_model(m, PruneOptions(ratio=0.3), 32)

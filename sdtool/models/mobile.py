@@ -16,13 +16,18 @@ Exits (4), at resolution changes:
   shufflenet:    stage 1 = conv1 (+ maxpool) + stage2 (116 ch), stage 2 = stage3[:4], stage 3 = stage3[4:]
                  (232 ch, the same resolution: the byot head's SepConv there has stride 1),
                  stage 4 = stage4 + conv5 (1024 ch)
+
+The ShuffleNet blocks are torchvision's with one change that leaves outputs and weights identical:
+the channel shuffle is a module (`ChannelShuffle`) doing one gather instead of view/transpose/view,
+so that the pruner can see it as a single fixed permutation (see sdtool/prune.py).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual as MBBlock
-from torchvision.models.shufflenetv2 import InvertedResidual as ShuffleBlock
+from torchvision.models.shufflenetv2 import InvertedResidual
 from torchvision.ops.misc import Conv2dNormActivation
 from torchvision.models._utils import _make_divisible
 
@@ -58,6 +63,53 @@ def mobilenet_v2(num_classes: int = 100, stem: str = "cifar", width_mult: float 
     strides = [1, 2, 2, 2] if cifar else [4, 2, 2, 2]
     names = [f"features[{a}:{b}]" for a, b in zip(cuts, cuts[1:])]
     return multi_exit(stages, widths, strides, names, num_classes, head, attention, exits)
+
+
+class ChannelShuffle(nn.Module):
+    """torchvision's `channel_shuffle(x, groups)` as one `index_select`.
+
+    Output channel j is input channel (j % groups) * (C / groups) + j // groups, exactly what the
+    5-D view/transpose/view computes. One gather is one node in an autograd trace, which the pruner
+    can treat as a boundary; the reshapes are not something Torch-Pruning can map channels through.
+    """
+
+    def __init__(self, channels: int, groups: int = 2):
+        super().__init__()
+        self.channels, self.groups = channels, groups  # channels: for the pruner's bookkeeping
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        order = torch.arange(c, device=x.device).view(self.groups, c // self.groups).t().reshape(-1)
+        return x.index_select(1, order)
+
+
+class ShuffleBlock(InvertedResidual):
+    """torchvision's ShuffleNetV2 block (same modules, same state dict) with a `ChannelShuffle` module."""
+
+    def __init__(self, inp: int, oup: int, stride: int):
+        super().__init__(inp, oup, stride)
+        self.shuffle = ChannelShuffle(oup, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return self.shuffle(out)
+
+
+def prunable_shuffles(module: nn.Module) -> nn.Module:
+    """Turn torchvision's ShuffleNetV2 blocks inside `module` into `ShuffleBlock`s, in place.
+
+    Same parameters, buffers and outputs; only the shuffle becomes a module, so that a wrapped
+    `torchvision:shufflenet_v2_*` can be pruned like the built-in backbone.
+    """
+    for m in module.modules():
+        if type(m) is InvertedResidual:
+            m.__class__ = ShuffleBlock
+            m.shuffle = ChannelShuffle(2 * m.branch2[-3].out_channels, 2)
+    return module
 
 
 def _even(x: float) -> int:

@@ -38,6 +38,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from sdtool.errors import SdtoolError
+from sdtool.models.mobile import ChannelShuffle, prunable_shuffles
 from sdtool.models.multi_exit import MultiExitNet
 from sdtool.models.registry import register_model
 
@@ -53,7 +54,8 @@ class _Tracer(fx.Tracer):
         self.keep = keep
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.keep or super().is_leaf_module(m, qualname)
+        # A ChannelShuffle stays one module so that the pruner finds it (see sdtool/prune.py).
+        return qualname in self.keep or isinstance(m, ChannelShuffle) or super().is_leaf_module(m, qualname)
 
 
 def _trace(module: nn.Module, exits_after: list[str]) -> fx.GraphModule:
@@ -266,5 +268,6 @@ def torchvision_wrapped(arch: str, exits_after: list[str] | None = None, num_cla
         module = builder(weights=None, num_classes=num_classes)
     except TypeError as e:
         raise SdtoolError(f"torchvision:{arch} cannot be built with num_classes={num_classes}: {e}") from None
+    prunable_shuffles(module)
     return wrap_model(module, exits_after, num_classes, head, attention, input_size, exits)
 
