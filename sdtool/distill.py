@@ -63,19 +63,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _torchvision_teacher(arch: str, weights: str | None) -> tuple[nn.Module, dict, list[str] | None]:
-    import torchvision
+    from sdtool.models.wrap import torchvision_builder
 
-    if arch not in torchvision.models.list_models():
-        import difflib
-
-        close = difflib.get_close_matches(arch, torchvision.models.list_models(), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise SdtoolError(f"torchvision has no model {arch!r}{hint}; see torchvision.models.list_models()")
+    builder = torchvision_builder(arch)
     if not weights:
         raise SdtoolError(f"teacher torchvision:{arch} needs --teacher-weights PATH (a local .safetensors or "
                           ".pth state dict; sdtool never downloads weights)")
     state = read_state_dict(weights)
-    builder = torchvision.models.get_model_builder(arch)
     with torch.device("meta"):  # find the classifier to read the class count from the weights
         probe = builder(weights=None)
     fc_name = [n for n, m in probe.named_modules() if isinstance(m, nn.Linear)][-1]

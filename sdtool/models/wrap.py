@@ -245,19 +245,24 @@ _DEFAULT_EXITS = {
 }
 
 
+def torchvision_builder(arch: str):
+    """torchvision's builder for `arch`; an unknown name fails with one line (and a close match)."""
+    import torchvision
+
+    try:
+        return torchvision.models.get_model_builder(arch)
+    except ValueError:
+        close = difflib.get_close_matches(arch, torchvision.models.list_models(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise SdtoolError(f"torchvision has no model {arch!r}{hint}; see torchvision.models.list_models()") from None
+
+
 @register_model
 def torchvision_wrapped(arch: str, exits_after: list[str] | None = None, num_classes: int = 1000,
                         head: str = "byot", attention: bool = True, exits: list[int] | None = None,
                         input_size: int = 32):
     """torchvision.models.<arch>(weights=None, num_classes=...) with exits after `exits_after` (wrap_model)."""
-    import torchvision
-
-    try:
-        builder = torchvision.models.get_model_builder(arch)
-    except ValueError:
-        close = difflib.get_close_matches(arch, torchvision.models.list_models(), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise SdtoolError(f"torchvision has no model {arch!r}{hint}; see torchvision.models.list_models()") from None
+    builder = torchvision_builder(arch)
     if exits_after is None:
         family = next((k for k in _DEFAULT_EXITS if arch.startswith(k)), None)
         if family is None:
