@@ -172,3 +172,24 @@ def test_engine_model_args_skip_keys_a_builder_lacks():
     r = load_recipe(None, ["model.name=mobilenet_v2", "model.width_mult=0.5", "sd.mode=plain"])
     assert model_args(r, 10) == {"num_classes": 10, "stem": "cifar", "width_mult": 0.5, "head": "byot",
                                  "attention": False, "exits": []}
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if n not in ("truncated", "torchvision_wrapped")])
+def test_backbones_are_what_wrapping_their_stages_gives(name):
+    """A built-in backbone is a preset of the exits-on-any-model mechanism: wrapping its stages (chained
+    as one plain nn.Sequential, exits after each but the last) finds the same widths and strides by a
+    dry run, so the wrapped network has the same exits, heads and parameter count."""
+    import copy
+
+    from torch import nn
+
+    from sdtool.models.wrap import wrap_model
+
+    model = tiny(name)
+    n = len(model.stages)
+    chain = nn.Sequential(*copy.deepcopy(list(model.stages)))
+    wrapped = wrap_model(chain, [str(i) for i in range(n - 1)], num_classes=10, input_size=32,
+                         exits=[s + 1 for s in model.exit_stages])
+    assert wrapped.strides == model.strides
+    assert wrapped.feature_dims == model.feature_dims
+    assert n_params(wrapped) == n_params(model)
