@@ -169,33 +169,39 @@ def measure_latency(model: nn.Module, input_size: tuple[int, int], batch: int, d
 
 
 def _recipe_model(path: str, overrides: list[str] | None) -> tuple[nn.Module, int, str]:
-    """Model from a recipe's model section: (model, input side, where num_classes came from)."""
+    """Model from a recipe, built as training builds it: (model, input side, where num_classes came from)."""
     from sdtool.engine import model_args
+    from sdtool.models import create_model
     from sdtool.recipe import load_recipe
 
     r = load_recipe(path, overrides)
-    note = "model.num_classes"
-    n = r.model.num_classes
-    if n is None:
-        n, note = _data_classes(r.data)
-    from sdtool.models import create_model
-
-    side = r.data.input_size or (224 if r.model.stem == "imagenet" else 32)
-    return create_model(r.model.name, **model_args(r, n)), side, note
+    classes, side, note = _data_info(r.data)
+    if r.model.num_classes is not None:
+        classes, note = r.model.num_classes, "model.num_classes"
+    if side is None:
+        side = r.data.input_size or (224 if r.model.stem == "imagenet" else 32)
+    return create_model(r.model.name, **model_args(r, classes, side)), side, note
 
 
-def _data_classes(cfg) -> tuple[int, str]:
-    """Class count of the recipe's data set, read from the data when it is at hand; else 10 (the
-    classifier is a tiny part of the cost, and the output says which was used)."""
-    fixed = {"digits": 10, "fake": 10, "cifar10": 10, "cifar100": 100}
-    if cfg.name in fixed:
-        return fixed[cfg.name], f"data set {cfg.name}"
+def _data_info(cfg) -> tuple[int, int | None, str]:
+    """(class count, input side, where the count came from) of the recipe's data set.
+
+    Read from the data when it is at hand (the side a training run would use: digits are upscaled to
+    32, image folders default to 224, npz files have their own); otherwise 10 classes (the classifier
+    is a tiny part of the cost, and the output says which was used) and no side.
+    """
+    import dataclasses
+
+    from sdtool.data import build_data
+
     try:
-        from sdtool.data import build_data
-
-        return build_data(cfg, train=False).num_classes, f"data set {cfg.name}"
+        bundle = build_data(dataclasses.replace(cfg, val_size=0), train=False)
+        return bundle.num_classes, bundle.input_size, f"data set {cfg.name}"
     except SdtoolError:
-        return 10, f"assumed 10 (data set {cfg.name} not readable here; set model.num_classes)"
+        fixed = {"digits": 10, "fake": 10, "cifar10": 10, "cifar100": 100}
+        if cfg.name in fixed:
+            return fixed[cfg.name], None, f"data set {cfg.name}"
+        return 10, None, f"assumed 10 (data set {cfg.name} not readable here; set model.num_classes)"
 
 
 def profile(target: str, input_size: tuple[int, int] | None = None, batch: int = 32, device: str = "cpu",

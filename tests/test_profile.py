@@ -78,6 +78,25 @@ def test_cli_profile_recipe_takes_the_data_sets_classes(tmp_path):
     assert len(plain["exits"]) == 1 and plain["ensemble"] is None
 
 
+def test_cli_profile_recipe_sizes_the_model_as_training_does(tmp_path):
+    """The input side comes from the data as a run would see it (an npz file of 20x20 images), and a
+    wrapped model's exits are placed by a dry run at that side."""
+    import numpy as np
+
+    x = np.random.default_rng(0).integers(0, 255, (12, 20, 20, 3), dtype=np.uint8)
+    np.savez(tmp_path / "train.npz", x=x, y=np.arange(12) % 3)
+    np.savez(tmp_path / "test.npz", x=x[:6], y=np.arange(6) % 3)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name": "torchvision:resnet18", "exits_after": ["layer2", "layer3"]},
+        "data": {"name": "npz", "root": str(tmp_path), "val_size": 0}}))
+    r = runner.invoke(app, ["profile", str(recipe), "--no-latency", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["input_size"] == [20, 20] and rep["num_classes"] == 3
+    assert rep["model"]["args"]["input_size"] == 20
+
+
 def test_cli_profile_bad_target_is_one_line(tmp_path):
     r = runner.invoke(app, ["profile", str(tmp_path / "missing.safetensors")])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and r.output.startswith("error:")
