@@ -207,7 +207,8 @@ def time_batch1(model: nn.Module, xs: torch.Tensor, device: torch.device, policy
 def _fit_context(meta: dict, bundle, cfg) -> tuple[dict, list[str]]:
     """Where thresholds are fitted, and a warning when that split overlaps the training images."""
     rec, now_val = meta.get("val_split"), bundle.val_info or {}
-    overlaps = not rec or rec.get("size") != now_val.get("size") or rec.get("seed") != now_val.get("seed")
+    keys = ("size", "seed", "of", "fingerprint") if rec and "fingerprint" in rec else ("size", "seed")  # older files
+    overlaps = not rec or any(rec.get(k) != now_val.get(k) for k in keys)
     warnings = []
     if overlaps:
         warnings.append(f"the validation split (data.val_size={cfg.val_size:g}, seed {cfg.val_seed}) is not the one "

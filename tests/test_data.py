@@ -285,7 +285,8 @@ def test_autoaugment_runs_per_image_in_the_dataset():
 
 def test_val_split_sizes_seed_and_disjointness(digits):
     b = build_data(cfg(name="digits", val_size=0.1, val_seed=4))
-    assert b.val_info == {"size": 144, "seed": 4} and (len(b.val), len(b.train)) == (144, 1293)
+    assert {k: b.val_info[k] for k in ("size", "seed", "of")} == {"size": 144, "seed": 4, "of": 1437}
+    assert (len(b.val), len(b.train)) == (144, 1293)
     tr, va = set(b.train.indices.tolist()), set(b.val.indices.tolist())
     assert not tr & va and tr | va == set(range(1437))
     assert torch.equal(b.val.x, digits.train.x[torch.from_numpy(b.val.indices)])

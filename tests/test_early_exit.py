@@ -152,6 +152,16 @@ def _eval(*args):
     return json.loads(r.stdout)
 
 
+def test_fit_warns_when_the_split_was_cut_from_other_data(ckpt, tmp_path):
+    """Same size and seed, but the recorded split came from another training set: the fingerprint
+    tells them apart, and the fit is flagged as overlapping the training images."""
+    rec = checkpoint.read_meta(ckpt)["val_split"]
+    assert rec["size"] == 100 and rec["of"] == 400 and len(rec["fingerprint"]) == 16
+    other = make_ckpt(tmp_path / "other.safetensors", sharpen=30.0, val_split={**rec, "fingerprint": "0" * 16})
+    rep = _eval(other, "--early-exit", "--fit-thresholds", "--max-drop", "1", "--split", "val")
+    assert rep["fit"]["overlaps_training"] and any("overlaps" in w for w in rep["warnings"])
+
+
 def test_cli_fit_writes_nothing_without_out(ckpt, tmp_path):
     before = sorted(p.name for p in ckpt.parent.iterdir())
     rep = _eval(ckpt, "--early-exit", "--fit-thresholds", "--max-drop", "1", "--split", "val")

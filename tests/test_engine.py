@@ -43,7 +43,8 @@ def test_run_folder_with_validation_split(tmp_path):
     assert all(row["eval_split"] == "val" and row["eval"]["n"] == 24 for row in rows)
     assert len(rows[0]["eval"]["exits"]) == 4 and rows[0]["eval"]["ensemble"] is not None
     meta = checkpoint.read_meta(res.last)
-    assert meta["val_split"] == {"size": 24, "seed": 3}
+    assert {k: meta["val_split"][k] for k in ("size", "seed")} == {"size": 24, "seed": 3}
+    assert len(meta["val_split"]["fingerprint"]) == 16
     assert meta["lineage"][-1]["command"] == "train"
     assert meta["lineage"][-1]["recipe"]["data"]["val_size"] == 0.25
     assert res.test["n"] == 24 and res.test["checkpoint"].endswith("best.safetensors")

@@ -22,7 +22,7 @@ from sdtool.data import imagefolder  # isort: skip
 from sdtool.data.augment import cutout, normalize_, per_image_transform, random_crop_flip
 from sdtool.data.loader import make_loader
 from sdtool.data.registry import get_loader
-from sdtool.data.splits import limit, stratified_split, val_count
+from sdtool.data.splits import limit, split_fingerprint, stratified_split, val_count
 from sdtool.errors import SdtoolError
 
 if TYPE_CHECKING:
@@ -52,7 +52,9 @@ class DataBundle:
     input_size: int  # square side fed to the network
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    val_info: Optional[dict]  # {"size": n, "seed": s}, recorded in checkpoints; None without val split
+    # {"size", "seed", "of" (training images it was cut from), "fingerprint"}, recorded in checkpoints;
+    # None without a validation split
+    val_info: Optional[dict]
     augment: "AugmentConfig" = field(default_factory=_default_augment)
     in_memory: bool = True
     # False when crop + flip already ran per image in the dataset (the AutoAugment path).
@@ -144,7 +146,8 @@ def build_data(cfg: "DataConfig", train: bool = True) -> DataBundle:
             n_val = val_count(cfg.val_size, len(labels))
             val_idx, train_idx = stratified_split(labels, n_val, cfg.val_seed)
             val_ds = src.train.subset(val_idx, eval_tf)
-            val_info = {"size": n_val, "seed": cfg.val_seed}
+            val_info = {"size": n_val, "seed": cfg.val_seed, "of": len(labels),
+                        "fingerprint": split_fingerprint(labels, val_idx)}
         if train:
             train_idx = train_idx[limit(labels[train_idx], cfg.limit_train, "limit_train")]
             train_ds = src.train.subset(train_idx, train_tf)

@@ -2,10 +2,12 @@
 
 Written with numpy instead of scikit-learn's `train_test_split` because it must never fail on small
 or unbalanced data (a class with one image, fewer picks than classes) and its result must not change
-with a library upgrade: it is recorded in checkpoints as just (size, seed).
+with a library upgrade: it is recorded in checkpoints as (size, seed) plus a fingerprint.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
@@ -56,3 +58,15 @@ def limit(labels: np.ndarray, n: int | None, key: str) -> np.ndarray:
     if n < 1:
         raise SdtoolError(f"data.{key} must be at least 1 (or null for no limit), got {n}")
     return stratified_split(labels, n, LIMIT_SEED)[0]
+
+
+def split_fingerprint(labels: np.ndarray, picked: np.ndarray) -> str:
+    """Short hash of (the labels of the set split, the picked positions).
+
+    Size and seed alone cannot tell that a validation split was cut from another training set (a
+    different file, a relabelled folder): the fingerprint can, so early-exit fitting warns when its
+    split is not the one held out in training.
+    """
+    h = hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes())
+    h.update(np.asarray(picked, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
