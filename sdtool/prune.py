@@ -38,41 +38,14 @@ from torch import nn
 
 from sdtool.errors import SdtoolError
 from sdtool.models.mobile import ChannelShuffle
+from sdtool.prune_rules import CRITERIA, CUSTOM_PRUNERS, TieBreak, make_importance
 
-CRITERIA = ("l1", "l2", "taylor", "bn_scale", "fpgm", "lamp", "random")
 TOLERANCE = 0.02  # target_macs: relative distance to the target that counts as reached
 # A larger ratio keeping this much more of the MACs than a smaller one means a group was skipped
 # whole (see _bisect); smaller wiggles are normal with global ranking and are searched through.
 COLLAPSE = 0.05
 EXIT_PREFIXES = ("attention.", "heads.")  # modules of the shallow exit branches
 _ROOTS = (nn.Conv2d, nn.Linear)
-
-
-class _FixedWidth(tp.pruner.function.BasePruningFunc):
-    """Pruner for a fixed channel permutation (ShuffleNet's `ChannelShuffle`).
-
-    Separate in- and out-channel functions make it a boundary in the dependency graph, like a
-    convolution, instead of something channels are mapped through. `_plan` keeps every group that
-    reaches it unpruned, so these functions are never asked to remove a channel.
-    """
-
-    TARGET_MODULES = (ChannelShuffle,)
-
-    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
-        if len(idxs):
-            raise AssertionError("a channel shuffle's widths are fixed")
-        return layer
-
-    def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:
-        return self.prune_out_channels(layer, idxs)
-
-    def get_out_channels(self, layer: nn.Module) -> int:
-        return layer.channels
-
-    get_in_channels = get_out_channels
-
-
-_CUSTOM = {ChannelShuffle: _FixedWidth()}
 
 
 @dataclass
@@ -115,38 +88,6 @@ class PruneOptions:
                    protect_exits=p.protect_exits)
 
 
-def make_importance(name: str) -> tp.importance.Importance:
-    """Torch-Pruning importance estimator by criterion name (group importance, mean-normalised)."""
-    imp = tp.importance
-    table: dict[str, Callable[[], imp.Importance]] = {
-        "l1": lambda: imp.MagnitudeImportance(p=1),
-        "l2": lambda: imp.MagnitudeImportance(p=2),
-        "taylor": lambda: imp.TaylorImportance(),  # needs .grad on the weights (see _taylor_grads)
-        "bn_scale": lambda: imp.BNScaleImportance(),
-        "fpgm": lambda: imp.FPGMImportance(),
-        "lamp": lambda: imp.LAMPImportance(),
-        "random": lambda: imp.RandomImportance(),
-    }
-    if name not in table:
-        raise SdtoolError(f"unknown criterion {name!r}; valid criteria: {', '.join(CRITERIA)}")
-    return table[name]()
-
-
-class _TieBreak(tp.importance.Importance):
-    """Adds a jitter a millionth of the largest score, so that equal scores (BN scales of an untrained
-    net are all 1) do not all fall under a global threshold at once, which makes Torch-Pruning skip
-    those groups whole. Deterministic: pruning runs under a fixed seed."""
-
-    def __init__(self, inner: tp.importance.Importance):
-        self.inner = inner
-
-    def __call__(self, group):
-        imp = self.inner(group)
-        if imp is None:
-            return None
-        return imp + (imp.abs().max() * 1e-6 + 1e-12) * torch.rand(imp.shape, device=imp.device)
-
-
 def _logits(out):
     """Trace through every exit: MultiExitNet returns (logits list, features list)."""
     return out[0] if isinstance(out, tuple) else out
@@ -164,7 +105,7 @@ def _plan(model: nn.Module, example: torch.Tensor, opts: PruneOptions) -> tuple[
     ignored: list[nn.Module] = list(model.classifiers)
     try:
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, output_transform=_logits,
-                                                   customized_pruners=_CUSTOM)
+                                                   customized_pruners=CUSTOM_PRUNERS)
     except Exception as e:  # e.g. a channel shuffle (view + transpose) that the graph cannot map
         name = getattr(model, "spec", {}).get("name", type(model).__name__)
         raise SdtoolError(f"Torch-Pruning cannot trace the channel dependencies of {name} "
@@ -245,10 +186,10 @@ def prune_once(model: nn.Module, example: torch.Tensor, opts: PruneOptions, rati
     with torch.random.fork_rng(), torch.enable_grad(), _threads(1):
         torch.manual_seed(opts.seed)  # the random criterion and the tie-break draw numbers
         pruner = tp.pruner.BasePruner(
-            model, example, importance=_TieBreak(make_importance(opts.criterion)), pruning_ratio=ratio,
+            model, example, importance=TieBreak(make_importance(opts.criterion)), pruning_ratio=ratio,
             global_pruning=opts.global_pruning, iterative_steps=opts.iterative_steps,
             ignored_layers=[modules[n] for n in ignored], round_to=opts.round_to, output_transform=_logits,
-            customized_pruners=_CUSTOM)
+            customized_pruners=CUSTOM_PRUNERS)
         for step in range(opts.iterative_steps):
             if opts.criterion == "taylor" and step == 0 and grads is not None:
                 for n, p in model.named_parameters():  # the unpruned network's, computed once
