@@ -7,6 +7,8 @@
 2. A width-16 ResNet18 student trained four ways with the same budget (`--epochs`, same data, same seed
    per row): `plain` (the backbone alone), `kd` (plain + Hinton KD from the teacher), `self_distill`
    (4 exits, the paper's loss) and `sd_kd` (self_distill + KD on the deepest exit).
+   `--reuse-from DIR` takes the plain and self_distill runs of `benchmarks/cifar10_ablation.py` from DIR
+   when their resolved recipe is this one (same budget and seed), instead of training them again.
 Training on 45,000 images (`--limit-train` for fewer), `best` chosen on a 5,000-image validation split,
 top-1 on the 10,000 test images, per exit and ensemble, mean ± std over `--seeds`. The teacher's share
 of the KD runs' training time is reported too. Prints a table and writes OUT/distill.json.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from common import cifar10_recipe, machine, mean_std, write_json
 from sdtool.distill import distill
 from sdtool.engine import fit
 from sdtool.evaluate import eval_checkpoint
-from sdtool.recipe import from_dict
+from sdtool.recipe import from_dict, load_recipe
 
 MODES = {"plain": ("plain", False), "kd": ("plain", True), "self_distill": ("self_distill", False),
          "sd_kd": ("self_distill", True)}  # name -> (sd.mode, with the teacher)
@@ -47,6 +50,20 @@ def _recipe(args, mode: str, seed: int, epochs: int, width: int) -> dict:
     recipe = cifar10_recipe(mode, seed, epochs, width=width, val_size=args.val_size, limit_train=args.limit_train)
     recipe["data"]["limit_test"] = args.limit_test
     return recipe
+
+
+def _reuse(src: Path, dst: Path, recipe: dict, epochs: int) -> bool:
+    """Copy a finished run from `src` to `dst` when its resolved recipe equals `recipe` (the distill
+    section aside: plain and self_distill runs ignore it)."""
+    if dst.exists() or not _done(src, epochs):
+        return False
+    want = {k: v for k, v in from_dict(recipe).to_dict().items() if k != "distill"}
+    have = {k: v for k, v in load_recipe(str(src / "recipe.yaml")).to_dict().items() if k != "distill"}
+    if want != have:
+        print(f"not reusing {src}: its recipe differs", flush=True)
+        return False
+    shutil.copytree(src, dst)
+    return True
 
 
 def train_teacher(args) -> Path:
@@ -78,6 +95,8 @@ def main() -> None:
     ap.add_argument("--limit-train", type=int, default=None, help="train on fewer images (smoke runs)")
     ap.add_argument("--limit-test", type=int, default=None, help="test on fewer images (smoke runs)")
     ap.add_argument("--val-size", type=int, default=5000, help="validation images held out of training")
+    ap.add_argument("--reuse-from", type=Path, default=None,
+                    help="folder of cifar10_ablation.py runs to take plain / self_distill from when identical")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/distill"))
     args = ap.parse_args()
     args.teacher_top1 = None
@@ -91,6 +110,8 @@ def main() -> None:
             recipe = _recipe(args, mode, seed, args.epochs, args.width)
             recipe["distill"] = {"temperature": args.temperature, "alpha": args.alpha, "targets": "deepest"}
             t0, res = time.perf_counter(), None
+            if args.reuse_from and not with_teacher and _reuse(args.reuse_from / run_dir.name, run_dir, recipe, args.epochs):
+                print(f"{name} seed {seed}: reused from {args.reuse_from}", flush=True)
             if not _done(run_dir, args.epochs):
                 if (run_dir / "train_state.safetensors").exists():
                     raise SystemExit(f"{run_dir} holds an unfinished run; delete it to start that run again")
