@@ -193,3 +193,23 @@ def test_backbones_are_what_wrapping_their_stages_gives(name):
     assert wrapped.strides == model.strides
     assert wrapped.feature_dims == model.feature_dims
     assert n_params(wrapped) == n_params(model)
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if n != "truncated"])
+@pytest.mark.parametrize("head,attention", [("light", True), ("byot", False), ("pool", False)])
+def test_backbone_heads_and_attention_switch(name, head, attention):
+    """Every backbone takes every head type with attention on or off; without attention the exits hold
+    no attention parameters, and forward_until agrees with the full forward."""
+    args = {"head": head, "attention": attention, "num_classes": 10}
+    params = inspect.signature(_REGISTRY[name]).parameters
+    args.update({k: v for k, v in (("width", 4), ("width_mult", 0.25)) if k in params})
+    args.update(TINY.get(name, {}))
+    model = create_model(name, **args).eval()
+    assert model.num_exits == 4
+    has_attention = any(p.numel() for a in model.attention for p in a.parameters())
+    assert has_attention == attention
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits, _ = model(x)
+        torch.testing.assert_close(model.forward_until(x, 1), logits[1])
+    assert [tuple(z.shape) for z in logits] == [(2, 10)] * 4
