@@ -321,36 +321,62 @@ def test_cifar_missing_files_message(tmp_path):
 
 
 def test_cifar_download_failure_is_one_line(tmp_path, monkeypatch):
-    import torchvision.datasets as tvd
+    import torchvision.datasets.utils as tvu
 
-    def offline(self):
+    def offline(*args, **kwargs):
         raise urllib.error.URLError("no route to host")
 
-    monkeypatch.setattr(tvd.CIFAR10, "download", offline)
+    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
     msg = one_line_error(build_data, cfg(name="cifar10", root=str(tmp_path), download=True))
     assert "downloading" in msg and "URLError" in msg and "network" in msg
 
 
-def test_cifar10_loads_python_batches_into_memory(tmp_path, monkeypatch):
-    import torchvision.datasets as tvd
-
-    # torchvision checks md5 sums of the real archive; skip that to feed it tiny batches in its format.
-    monkeypatch.setattr(tvd.CIFAR10, "_check_integrity", lambda self: True)
-    monkeypatch.setattr(tvd.cifar, "check_integrity", lambda *a, **k: True)
-    folder = tmp_path / "cifar-10-batches-py"
+def _cifar_files(folder: Path, names: list[str], meta: str, label_key: str, old_numpy: bool = False) -> dict:
+    """Tiny batch files in the archive's layout: dicts with bytes keys (as Python 2 wrote them)."""
     folder.mkdir()
     rng = np.random.default_rng(0)
     rows = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    for name in names:
         rows[name] = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": rows[name], "labels": [0, 1, 2, 9]}, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+        data = pickle.dumps({b"data": rows[name], label_key.encode(): [0, 1, 2, 9], b"batch_label": b"x"},
+                            protocol=2)
+        if old_numpy:  # the archive's files name numpy 1's module
+            data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        (folder / name).write_bytes(data)
+    names_key = {"labels": b"label_names", "fine_labels": b"fine_label_names"}[label_key]
+    (folder / meta).write_bytes(pickle.dumps({names_key: [f"c{i}".encode() for i in range(10)]}, protocol=2))
+    return rows
+
+
+def test_cifar10_loads_python_batches_into_memory(tmp_path):
+    rows = _cifar_files(tmp_path / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+                        "batches.meta", "labels", old_numpy=True)
     b = build_data(cfg(name="cifar10", root=str(tmp_path)))
     assert (len(b.train), len(b.test), b.num_classes, b.class_names[9]) == (20, 4, 10, "c9")
     assert torch.equal(b.test.x[2], torch.from_numpy(rows["test_batch"][2].reshape(3, 32, 32)))
+    assert b.test.y.tolist() == [0, 1, 2, 9]
     assert (b.mean, b.std) == (CIFAR_MEAN, CIFAR_STD)
+    _cifar_files(tmp_path / "cifar-100-python", ["train", "test"], "meta", "fine_labels")
+    c = build_data(cfg(name="cifar100", root=str(tmp_path), input_size=16), train=False)
+    assert (len(c.test), c.input_size, c.class_names[0]) == (4, 16, "c0")
+
+
+def test_cifar_batch_that_names_other_code_is_refused_before_it_runs(tmp_path):
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    _cifar_files(tmp_path / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+                 "batches.meta", "labels")
+    bad = tmp_path / "cifar-10-batches-py" / "test_batch"
+    bad.write_bytes(pickle.dumps({b"data": Payload()}, protocol=2))
+    msg = one_line_error(build_data, cfg(name="cifar10", root=str(tmp_path)))
+    assert "refused" in msg and "system" in msg and str(bad) in msg
+    assert not (tmp_path / "ran").exists()
+    bad.write_bytes(b"\x80\x02}q\x00")  # truncated
+    assert "not a readable CIFAR batch" in one_line_error(build_data, cfg(name="cifar10", root=str(tmp_path)))
 
 
 # ----------------------------------------------------------------------------------------- imagefolder

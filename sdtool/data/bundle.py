@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 # Importing the loaders registers them, in this order (the order `dataset_names()` lists).
 from sdtool.data import sources  # noqa: F401  isort: skip
+from sdtool.data import cifar  # noqa: F401  isort: skip
 from sdtool.data import imagefolder  # isort: skip
 from sdtool.data.augment import cutout, normalize_, per_image_transform, random_crop_flip
 from sdtool.data.loader import make_loader

@@ -1,4 +1,4 @@
-"""In-memory data sets: digits, npz, fake, cifar10, cifar100.
+"""In-memory data sets: digits, npz, fake (cifar10 and cifar100: cifar.py).
 
 Each loader returns uint8 (N, 3, H, W) tensors at the network's input size; everything after that
 (splits, augmentation, loaders) is shared (`bundle.py`).
@@ -6,8 +6,6 @@ Each loader returns uint8 (N, 3, H, W) tensors at the network's input size; ever
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -138,51 +136,3 @@ def load_fake_source(cfg: "DataConfig", need_train: bool) -> Source:
     mean, std = channel_stats(train.x)
     return Source(train=train if need_train else None, test=make(max(10, cfg.fake_size // 4), 2),
                   class_names=[str(i) for i in range(10)], input_size=size, mean=mean, std=std, in_memory=True)
-
-
-_CIFAR_FILES = {
-    "cifar10": ("CIFAR10", "cifar-10-batches-py", "data_batch_1..data_batch_5, test_batch, batches.meta",
-                "cifar-10-python.tar.gz"),
-    "cifar100": ("CIFAR100", "cifar-100-python", "train, test, meta", "cifar-100-python.tar.gz"),
-}
-
-
-def _cifar(cfg: "DataConfig", need_train: bool, name: str) -> Source:
-    from torchvision import datasets
-
-    cls_name, folder, files, archive = _CIFAR_FILES[name]
-    root = Path(cfg.root)
-    where = (root / folder).absolute()
-
-    def read(train: bool):
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints download chatter
-                return getattr(datasets, cls_name)(str(root), train=train, download=cfg.download)
-        except Exception as e:  # noqa: BLE001 - any failure to get the files means the same thing to a user
-            if cfg.download:
-                first = (str(e).splitlines() or [""])[0]
-                raise SdtoolError(f"{name}: downloading into {root.absolute()} failed ({type(e).__name__}: {first}); "
-                                  f"download: true needs network access, otherwise extract {archive} there so that "
-                                  f"{where}/ holds {files}") from None
-            raise SdtoolError(f"{name}: {where}/ does not hold the python-version files {files} (from {archive}); "
-                              f"put them there, or set data.download: true (needs network access)") from None
-
-    test = read(False)
-    train = read(True) if need_train else None
-
-    def split(ds) -> TensorSplit:
-        return TensorSplit(_square(to_nchw(ds.data), cfg.input_size, where), np.asarray(ds.targets))
-
-    ts = split(test)
-    return Source(train=split(train) if train is not None else None, test=ts, class_names=list(test.classes),
-                  input_size=ts.x.shape[-1], mean=CIFAR_MEAN, std=CIFAR_STD, in_memory=True)
-
-
-@register("cifar10")
-def load_cifar10_source(cfg: "DataConfig", need_train: bool) -> Source:
-    return _cifar(cfg, need_train, "cifar10")
-
-
-@register("cifar100")
-def load_cifar100_source(cfg: "DataConfig", need_train: bool) -> Source:
-    return _cifar(cfg, need_train, "cifar100")
