@@ -6,7 +6,8 @@
    epochs (reused from OUT/teacher if it is already there, or given with `--teacher CKPT`).
 2. A width-16 ResNet18 student trained four ways with the same budget (`--epochs`, same data, same seed
    per row): `plain` (the backbone alone), `kd` (plain + Hinton KD from the teacher), `self_distill`
-   (4 exits, the paper's loss) and `sd_kd` (self_distill + KD on the deepest exit).
+   (4 exits, the paper's loss), `sd_kd` (self_distill + KD on the deepest exit) and, when asked for with
+   `--modes`, `sd_kd_all` (self_distill + KD on every exit, `distill.targets: all`).
    `--reuse-from DIR` takes the plain and self_distill runs of `benchmarks/cifar10_ablation.py` from DIR
    when their resolved recipe is this one (same budget and seed), instead of training them again.
 Training on 45,000 images (`--limit-train` for fewer), `best` chosen on a 5,000-image validation split,
@@ -29,8 +30,9 @@ from sdtool.engine import fit
 from sdtool.evaluate import eval_checkpoint
 from sdtool.recipe import from_dict, load_recipe
 
-MODES = {"plain": ("plain", False), "kd": ("plain", True), "self_distill": ("self_distill", False),
-         "sd_kd": ("self_distill", True)}  # name -> (sd.mode, with the teacher)
+MODES = {"plain": ("plain", None), "kd": ("plain", "deepest"), "self_distill": ("self_distill", None),
+         "sd_kd": ("self_distill", "deepest"), "sd_kd_all": ("self_distill", "all")}
+# name -> (sd.mode, the exits the teacher teaches: None = no teacher)
 
 
 def _done(run_dir: Path, epochs: int) -> bool:
@@ -89,7 +91,7 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, default=None, help="an existing sdtool checkpoint to use as teacher")
     ap.add_argument("--width", type=int, default=16, help="student width")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--modes", nargs="+", default=[m for m in MODES if m != "sd_kd_all"], choices=list(MODES))
     ap.add_argument("--temperature", type=float, default=4.0)
     ap.add_argument("--alpha", type=float, default=0.9, help="weight of the KD term (the student's loss keeps 1)")
     ap.add_argument("--limit-train", type=int, default=None, help="train on fewer images (smoke runs)")
@@ -105,10 +107,11 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         for name in args.modes:
-            mode, with_teacher = MODES[name]
+            mode, targets = MODES[name]
+            with_teacher = targets is not None
             run_dir = args.out / f"{name}-s{seed}"
             recipe = _recipe(args, mode, seed, args.epochs, args.width)
-            recipe["distill"] = {"temperature": args.temperature, "alpha": args.alpha, "targets": "deepest"}
+            recipe["distill"] = {"temperature": args.temperature, "alpha": args.alpha, "targets": targets or "deepest"}
             t0, res = time.perf_counter(), None
             if args.reuse_from and not with_teacher and _reuse(args.reuse_from / run_dir.name, run_dir, recipe, args.epochs):
                 print(f"{name} seed {seed}: reused from {args.reuse_from}", flush=True)
