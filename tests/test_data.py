@@ -379,6 +379,60 @@ def test_cifar_batch_that_names_other_code_is_refused_before_it_runs(tmp_path):
     assert "not a readable CIFAR batch" in one_line_error(build_data, cfg(name="cifar10", root=str(tmp_path)))
 
 
+class _Dtype:
+    """Pickles as numpy.dtype(spec) with the given internal flags (a file may say anything)."""
+
+    def __init__(self, spec, flags):
+        self.spec, self.flags = spec, flags
+
+    def __reduce__(self):
+        return (np.dtype, (self.spec, False, True), (3, "|", None, None, None, -1, -1, self.flags))
+
+
+class _Array:
+    """Pickles as numpy's _reconstruct(ndarray) with the given dtype, shape and raw bytes."""
+
+    def __init__(self, dtype, shape, raw):
+        self.dtype, self.shape, self.raw = dtype, shape, raw
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, (0,), b"b"), (1, self.shape, self.dtype, False, self.raw))
+
+
+def test_cifar_batch_state_cannot_steer_numpy(tmp_path):
+    """numpy never sees a file's array state: an object dtype whose flags are cleared (numpy would read
+    the raw bytes as object pointers and crash) is refused; a uint8 dtype claiming object flags loads
+    as plain bytes; protocol-5 files and wrong contents give one line."""
+    folder = tmp_path / "cifar-10-batches-py"
+    rows = _cifar_files(folder, [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "batches.meta", "labels")
+    test = folder / "test_batch"
+
+    def write(obj, protocol=2):
+        test.write_bytes(pickle.dumps(obj, protocol=protocol))
+
+    write({b"data": _Array(_Dtype("O8", 0), (1,), b"\x41" * 8), b"labels": [0]})
+    assert "not plain numbers" in one_line_error(build_data, cfg(name="cifar10", root=str(tmp_path)))
+    write({b"data": _Array(_Dtype("u1", 63), (1, 3072), bytes(3072)), b"labels": [3]})
+    b = build_data(cfg(name="cifar10", root=str(tmp_path)), train=False)
+    assert b.test.x.dtype == torch.uint8 and int(b.test.x.sum()) == 0 and b.test.y.tolist() == [3]
+    write({"data": rows["test_batch"], "labels": [0, 1, 2, 9]}, protocol=5)  # numpy's _frombuffer path
+    b = build_data(cfg(name="cifar10", root=str(tmp_path)), train=False)
+    assert torch.equal(b.test.x[1], torch.from_numpy(rows["test_batch"][1].reshape(3, 32, 32)))
+    bad = {
+        "outside the 10 classes": {"data": rows["test_batch"], "labels": [0, 1, 2, 12]},
+        "labels for 4 images": {"data": rows["test_batch"], "labels": [0, 1]},
+        "not uint8 rows of 3072": {"data": rows["test_batch"][:, :100], "labels": [0, 1, 2, 3]},
+        "does not match its shape": {b"data": _Array(_Dtype("u1", 0), (1, 3072), bytes(10)), b"labels": [0]},
+    }
+    for expected, obj in bad.items():
+        write(obj)
+        assert expected in one_line_error(build_data, cfg(name="cifar10", root=str(tmp_path)))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"other": 1}))
+    assert "label_names" in one_line_error(build_data, cfg(name="cifar10", root=str(tmp_path)))
+
+
 # ----------------------------------------------------------------------------------------- imagefolder
 
 
