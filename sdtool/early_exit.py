@@ -211,9 +211,12 @@ def _fit_context(meta: dict, bundle, cfg) -> tuple[dict, list[str]]:
     overlaps = not rec or any(rec.get(k) != now_val.get(k) for k in keys)
     warnings = []
     if overlaps:
+        same_cut = bool(rec) and rec.get("size") == now_val.get("size") and rec.get("seed") == now_val.get("seed")
+        fix = ("evaluate on the data set the model was trained on, or retrain on this one" if same_cut
+               else "retrain with data.val_size set for a clean split")
         warnings.append(f"the validation split (data.val_size={cfg.val_size:g}, seed {cfg.val_seed}) is not the one "
-                        "held out in training, so it overlaps images the model was trained on; the fitted "
-                        "thresholds will be optimistic (retrain with data.val_size set for a clean split)")
+                        f"held out in training{' (same size and seed, other data)' if same_cut else ''}, so it may "
+                        f"overlap images the model was trained on; the fitted thresholds will be optimistic ({fix})")
     return {"split": "val", "data": cfg.name, "val_size": now_val.get("size"), "val_seed": now_val.get("seed"),
             "overlaps_training": bool(overlaps), "search": SEARCH_NOTE}, warnings
 

@@ -195,7 +195,7 @@ def _data_info(cfg) -> tuple[int, int | None, str]:
     from sdtool.data import build_data
 
     try:
-        bundle = build_data(dataclasses.replace(cfg, val_size=0), train=False)
+        bundle = build_data(dataclasses.replace(cfg, val_size=0, download=False), train=False)  # never fetch
         return bundle.num_classes, bundle.input_size, f"data set {cfg.name}"
     except SdtoolError:
         fixed = {"digits": 10, "fake": 10, "cifar10": 10, "cifar100": 100}

@@ -133,6 +133,7 @@ def test_shufflenet_imagenet_stem_is_torchvision_with_a_prunable_shuffle():
         assert after[n][-3].out_channels == before[n][-3].out_channels  # block output: kept
         assert after[n][0].out_channels < before[n][0].out_channels  # inner width: pruned
     assert after["stages.3.4.0"].out_channels < before["stages.3.4.0"].out_channels  # conv5
+    assert after["stages.0.0.0"].out_channels < before["stages.0.0.0"].out_channels  # the stem
 
 
 @pytest.mark.parametrize("name,sides", [

@@ -159,7 +159,7 @@ def test_fit_warns_when_the_split_was_cut_from_other_data(ckpt, tmp_path):
     assert rec["size"] == 100 and rec["of"] == 400 and len(rec["fingerprint"]) == 16
     other = make_ckpt(tmp_path / "other.safetensors", sharpen=30.0, val_split={**rec, "fingerprint": "0" * 16})
     rep = _eval(other, "--early-exit", "--fit-thresholds", "--max-drop", "1", "--split", "val")
-    assert rep["fit"]["overlaps_training"] and any("overlaps" in w for w in rep["warnings"])
+    assert rep["fit"]["overlaps_training"] and any("same size and seed, other data" in w for w in rep["warnings"])
 
 
 def test_cli_fit_writes_nothing_without_out(ckpt, tmp_path):
@@ -211,4 +211,4 @@ def test_cli_errors_are_one_line(ckpt, tmp_path):
     r = runner.invoke(app, ["eval", str(no_val), "--early-exit", "--fit-thresholds"])
     assert "--set data.val_size=0.1" in r.output and "overlap" in r.output
     rep = _eval(no_val, "--early-exit", "--fit-thresholds", "--set", "data.val_size=0.1")
-    assert rep["fit"]["overlaps_training"] and any("overlaps" in w for w in rep["warnings"])
+    assert rep["fit"]["overlaps_training"] and any("overlap" in w for w in rep["warnings"])

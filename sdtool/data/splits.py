@@ -63,9 +63,10 @@ def limit(labels: np.ndarray, n: int | None, key: str) -> np.ndarray:
 def split_fingerprint(labels: np.ndarray, picked: np.ndarray) -> str:
     """Short hash of (the labels of the set split, the picked positions).
 
-    Size and seed alone cannot tell that a validation split was cut from another training set (a
-    different file, a relabelled folder): the fingerprint can, so early-exit fitting warns when its
-    split is not the one held out in training.
+    Size and seed alone cannot tell that a validation split was cut from another training set (more
+    or fewer images, other labels or label order): the fingerprint can, so early-exit fitting warns
+    when its split is not the one held out in training. Images are not hashed (that would mean
+    reading every image twice), so two sets with identical labels in identical order look alike.
     """
     h = hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes())
     h.update(np.asarray(picked, dtype=np.int64).tobytes())
