@@ -168,11 +168,7 @@ class DistillExtra(nn.Module):
 
     def __init__(self, cfg, teacher: str, teacher_weights: str | None = None):
         super().__init__()
-        if cfg.temperature <= 0:
-            raise SdtoolError(f"distill.temperature must be positive, got {cfg.temperature}")
-        if cfg.alpha < 0 or cfg.feature_weight < 0:
-            raise SdtoolError("distill.alpha and distill.feature_weight must be >= 0")
-        self.cfg = cfg
+        self.cfg = cfg  # a validated recipe section (recipe.py checks the ranges; KDLoss the temperature)
         self.teacher = Teacher(teacher, teacher_weights, cfg.teacher_output)
         if cfg.feature and self.teacher.stage_modules is None:
             raise SdtoolError(f"distill.feature={cfg.feature} needs the teacher's stage outputs; "
@@ -230,7 +226,7 @@ class DistillExtra(nn.Module):
         if torch.is_grad_enabled():  # training forward only; evaluation runs under no_grad
             self._student.append(output)
 
-    def forward(self, x, logits, features, y) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, x, logits, features, y) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student, self._student = self._student, []
         t_logits, t_feats = self._timed_teacher(x)
         targets = logits if self.cfg.targets == "all" else logits[-1:]

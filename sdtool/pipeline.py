@@ -45,10 +45,9 @@ def run_pipeline(recipe: Recipe, out: str | Path, recipe_path: str | None = None
 
     Accuracies are deepest-exit top-1 on the test split (reported, never used to select anything).
     """
+    from sdtool.distributed import from_env
     from sdtool.engine import fit
     from sdtool.prune import PruneOptions, prune_checkpoint
-
-    from sdtool.distributed import from_env
 
     if from_env().enabled:
         raise SdtoolError("sdtool pipeline runs in one process; for several GPUs run its steps as commands "

@@ -295,6 +295,7 @@ def _check_values(r: Recipe) -> None:
          "train.milestones must be increasing epochs"),
         (r.distill.temperature > 0, "distill.temperature must be positive"),
         (r.distill.alpha >= 0, "distill.alpha must be >= 0"),
+        (r.distill.feature_weight >= 0, "distill.feature_weight must be >= 0"),
         (r.prune.iterative_steps >= 1, "prune.iterative_steps must be at least 1"),
         (r.prune.round_to is None or r.prune.round_to >= 1, "prune.round_to must be at least 1"),
         (r.prune.finetune_epochs >= 0, "prune.finetune_epochs must be >= 0"),

@@ -77,7 +77,7 @@ def epoch_line(row: dict) -> str:
 
 
 def teacher_cost(row: dict) -> str:
-    """`sdtool distill`: the external teacher's share of the training time, from the epoch's loss parts."""
+    """`sdtool distill`: the external teacher's share of the training time (the epoch row's teacher_seconds)."""
     seconds = row.get("teacher_seconds")
     if seconds is None or not row.get("train_seconds"):
         return ""
