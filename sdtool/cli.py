@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -22,6 +23,34 @@ _state = {"debug": False}
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (progress goes to stderr).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key, e.g. --set train.epochs=3 (repeatable).")]
+
+
+class Engine(str, Enum):
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+
+
+class Cost(str, Enum):
+    macs = "macs"
+    latency = "latency"
+
+
+# Threshold fitting: one option set, shared by `eval --early-exit` and `export --early-exit`.
+FitOpt = Annotated[bool, typer.Option("--fit-thresholds", help="Early exit: fit thresholds on the validation split first.")]
+MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="Fit: least cost with top-1 at most D points below the deepest exit (default 0.5).")]
+BudgetOpt = Annotated[Optional[float], typer.Option("--budget", help="Fit: best top-1 within F x the reference cost (the deepest exit alone, in --cost units).")]
+PolicyOpt = Annotated[Optional[str], typer.Option("--policy", help="Early exit: max_softmax (default) or entropy.")]
+FallbackOpt = Annotated[Optional[str], typer.Option("--fallback", help="Early exit: who answers the rest: deepest (default) or ensemble.")]
+CostOpt = Annotated[Cost, typer.Option("--cost", help="Fit: what a sample costs: macs, or latency measured per exit step in --engine on this machine.")]
+SweepOpt = Annotated[Optional[Path], typer.Option("--sweep-out", help="Fit: write the accuracy-vs-MACs sweep (JSON, CSV, PNG) to this folder.")]
+EngineOpt = Annotated[Engine, typer.Option("--engine", help="Inference engine for timings: torch (eager, batch norm folded) or onnxruntime.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads of the engine (default: torch's setting, or the cores this process may use for onnxruntime).")]
+
+
+def _fit_options(fit: bool, max_drop, budget, policy, fallback, cost: Cost, sweep_out):
+    from sdtool.early_exit import FitOptions
+
+    return FitOptions(fit, max_drop, budget, policy, fallback, cost.value, str(sweep_out) if sweep_out else None)
 
 
 def _version(value: bool) -> None:
@@ -93,15 +122,18 @@ def eval_(
     split: Annotated[str, typer.Option("--split", help="test or val.")] = "test",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, mps.")] = "auto",
     early_exit: Annotated[bool, typer.Option("--early-exit", help="Real early exit with fitted thresholds (docs/early-exit.md).")] = False,
-    fit_thresholds: Annotated[bool, typer.Option("--fit-thresholds", help="Early exit: fit thresholds on the validation split first.")] = False,
-    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Fit: fewest MACs with top-1 at most D points below the deepest exit (default 0.5).")] = None,
-    budget: Annotated[Optional[float], typer.Option("--budget", help="Fit: best top-1 within F x the reference cost (the deepest exit alone).")] = None,
-    policy: Annotated[Optional[str], typer.Option("--policy", help="Early exit: max_softmax (default) or entropy.")] = None,
-    fallback: Annotated[Optional[str], typer.Option("--fallback", help="Early exit: who answers the rest: deepest (default) or ensemble.")] = None,
-    sweep_out: Annotated[Optional[Path], typer.Option("--sweep-out", help="Fit: write the accuracy-vs-MACs sweep (JSON, CSV, PNG) to this folder.")] = None,
+    fit_thresholds: FitOpt = False,
+    max_drop: MaxDropOpt = None,
+    budget: BudgetOpt = None,
+    policy: PolicyOpt = None,
+    fallback: FallbackOpt = None,
+    cost: CostOpt = Cost.macs,
+    sweep_out: SweepOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Fit: write a new checkpoint with the thresholds (nothing is written without it).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Evaluation batch size (default: the recipe's eval_batch_size).")] = None,
     latency_images: Annotated[int, typer.Option("--latency-images", help="Early exit: images timed one by one for the batch-1 speed-up (0 = skip).")] = 128,
+    engine: EngineOpt = Engine.torch,
+    threads: ThreadsOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Per-exit and ensemble accuracy (top-1/top-5, percent) and loss of a checkpoint; or real early exit."""
@@ -116,12 +148,14 @@ def eval_(
         rep = eval_early_exit(str(ckpt), data, set_, split, device, fit=fit_thresholds, max_drop=max_drop,
                               budget=budget, policy=policy, fallback=fallback,
                               sweep_out=str(sweep_out) if sweep_out else None, out=str(out) if out else None,
-                              batch_size=batch_size, latency_images=latency_images, quiet=json_)
+                              batch_size=batch_size, latency_images=latency_images, quiet=json_,
+                              engine=engine.value, cost=cost.value, threads=threads)
         report.print_json(rep) if json_ else report.early_exit_view(rep)
         return
-    if fit_thresholds or max_drop is not None or budget is not None or policy or fallback or sweep_out or out:
-        raise SdtoolError("--fit-thresholds, --max-drop, --budget, --policy, --fallback, --sweep-out and --out "
-                          "belong to early exit; add --early-exit")
+    if (fit_thresholds or max_drop is not None or budget is not None or policy or fallback or sweep_out or out
+            or cost != Cost.macs or engine != Engine.torch or threads is not None):
+        raise SdtoolError("--fit-thresholds, --max-drop, --budget, --policy, --fallback, --cost, --sweep-out, --out, "
+                          "--engine and --threads belong to early exit; add --early-exit")
     rep = eval_checkpoint(str(ckpt), data, set_, split, device, batch_size=batch_size)
     if json_:
         report.print_json(rep)
@@ -167,7 +201,8 @@ def profile(
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency (MACs and parameters are always counted).")] = True,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before timing.")] = 3,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; the median is reported.")] = 10,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's).")] = None,
+    threads: ThreadsOpt = None,
+    engine: EngineOpt = Engine.torch,
     set_: SetOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -175,26 +210,75 @@ def profile(
     from sdtool import report
     from sdtool.profile import profile as run_profile
 
-    rep = run_profile(str(target), input_size, batch, device, latency, warmup, repeats, threads, set_)
+    rep = run_profile(str(target), input_size, batch, device, latency, warmup, repeats, threads, set_,
+                      engine=engine.value)
     report.print_json(rep) if json_ else report.profile_view(rep)
 
 
-@app.command(epilog="Example: sdtool export runs/sd/best.safetensors --exit 2 --format onnx --out exit2.onnx")
+@app.command(epilog="Example: sdtool export runs/sd/best.safetensors --exit 2 --format onnx --out exit2.onnx; "
+             "sdtool export runs/sd/ee.safetensors --early-exit --out runs/sd/bundle")
 @_user_errors
 def export(
     ckpt: Annotated[Path, typer.Argument(help="sdtool checkpoint (.safetensors).")],
-    out: Annotated[Path, typer.Option("--out", help="Output file.")],
+    out: Annotated[Path, typer.Option("--out", help="Output file (a new folder with --early-exit).")],
     format_: Annotated[str, typer.Option("--format", help="safetensors (an sdtool checkpoint), pt2 (torch.export) or onnx.")] = "safetensors",
     exit_: Annotated[Optional[int], typer.Option("--exit", help="Keep only what exit K (1-based) needs: a compact standalone model.")] = None,
     check: Annotated[bool, typer.Option("--check/--no-check", help="Run the written file and compare it with PyTorch.")] = True,
+    early_exit: Annotated[bool, typer.Option("--early-exit", help="Write a deployable early-exit bundle (ONNX Runtime; docs/deploy.md).")] = False,
+    fit_thresholds: FitOpt = False,
+    max_drop: MaxDropOpt = None,
+    budget: BudgetOpt = None,
+    policy: PolicyOpt = None,
+    fallback: FallbackOpt = None,
+    cost: CostOpt = Cost.macs,
+    sweep_out: SweepOpt = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Fit: recipe file whose data section to use, or a data set name (default: the checkpoint's).")] = None,
+    set_: SetOpt = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Fit: batch size of the validation pass and of --cost latency's timing.")] = None,
+    latency_batch: Annotated[int, typer.Option("--latency-batch", help="Bundle: batch size at which each step's latency is recorded (besides batch 1).")] = 64,
+    threads: ThreadsOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Export the multi-exit net, or one exit as a compact standalone model (safetensors, pt2, onnx)."""
+    """Export the multi-exit net, one exit as a compact standalone model, or an early-exit bundle."""
     from sdtool import report
+
+    fit_opts = _fit_options(fit_thresholds, max_drop, budget, policy, fallback, cost, sweep_out)
+    if early_exit:
+        from sdtool.deploy import export_bundle
+
+        if format_ != "onnx" and format_ != "safetensors":
+            raise SdtoolError("--early-exit writes an ONNX bundle; drop --format or use --format onnx")
+        if exit_ is not None:
+            raise SdtoolError("--early-exit exports every exit; export one exit with --exit K alone, then bundle that")
+        rep = export_bundle(str(ckpt), str(out), fit_opts, data, set_, batch_size, threads, latency_batch,
+                            quiet=json_)
+        report.print_json(rep) if json_ else report.bundle_view(rep)
+        return
+    if fit_thresholds or fit_opts.max_drop is not None or budget is not None or policy or fallback or sweep_out \
+            or data or set_ or batch_size or threads or cost != Cost.macs:
+        raise SdtoolError("threshold fitting, --data, --set, --batch-size and --threads belong to --early-exit")
     from sdtool.export import export as run_export
 
     rep = run_export(str(ckpt), str(out), format_, exit_, check)
     report.print_json(rep) if json_ else report.export_view(rep)
+
+
+@app.command(epilog="Example: sdtool predict runs/sd/bundle cat.png dog.jpg; sdtool predict runs/sd/best.safetensors images.npz --json")
+@_user_errors
+def predict(
+    target: Annotated[Path, typer.Argument(help="Early-exit bundle folder, or an sdtool checkpoint (.safetensors).")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...) or npz files with x uint8 (N, H, W, C).")],
+    resize: Annotated[bool, typer.Option("--resize", help="Resize images of another size (shorter side, centre crop) instead of refusing them.")] = False,
+    top: Annotated[int, typer.Option("--top", help="Report the K most likely classes.")] = 1,
+    threads: ThreadsOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Classify images: class, confidence and the exit that answered (early exit when thresholds are known)."""
+    from sdtool import report
+    from sdtool.deploy import predict as run_predict
+
+    rep = run_predict(str(target), [str(i) for i in images], threads, resize, top)
+    report.print_json(rep) if json_ else report.predict_view(rep)
 
 
 @app.command(epilog="Example: sdtool prune runs/sd/best.safetensors --target-macs 0.5 --criterion taylor --eval --out runs/pruned.safetensors")

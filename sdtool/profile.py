@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -204,15 +205,50 @@ def _data_info(cfg) -> tuple[int, int | None, str]:
         return 10, None, f"assumed 10 (data set {cfg.name} not readable here; set model.num_classes)"
 
 
+def measure_latency_ort(model: nn.Module, input_size: tuple[int, int], batch: int, threads: int | None = None,
+                        warmup: int = 3, repeats: int = 10) -> dict:
+    """As `measure_latency`, in ONNX Runtime: each exit alone and the full net as graphs cut from one
+    export (sdtool.onnx_graphs), every session with the bundle runtime's settings."""
+    from sdtool import runtime
+    from sdtool.onnx_graphs import model_pieces
+
+    if input_size[0] != input_size[1]:
+        raise SdtoolError("--engine onnxruntime profiles square inputs; give --input-size S S")
+    side = input_size[0]
+    pieces = model_pieces(model.cpu().eval(), side)
+    so, settings = runtime.session_options(threads)
+    sizes = sorted({1, batch})
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.standard_normal((b, 3, side, side)).astype(np.float32) for b in sizes}
+    k_all = model.num_exits
+    names = [(f"exit {k + 1}", "deepest" if k == k_all - 1 else f"alone{k + 1}") for k in range(k_all)]
+    rows = []
+    for label, piece in names + [("full", "full")]:
+        sess = runtime.make_session(pieces.graphs[piece], so, piece)
+        lat = {str(b): 1000 * median_seconds(lambda s=sess, b=b: s.run(None, {"input": inputs[b]}),
+                                             torch.device("cpu"), warmup, repeats) for b in sizes}
+        rows.append({"name": label, "latency_ms": lat, "peak_memory_bytes": None})
+    return {"device": "cpu", "engine": settings, "threads": settings["intra_op_threads"], "warmup": warmup,
+            "repeats": repeats, "statistic": "median", "batch_sizes": sizes,
+            "peak_memory": "not measured on CPU", "exits": rows[:-1], "full": rows[-1]}
+
+
 def profile(target: str, input_size: tuple[int, int] | None = None, batch: int = 32, device: str = "cpu",
             latency: bool = True, warmup: int = 3, repeats: int = 10, threads: int | None = None,
-            overrides: list[str] | None = None) -> dict:
-    """`sdtool profile`: costs of a checkpoint (.safetensors) or of the model a recipe (.yaml) builds."""
+            overrides: list[str] | None = None, engine: str = "torch") -> dict:
+    """`sdtool profile`: costs of a checkpoint (.safetensors) or of the model a recipe (.yaml) builds.
+
+    engine: torch (eager; this model as it is) or onnxruntime (its graphs, on the CPU).
+    """
     from sdtool.device import resolve_device
+    from sdtool.engines import check_engine
 
     if batch < 1 or repeats < 1 or warmup < 0:
         raise SdtoolError("--batch and --repeats must be at least 1 and --warmup at least 0")
-    if threads:
+    check_engine(engine)
+    if threads is not None and threads < 1:
+        raise SdtoolError(f"--threads must be at least 1, got {threads}")
+    if threads and engine == "torch":
         torch.set_num_threads(threads)
     p = Path(target)
     if p.suffix in (".yaml", ".yml"):
@@ -233,7 +269,13 @@ def profile(target: str, input_size: tuple[int, int] | None = None, batch: int =
     rep = {"target": str(target), **source, "model": model.spec, "num_classes": model.num_classes,
            **exit_costs(model, size)}
     rep["latency"] = None
-    if latency:
+    if latency and engine == "onnxruntime":
+        if device not in ("cpu", "auto"):
+            raise SdtoolError("--engine onnxruntime runs on the CPU; drop --device or use --device cpu")
+        rep["latency"] = measure_latency_ort(model, size, batch, threads, warmup, repeats)
+    elif latency:
         dev = resolve_device(device)
         rep["latency"] = measure_latency(model.to(dev), size, batch, dev, warmup, repeats)
+        rep["latency"]["engine"] = {"engine": "torch", "torch": torch.__version__,
+                                    "threads": torch.get_num_threads(), "batchnorm_folded": False}
     return rep

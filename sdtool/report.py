@@ -187,7 +187,7 @@ def profile_view(rep: dict) -> None:
         mem = ("; peak memory " + ", ".join(f"{r['name']} {r['peak_memory_bytes'] / 2**20:.1f} MiB" for r in peak)
                if peak else f"; peak memory {lat['peak_memory']}")
         out.print(f"latency: median of {lat['repeats']} runs after {lat['warmup']} warm-up, device {lat['device']}, "
-                  f"{lat['threads']} torch threads{mem}", highlight=False)
+                  f"{lat['threads']} {(lat.get('engine') or {}).get('engine', 'torch')} threads{mem}", highlight=False)
 
 
 def early_exit_view(rep: dict) -> None:
@@ -208,7 +208,10 @@ def early_exit_view(rep: dict) -> None:
              f"{rep['accuracy_drop']:+.2f} points)",
              f"expected MACs {_m(rep['expected_macs'])} = {rep['macs_fraction']:.3f} of the reference "
              f"({_m(rep['reference_macs'])}): {rep['macs_speedup']:.2f}x fewer",
-             f"wall-clock speed-up vs the deepest exit alone ({t['device']}, {t['threads']} threads): "
+             (f"expected time {rep['expected_ms']:.3f} ms/image at batch {t['batch_n']['batch_size']}: predicted "
+              f"{rep['predicted_speedup']:.2f}x" if rep.get("expected_ms") is not None else ""),
+             f"wall-clock speed-up vs the deepest exit alone ({rep.get('engine', 'torch')}, {t['device']}, "
+             f"{t['threads']} threads): "
              f"batch {t['batch_n']['batch_size']}: {s['batch_n']:.2f}x"
              + (f", batch 1: {s['batch_1']:.2f}x ({t['batch_1']['early_exit_ms_per_image']:.2f} vs "
                 f"{t['batch_1']['deepest_ms_per_image']:.2f} ms/image, {t['batch_1']['images']} images)"
@@ -285,6 +288,38 @@ def export_view(rep: dict) -> None:
     if c:
         out.print(f"checked: {c['runtime']} output vs PyTorch on {c['inputs']} random inputs, max |diff| "
                   f"{c['max_abs_diff']:.2e}, same predictions: {c['same_argmax']}", highlight=False)
+
+
+def bundle_view(rep: dict) -> None:
+    """`sdtool export --early-exit`: the bundle written, its policy and its check."""
+    pol = rep["policy"]
+    thr = ", ".join("-" if v is None else f"{v:.4f}" for v in pol["values"]) or "none (one exit)"
+    out.print(f"wrote early-exit bundle {rep['out']} ({rep['exits']} exits, {len(rep['files'])} files, "
+              f"{rep['bundle_size'] / 1e6:.2f} MB)", highlight=False)
+    out.print(f"policy {pol['policy']}, fallback {pol['fallback']}, thresholds {thr}", highlight=False)
+    c = rep["check"]
+    out.print(f"checked: {c['runtime']} vs PyTorch on {c['inputs']} random inputs, every exit: max |diff| "
+              f"{c['max_abs_diff']:.2e}", highlight=False)
+    f = rep.get("fit")
+    if f:
+        out.print(f"fitted on val ({f['n']} images): top-1 {f['top1']:.2f}% vs deepest {f['deepest_top1']:.2f}%, "
+                  f"{f['macs_speedup']:.2f}x fewer MACs"
+                  + (f", predicted {f['predicted_speedup']:.2f}x faster" if f.get("predicted_speedup") else ""),
+                  highlight=False)
+    out.print(f"run it: sdtool predict {rep['out']} IMAGE...  (or, without sdtool: python -c 'from sdtool_runtime "
+              "import EarlyExitSession' inside the folder; docs/deploy.md)", highlight=False)
+    for w in rep.get("warnings", []):
+        err.print(f"warning: {w}", highlight=False)
+
+
+def predict_view(rep: dict) -> None:
+    """`sdtool predict`: one row per image."""
+    table = Table(title=f"{rep['target']} ({rep['engine']['engine']})")
+    for col, just in (("image", "left"), ("class", "left"), ("confidence", "right"), ("exit", "right")):
+        table.add_column(col, justify=just)
+    for r in rep["predictions"]:
+        table.add_row(r["file"], f"{r['name']} ({r['class']})", f"{r['confidence']:.3f}", str(r["exit"]))
+    out.print(table)
 
 
 # --- prune and pipeline (issue 5) -------------------------------------------------------------------

@@ -17,6 +17,13 @@ keeps the better result; the key strictly decreases, so it always ends. Coordina
 local optimum, not a proven global one; the shared start makes it at least as good as the best
 single shared threshold.
 
+Costs. With `cost="macs"` (default) a sample's cost is the MACs of what it ran (profile's
+counts); with `cost="latency"` it is the sum of the measured per-image times of the pieces on its
+way - the stages up to its exit and the heads of the exits tried - in the engine and at the batch
+size that will run it (`engines.*.piece_times`), and the budget is a fraction of the deepest exit's
+measured time. Either way the result reports both expected MACs and, when times are known, the
+expected time.
+
 Fitted thresholds are tuned to the fitting data; expect the test split to land near, not exactly
 on, the constraint.
 """
@@ -35,6 +42,9 @@ from sdtool.losses import ensemble_logits
 N_QUANTILES = 100
 
 
+COSTS = ("macs", "latency")
+
+
 @dataclass
 class ExitTable:
     """What the simulation needs, from all exits' logits on the fitting data."""
@@ -45,6 +55,10 @@ class ExitTable:
     head_macs: np.ndarray  # (K,) MACs of each exit's attention + head + classifier
     reference_macs: float  # the deepest exit alone
     fallback: str  # deepest | ensemble
+    stages_ms: np.ndarray | None = None  # (K,) measured ms per image of the stages up to each exit
+    head_ms: np.ndarray | None = None  # (K,) measured ms per image of each exit's head
+    reference_ms: float | None = None  # measured ms per image of the deepest exit alone
+    cost: str = "macs"  # what the objective counts: macs | latency
 
     @property
     def num_exits(self) -> int:
@@ -54,24 +68,45 @@ class ExitTable:
     def n(self) -> int:
         return self.correct.shape[1]
 
+    def costs(self, cost: str | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+        """(stages (K,), heads (K,), reference) in MACs or in ms per image."""
+        if (cost or self.cost) == "macs":
+            return self.stages_macs, self.head_macs, self.reference_macs
+        if self.stages_ms is None:
+            raise SdtoolError("latency costs were not measured for this table")
+        return self.stages_ms, self.head_ms, float(self.reference_ms)
+
 
 def make_table(logits: list[torch.Tensor], y: torch.Tensor, costs: dict, policy: str, fallback: str,
-               ensemble: str) -> ExitTable:
+               ensemble: str, times: dict | None = None, cost: str = "macs") -> ExitTable:
+    """`costs`: profile.exit_costs; `times`: an engine's piece_times (cumulative stages are summed here)."""
+    if cost not in COSTS:
+        raise SdtoolError(f"unknown cost {cost!r}; use one of {', '.join(COSTS)}")
+    if cost == "latency" and times is None:
+        raise SdtoolError("--cost latency needs measured piece times")
     scores = np.stack([confidence(z, policy).double().numpy() for z in logits[:-1]])
     correct = [(z.argmax(1) == y).numpy() for z in logits]
     correct.append((ensemble_logits(logits, ensemble).argmax(1) == y).numpy())
     ex = costs["exits"]
-    return ExitTable(scores=scores, correct=np.stack(correct), fallback=fallback,
-                     stages_macs=np.array([e["stages_macs"] for e in ex], dtype=np.float64),
-                     head_macs=np.array([e["head_macs"] for e in ex], dtype=np.float64),
-                     reference_macs=float(costs["reference"]["macs"]))
+    t = ExitTable(scores=scores, correct=np.stack(correct), fallback=fallback, cost=cost,
+                  stages_macs=np.array([e["stages_macs"] for e in ex], dtype=np.float64),
+                  head_macs=np.array([e["head_macs"] for e in ex], dtype=np.float64),
+                  reference_macs=float(costs["reference"]["macs"]))
+    if times is not None:
+        if len(times["stages_ms"]) != t.num_exits or len(times["head_ms"]) != t.num_exits:
+            raise SdtoolError("the measured piece times do not match the model's exits")
+        t.stages_ms = np.cumsum(np.asarray(times["stages_ms"], dtype=np.float64))
+        t.head_ms = np.asarray(times["head_ms"], dtype=np.float64)
+        t.reference_ms = float(times["deepest_ms"])
+    return t
 
 
-def simulate(t: ExitTable, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def simulate(t: ExitTable, thr: np.ndarray, cost: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Score C candidate threshold vectors at once.
 
     thr: (C, K-1) score thresholds (+inf = the exit never answers). Returns (top-1 % (C,),
-    expected MACs (C,), exit index (C, N), with K-1 meaning the fallback answered).
+    expected cost (C,) in the table's unit (or `cost`'s), exit index (C, N), with K-1 meaning the
+    fallback answered).
     """
     k_all, n = t.num_exits, t.n
     c = thr.shape[0]
@@ -84,12 +119,17 @@ def simulate(t: ExitTable, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     last = t.correct[k_all] if t.fallback == "ensemble" else t.correct[k_all - 1]
     rows = np.vstack([t.correct[: k_all - 1], last[None]])  # (K, N) correctness per answering exit
     right = rows[exit_at, np.arange(n)[None, :]]  # (C, N)
-    computed = np.ones((c, k_all), dtype=bool)
+    return 100.0 * right.mean(axis=1), expected_cost(t, thr, exit_at, cost), exit_at
+
+
+def expected_cost(t: ExitTable, thr: np.ndarray, exit_at: np.ndarray, cost: str | None = None) -> np.ndarray:
+    """Mean cost per sample (C,) of thresholds thr (C, K-1) whose exits are exit_at (C, N)."""
+    stages, heads, _ = t.costs(cost)
+    computed = np.ones((thr.shape[0], t.num_exits), dtype=bool)
     if t.fallback != "ensemble":
         computed[:, :-1] = np.isfinite(thr)
-    leave_cost = t.stages_macs[None, :] + np.cumsum(computed * t.head_macs[None, :], axis=1)  # (C, K)
-    macs = np.take_along_axis(leave_cost, exit_at, axis=1).mean(axis=1)
-    return 100.0 * right.mean(axis=1), macs, exit_at
+    leave_cost = stages[None, :] + np.cumsum(computed * heads[None, :], axis=1)  # (C, K)
+    return np.take_along_axis(leave_cost, exit_at, axis=1).mean(axis=1)
 
 
 def candidates(t: ExitTable) -> list[np.ndarray]:
@@ -138,7 +178,8 @@ def shared_sweep(t: ExitTable, n: int = N_QUANTILES) -> tuple[np.ndarray, np.nda
 
 
 def fit(t: ExitTable, policy: str, max_drop: float | None = None, budget: float | None = None) -> dict:
-    """Fit thresholds for objective (a) `max_drop` (points) or (b) `budget` (fraction of the reference cost)."""
+    """Fit thresholds for objective (a) `max_drop` (points) or (b) `budget` (fraction of the reference
+    cost: MACs, or the deepest exit's measured time with `t.cost == "latency"`)."""
     if (max_drop is None) == (budget is None):
         raise SdtoolError("fit thresholds for either --max-drop D or --budget F, not both")
     if max_drop is not None and max_drop < 0:
@@ -147,29 +188,39 @@ def fit(t: ExitTable, policy: str, max_drop: float | None = None, budget: float 
         raise SdtoolError(f"--budget must be a positive fraction of the reference cost, got {budget}")
     deepest = 100.0 * float(t.correct[t.num_exits - 1].mean())
     objective = "max_drop" if max_drop is not None else "budget"
-    limit = deepest - max_drop if max_drop is not None else budget * t.reference_macs
+    reference = t.costs()[2]
+    limit = deepest - max_drop if max_drop is not None else budget * reference
     cands = candidates(t)
-    levels, acc, macs = shared_sweep(t)
-    i = _best(_keys(objective, limit, acc, macs))
+    levels, acc, cost = shared_sweep(t)
+    i = _best(_keys(objective, limit, acc, cost))
     starts = [np.full(t.num_exits - 1, np.inf), np.full(t.num_exits - 1, levels[i])]
     thr, key = min((_descend(t, s, cands, objective, limit) for s in starts), key=lambda r: r[1])
-    acc, macs, exit_at = simulate(t, thr[None])
+    acc, _, exit_at = simulate(t, thr[None])
+    macs = float(expected_cost(t, thr[None], exit_at, "macs")[0])
     counts = np.bincount(exit_at[0], minlength=t.num_exits)
-    res = {"objective": objective, "max_drop": max_drop, "budget": budget, "n": t.n,
+    res = {"objective": objective, "max_drop": max_drop, "budget": budget, "cost": t.cost, "n": t.n,
            "deepest_top1": deepest, "top1": float(acc[0]), "accuracy_drop": deepest - float(acc[0]),
-           "expected_macs": float(macs[0]), "macs_fraction": float(macs[0]) / t.reference_macs,
-           "macs_speedup": t.reference_macs / float(macs[0]), "feasible": key[0] == 0.0,
+           "expected_macs": macs, "macs_fraction": macs / t.reference_macs,
+           "macs_speedup": t.reference_macs / macs, "feasible": key[0] == 0.0,
            "exit_fractions": (counts / t.n).tolist(), "values": values_from_scores(policy, thr.tolist())}
+    if t.stages_ms is not None:
+        ms = float(expected_cost(t, thr[None], exit_at, "latency")[0])
+        res.update(expected_ms=ms, reference_ms=t.reference_ms, time_fraction=ms / t.reference_ms,
+                   predicted_speedup=t.reference_ms / ms)
     if objective == "max_drop":
         res["target_top1"] = limit
     else:
-        res["budget_macs"] = limit
+        res["budget_" + ("macs" if t.cost == "macs" else "ms")] = limit
     return res
 
 
 def sweep(t: ExitTable, policy: str, n_budgets: int = 16) -> dict:
     """(c) The accuracy-vs-MACs curve: a shared-threshold sweep, per-exit fits over a grid of budgets,
     and every exit alone. MACs as fractions of the reference cost, accuracy in percent."""
+    if t.cost != "macs":  # the sweep is drawn in MACs, whatever the fit counted
+        import dataclasses
+
+        t = dataclasses.replace(t, cost="macs")
     ref = t.reference_macs
     levels, acc, macs = shared_sweep(t)
     shared = [{"threshold": values_from_scores(policy, [float(v)])[0], "top1": float(a),

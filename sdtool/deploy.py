@@ -1,0 +1,239 @@
+"""`sdtool export --early-exit` and `sdtool predict`: a deployable early-exit bundle and its use.
+
+A bundle is a folder (see sdtool/runtime.py for how it runs):
+
+    manifest.json        format, policy and thresholds, fallback, ensemble kind, input spec, class
+                         names, per-exit MACs and measured latency, the thread settings they were
+                         measured with, the source checkpoint's sha256 and lineage, a sha256 per graph
+    step1.onnx ...       one graph per exit step (stages + head fused; stages only where an exit never
+                         answers), dynamic batch axis, every weight inside the graph
+    sdtool_runtime.py    a copy of sdtool/runtime.py: numpy + onnxruntime are all a server needs
+
+The folder is written under a temporary name beside `--out` and renamed when complete, so a crash or
+an error never leaves a half-written bundle under the final name; an existing non-empty `--out` is
+refused. Before the rename, the bundle is loaded with the runtime and its logits are compared with
+PyTorch's, exit by exit, on random inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdtool import __version__, checkpoint, runtime
+from sdtool.errors import SdtoolError
+
+
+def _check_out(out: Path, src: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SdtoolError(f"--out {out} already exists and is not an empty folder; choose a new folder for the bundle")
+    if out.resolve() == src.resolve():
+        raise SdtoolError(f"--out {out} is the checkpoint being exported; choose a new folder")
+
+
+def export_bundle(path: str, out: str, opts=None, data: str | None = None, overrides: list[str] | None = None,
+                  batch_size: int | None = None, threads: int | None = None, latency_batch: int = 64,
+                  repeats: int = 5, quiet: bool = False) -> dict:
+    """Write the early-exit bundle of checkpoint `path` to folder `out` (see the module doc).
+
+    opts: early_exit.FitOptions; without `opts.fit` the checkpoint's stored thresholds are used.
+    latency_batch: the batch size at which each step's latency is measured for the manifest
+    (batch 1 is always measured too); repeats: timed runs per figure (0 = do not measure).
+    """
+    from sdtool import report
+    from sdtool.early_exit import FitOptions, choose_policy, leave_costs
+    from sdtool.engines import OrtEngine, bundle_layout
+    from sdtool.onnx_graphs import model_pieces, require_onnx
+    from sdtool.profile import exit_costs
+
+    require_onnx()
+    log = report.make_logger(quiet)
+    started = checkpoint.now()
+    opts = opts or FitOptions()
+    opts.check()
+    src, outp = Path(path), Path(out)
+    _check_out(outp, src)
+    model, meta = checkpoint.load(path)
+    size = checkpoint.input_size(meta)
+    spec_in = meta.get("input") or {}
+    mean, std = spec_in.get("mean"), spec_in.get("std")
+    if not mean or not std:
+        raise SdtoolError(f"{path} records no input normalisation (mean, std); it cannot be deployed without it")
+    costs = exit_costs(model, (size, size))
+    src_sha = checkpoint.sha256(path)
+    log(f"exporting {path} to ONNX and cutting it into exit steps")
+    pieces = model_pieces(model, size, identity={"source_sha256": src_sha})
+    engine = OrtEngine(model, size, threads=threads, pieces=pieces, ensemble=meta.get("ensemble", "logits"))
+    fit_rep = sweep_rep = None
+    warnings: list[str] = []
+    if model.num_exits == 1:  # `export --exit K` output: one step, nothing to decide
+        from sdtool.early_exit import ExitPolicy
+
+        if opts.fit:
+            raise SdtoolError(f"{path} has a single exit; there are no thresholds to fit")
+        pol = ExitPolicy("max_softmax", [], "deepest", meta.get("ensemble", "logits"))
+    else:
+        needs_data = opts.fit
+        cfg = bundle = None
+        if needs_data:
+            from sdtool.evaluate import bundle_for_checkpoint, data_for_checkpoint
+
+            cfg = data_for_checkpoint(meta, data, overrides)
+            bundle = bundle_for_checkpoint(path, meta, cfg, "val")
+        bs = batch_size or (cfg.eval_batch_size if cfg else latency_batch)
+        pol, fit_rep, sweep_rep, warnings = choose_policy(path, model, meta, cfg, bundle, opts, costs,
+                                                          torch.device("cpu"), bs, engine, log)
+    manifest, graphs = bundle_layout(pieces, pol, size, int(spec_in.get("channels") or 3), mean, std,
+                                     model.num_classes, src_sha, meta.get("class_names"))
+    timing = None
+    if repeats > 0:
+        log("timing each step in ONNX Runtime (batch 1 and %d)" % latency_batch)
+        timing = {str(b): engine.piece_times(size, b, warmup=2, repeats=repeats) for b in sorted({1, latency_batch})}
+    leave = leave_costs(costs, pol.computed())
+    for k, step in enumerate(manifest["steps"]):
+        e = costs["exits"][k]
+        step["macs"] = {"alone": e["macs"], "stages": e["stages_macs"], "head": e["head_macs"], "leave": leave[k]}
+        if timing:
+            step["latency_ms_per_image"] = {b: {"stages": t["stages_ms"][k], "head": t["head_ms"][k]}
+                                            for b, t in timing.items()}
+    manifest.update({
+        "sdtool_version": __version__, "created": checkpoint.now(), "model": model.spec,
+        "reference_macs": costs["reference"]["macs"],
+        "deepest_latency_ms_per_image": {b: t["deepest_ms"] for b, t in timing.items()} if timing else None,
+        "runtime_settings": engine.settings,
+        "source": {"path": str(path), "sha256": src_sha, "lineage": meta.get("lineage", []),
+                   "thresholds_fitted_on": (fit_rep and {k: v for k, v in fit_rep.items() if k != "piece_times"})
+                   or (meta.get("thresholds") or {}).get("fitted_on")},
+        "runtime": runtime.RUNTIME_FILE,
+    })
+    check = _write(outp, manifest, graphs, model, size, threads)
+    rep = {"checkpoint": str(path), "out": str(outp), "format": "onnx early-exit bundle", "exits": model.num_exits,
+           "policy": manifest["policy"], "files": sorted([*graphs, runtime.MANIFEST, runtime.RUNTIME_FILE]),
+           "bundle_size": sum(f.stat().st_size for f in outp.iterdir()), "check": check, "fit": fit_rep,
+           "sweep": sweep_rep, "warnings": warnings, "timing": timing, "started": started}
+    return rep
+
+
+def _write(out: Path, manifest: dict, graphs: dict[str, bytes], model, size: int, threads: int | None) -> dict:
+    """Write the folder under a temporary name, check it with the runtime, then rename it into place."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary folder
+    except OSError as e:
+        raise SdtoolError(f"cannot write {out}: {e.strerror or e}; choose another folder") from None
+    try:
+        for name, data in graphs.items():
+            (tmp / name).write_bytes(data)
+        shutil.copyfile(Path(runtime.__file__), tmp / runtime.RUNTIME_FILE)
+        (tmp / runtime.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        check = check_bundle(tmp, model, size, threads)
+        if out.exists():
+            out.rmdir()  # empty (checked before any work)
+        os.replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise SdtoolError(f"cannot write {out}: {e.strerror or e}; free space or choose another folder") from None
+        raise
+    return check
+
+
+@torch.no_grad()
+def check_bundle(folder: Path, model, size: int, threads: int | None = None) -> dict:
+    """Load the bundle with the runtime and compare every exit's logits with PyTorch on random inputs."""
+    sess = runtime.EarlyExitSession(folder, threads=threads)
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    ref, _ = model(x)
+    got = sess.run_exits(x.numpy())
+    diffs = [float(np.abs(g - r.numpy()).max()) for g, r in zip(got, ref) if g is not None]
+    z, _ = sess.predict(x.numpy())
+    return {"runtime": f"onnxruntime {sess.settings['onnxruntime']}", "inputs": x.shape[0],
+            "max_abs_diff": max(diffs), "exits_compared": len(diffs), "predict_ran": bool(np.isfinite(z).all())}
+
+
+# --------------------------------------------------------------------------------------------------
+# sdtool predict
+
+
+def predict(target: str, inputs: list[str], threads: int | None = None, resize: bool = False, top: int = 1) -> dict:
+    """`sdtool predict`: classify image files (or an npz of uint8 images) with a bundle or a checkpoint.
+
+    A bundle runs on ONNX Runtime; a checkpoint runs real early exit in PyTorch with its stored
+    thresholds (or its deepest exit when it has none).
+    """
+    if top < 1:
+        raise SdtoolError(f"--top must be at least 1, got {top}")
+    p = Path(target)
+    if p.is_dir():
+        sess = runtime.EarlyExitSession(p, threads=threads)
+        images = runtime.load_images(inputs, sess.size, sess.channels, resize)
+        rows = sess.classify(images, top=top)
+        engine, names = sess.settings, sess.class_names
+    else:
+        rows, engine, names = _predict_checkpoint(p, inputs, threads, resize, top)
+    for r, f in zip(rows, _sources(inputs)):
+        r["file"] = f
+    return {"target": str(target), "engine": engine, "images": len(rows), "predictions": rows,
+            "classes": len(names) if names else None}
+
+
+def _sources(inputs: list[str]) -> list[str]:
+    """One label per image: the file name, or `file.npz[i]` for each image of an npz file."""
+    out = []
+    for f in inputs:
+        if f.lower().endswith(".npz"):
+            with np.load(f, allow_pickle=False) as d:
+                out += [f"{f}[{i}]" for i in range(len(d["x"]))]
+        else:
+            out.append(f)
+    return out
+
+
+@torch.no_grad()
+def _predict_checkpoint(path: Path, inputs: list[str], threads: int | None, resize: bool, top: int):
+    from sdtool.early_exit import ExitPolicy, early_exit_forward
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, meta = checkpoint.load(path)
+    spec = meta.get("input") or {}
+    size, ch = checkpoint.input_size(meta), int(spec.get("channels") or 3)
+    if not spec.get("mean") or not spec.get("std"):
+        raise SdtoolError(f"{path} records no input normalisation (mean, std); it cannot classify raw images")
+    images = runtime.load_images(inputs, size, ch, resize)
+    mean = torch.tensor(spec["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(spec["std"]).view(1, -1, 1, 1)
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    stored = meta.get("thresholds")
+    k_all = model.num_exits
+    if stored and k_all > 1:
+        pol = ExitPolicy(stored["policy"], list(stored["values"]), stored.get("fallback", "deepest"),
+                         meta.get("ensemble", "logits"))
+        z, e = early_exit_forward(model, x, pol)
+    else:
+        z, e = model.forward_until(x, k_all - 1), torch.full((len(x),), k_all - 1)
+    p = torch.softmax(z.float(), dim=1)
+    names = meta.get("class_names")
+    rows = []
+    for i in range(len(x)):
+        conf, idx = p[i].topk(min(top, p.shape[1]))
+        c = int(idx[0])
+        rows.append({"class": c, "name": names[c] if names else str(c), "confidence": float(conf[0]),
+                     "exit": int(e[i]) + 1, "top": [{"class": int(j), "confidence": float(v)}
+                                                    for v, j in zip(conf, idx)]})
+    engine = {"engine": "torch", "threads": torch.get_num_threads(),
+              "early_exit": bool(stored and k_all > 1)}
+    return rows, engine, names

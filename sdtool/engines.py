@@ -1,0 +1,248 @@
+"""Inference engines for every place sdtool measures a time: eager PyTorch and ONNX Runtime.
+
+An engine runs one multi-exit network three ways on prepared (normalized, NCHW float) CPU batches:
+`early_exit(x)` (real early exit with the engine's policy), `deepest(x)` (the deepest exit alone,
+the reference) and `piece_times(...)` (per-image time of each exit's stages and of its head, the cost
+table of latency-aware fitting). Results come back as torch tensors so the callers stay the same.
+
+  * torch        - eager PyTorch on the model with batch norm folded into the preceding convolution
+                   (torch.fx, per stage and per head: an eval-mode BN after a conv is an affine map, so
+                   the fold changes results only by rounding) - the honest CPU inference baseline;
+                   `fold_bn=False` gives the unfolded model.
+  * onnxruntime  - the graphs of an early-exit bundle (sdtool.onnx_graphs), driven by
+                   sdtool.runtime.EarlyExitSession: one session per exit step, rows dropped between
+                   steps, spinning thread pools off.
+
+`settings` says what produced a time (engine, threads, versions); every timing's JSON carries it.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from sdtool.errors import SdtoolError
+
+ENGINES = ("torch", "onnxruntime")
+
+
+def check_engine(name: str) -> str:
+    if name not in ENGINES:
+        raise SdtoolError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
+    return name
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of a multi-exit net with every eval-mode BatchNorm that follows a Conv2d folded into it.
+
+    Each stage, attention module and head is traced with torch.fx and fused on its own (the multi-exit
+    structure and `forward_until` / `stages_to_exit` stay); a part that does not trace stays unfused.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    net = copy.deepcopy(model).eval()
+
+    def fused(m: nn.Module) -> nn.Module:
+        if not any(isinstance(c, nn.BatchNorm2d) for c in m.modules()):
+            return m
+        try:
+            return fuse(m, inplace=True)
+        except Exception:  # noqa: BLE001 - not traceable: keep it as it is (still correct, just unfused)
+            return m
+
+    for group in (net.stages, net.attention, net.heads):
+        for i in range(len(group)):
+            group[i] = fused(group[i])
+    return net
+
+
+def _median_ms_per_image(fn: Callable[[], object], n: int, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(ts) / n
+
+
+class TorchEngine:
+    name = "torch"
+
+    def __init__(self, model: nn.Module, policy=None, fold_bn: bool = True):
+        self.model = fold_batchnorm(model) if fold_bn else model.eval()
+        self.policy = policy
+        self.settings = {"engine": "torch", "torch": torch.__version__, "threads": torch.get_num_threads(),
+                         "batchnorm_folded": fold_bn, "memory_format": "contiguous"}
+
+    @property
+    def num_exits(self) -> int:
+        return self.model.num_exits
+
+    def set_policy(self, policy) -> None:
+        self.policy = policy
+
+    @torch.no_grad()
+    def early_exit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from sdtool.early_exit import early_exit_forward
+
+        return early_exit_forward(self.model, x, self.policy)
+
+    @torch.no_grad()
+    def deepest(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_until(x, self.model.num_exits - 1)
+
+    @torch.no_grad()
+    def piece_times(self, size: int, batch: int, warmup: int = 2, repeats: int = 5) -> dict:
+        """Per-image ms at `batch` of each exit's stages (from the previous exit's stage output) and of
+        its attention + head + classifier; and of the deepest exit alone."""
+        m = self.model
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        stages, heads, h = [], [], x
+        for k in range(m.num_exits):
+            h_in = h
+            stages.append(_median_ms_per_image(lambda h_in=h_in, k=k: m.stages_to_exit(h_in, k), batch, warmup, repeats))
+            h = m.stages_to_exit(h_in, k)
+            heads.append(_median_ms_per_image(lambda h=h, k=k: m.exit_output(k, h), batch, warmup, repeats))
+        deep = _median_ms_per_image(lambda: self.deepest(x), batch, warmup, repeats)
+        return {"batch": batch, "stages_ms": stages, "head_ms": heads, "deepest_ms": deep,
+                "unit": "ms per image", "statistic": f"median of {repeats}", **self.settings}
+
+
+class OrtEngine:
+    """ONNX Runtime over the pieces of `model` (exported here once) or over given `pieces`."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: nn.Module, size: int, policy=None, threads: int | None = None, pieces=None,
+                 ensemble: str = "logits", num_classes: int | None = None):
+        from sdtool import runtime
+        from sdtool.onnx_graphs import model_pieces, require_onnx
+
+        require_onnx()
+        self.pieces = pieces if pieces is not None else model_pieces(model, size, identity={"source_sha256": None})
+        self.size, self.threads = size, threads
+        self.num_classes = num_classes if num_classes is not None else model.num_classes
+        self.ensemble_kind = ensemble
+        self._so, self.settings = runtime.session_options(threads)
+        self._deep = runtime.make_session(self.pieces.graphs["deepest"], self._so, "deepest")
+        self.session = None
+        self.policy = policy
+        if policy is not None:
+            self.set_policy(policy)
+
+    @property
+    def num_exits(self) -> int:
+        return self.pieces.num_exits
+
+    def set_policy(self, policy) -> None:
+        """Sessions for `policy` (an early_exit.ExitPolicy): the steps it runs, stages-only where an exit never answers."""
+        from sdtool.runtime import EarlyExitSession
+
+        manifest, graphs = bundle_layout(self.pieces, policy, self.size, 3, [0.0] * 3, [1.0] * 3,
+                                         self.num_classes, source_sha256=None)
+        self.session = EarlyExitSession.from_memory(manifest, graphs, threads=self.threads)
+        self.policy = policy
+
+    def early_exit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, e = self.session.predict(x.numpy())
+        return torch.from_numpy(z), torch.from_numpy(e)
+
+    def deepest(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._deep.run(None, {"input": x.numpy()})[0])
+
+    def all_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every exit's logits of a batch (one run per step, no rows dropped)."""
+        from sdtool.onnx_graphs import h_name, logits_name
+
+        outs, h = [], x.numpy()
+        for k in range(self.num_exits):
+            sess = self._piece_session(f"step{k + 1}")
+            src = "input" if k == 0 else h_name(k - 1)
+            names = [logits_name(k)] if k == self.num_exits - 1 else [h_name(k), logits_name(k)]
+            res = sess.run(names, {src: h})
+            outs.append(torch.from_numpy(res[-1]))
+            h = res[0]
+        return outs
+
+    def _piece_session(self, name: str):
+        from sdtool import runtime
+
+        cache = self.__dict__.setdefault("_sessions", {})
+        if name not in cache:
+            cache[name] = runtime.make_session(self.pieces.graphs[name], self._so, name)
+        return cache[name]
+
+    def piece_times(self, size: int, batch: int, warmup: int = 2, repeats: int = 5) -> dict:
+        """As TorchEngine.piece_times; a head's time is (step time - stages-only time) of its exit."""
+        from sdtool.onnx_graphs import h_name
+
+        x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+        stages, heads, h = [], [], x
+        k_all = self.num_exits
+        for k in range(k_all):
+            src = "input" if k == 0 else h_name(k - 1)
+            step = self._piece_session(f"step{k + 1}")
+            t_step = _median_ms_per_image(lambda s=step, i=src, h=h: s.run(None, {i: h}), batch, warmup, repeats)
+            if k == k_all - 1:  # the last step: its stages with the final pooling + classifier
+                stages.append(t_step)
+                heads.append(0.0)
+                break
+            st = self._piece_session(f"stages{k + 1}")
+            t_st = _median_ms_per_image(lambda s=st, i=src, h=h: s.run(None, {i: h}), batch, warmup, repeats)
+            stages.append(t_st)
+            heads.append(max(0.0, t_step - t_st))
+            h = st.run(None, {src: h})[0]
+        deep = _median_ms_per_image(lambda: self._deep.run(None, {"input": x}), batch, warmup, repeats)
+        return {"batch": batch, "stages_ms": stages, "head_ms": heads, "deepest_ms": deep,
+                "unit": "ms per image", "statistic": f"median of {repeats}", **self.settings}
+
+
+def bundle_layout(pieces, policy, size: int, channels: int, mean, std, num_classes: int,
+                  source_sha256: str | None, class_names: list[str] | None = None) -> tuple[dict, dict[str, bytes]]:
+    """The manifest core (steps, policy, input) and graph files an ExitPolicy needs from `pieces`.
+
+    Step k uses the fused step graph, or the stages-only graph where exit k never answers under the
+    deepest fallback (its head is neither run nor shipped).
+    """
+    from sdtool.onnx_graphs import INPUT, h_name, logits_name
+    from sdtool.runtime import BUNDLE_FORMAT, BUNDLE_VERSION, sha256_bytes
+
+    k_all = pieces.num_exits
+    if len(policy.values) != k_all - 1:
+        raise SdtoolError(f"the thresholds name {len(policy.values)} shallow exits but the model has {k_all - 1}; "
+                          "refit them for this model")
+    computed = policy.computed()
+    steps, graphs = [], {}
+    for k in range(k_all):
+        name = f"step{k + 1}" if computed[k] else f"stages{k + 1}"
+        data = pieces.graphs[name]
+        file = f"{name}.onnx"
+        graphs[file] = data
+        steps.append({"exit": k + 1, "file": file, "sha256": sha256_bytes(data),
+                      "input": INPUT if k == 0 else h_name(k - 1),
+                      "h": None if k == k_all - 1 else h_name(k),
+                      "logits": logits_name(k) if computed[k] else None})
+    manifest = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "num_classes": num_classes,
+                "class_names": class_names,
+                "input": {"size": size, "channels": channels, "mean": list(mean), "std": list(std),
+                          "layout": "uint8 (N, H, W, C) images, or float32 (N, C, H, W) already normalized"},
+                "policy": {"policy": policy.policy, "values": list(policy.values), "fallback": policy.fallback,
+                           "ensemble": policy.ensemble},
+                "source": {"sha256": source_sha256}, "steps": steps}
+    return manifest, graphs
+
+
+def make_engine(name: str, model: nn.Module, size: int, policy=None, threads: int | None = None,
+                ensemble: str = "logits"):
+    """An engine by name over `model` (CPU); `threads` sets ONNX Runtime's threads (torch's are global)."""
+    if check_engine(name) == "torch":
+        return TorchEngine(model.cpu(), policy)
+    return OrtEngine(model.cpu(), size, policy, threads, ensemble=ensemble)
