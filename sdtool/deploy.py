@@ -65,6 +65,9 @@ def export_bundle(path: str, out: str, opts=None, data: str | None = None, overr
     mean, std = spec_in.get("mean"), spec_in.get("std")
     if not mean or not std:
         raise SdtoolError(f"{path} records no input normalisation (mean, std); it cannot be deployed without it")
+    if model.num_exits > 1 and not opts.fit and not meta.get("thresholds"):  # before the slow export
+        raise SdtoolError(f"{path} has no fitted thresholds; add --fit-thresholds (and --max-drop D or --budget F), "
+                          f"or fit them first with sdtool eval {path} --early-exit --fit-thresholds --out NEW")
     costs = exit_costs(model, (size, size))
     src_sha = checkpoint.sha256(path)
     log(f"exporting {path} to ONNX and cutting it into exit steps")
