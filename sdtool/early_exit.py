@@ -88,6 +88,16 @@ def leave_costs(costs: dict, computed: list[bool]) -> list[int]:
     return out
 
 
+def leave_times(times: dict, computed: list[bool]) -> list[float]:
+    """Measured ms per image of a sample that leaves at each exit (an engine's `piece_times`)."""
+    stages = list(itertools.accumulate(times["stages_ms"]))
+    out, heads = [], 0.0
+    for k, c in enumerate(computed):
+        heads += times["head_ms"][k] if c else 0.0
+        out.append(stages[k] + heads)
+    return out
+
+
 @torch.no_grad()
 def early_exit_forward(model: nn.Module, x: torch.Tensor, policy: ExitPolicy) -> tuple[torch.Tensor, torch.Tensor]:
     """Real early exit on a batch: (logits (N, classes), exit index (N,), 0-based; K-1 = the fallback).
@@ -447,16 +457,9 @@ def _report(path, split, data_name, k_all, pol, costs, run, b1, bs, dev, setting
                       "engine": settings, "batch_n": bn, "batch_1": b1,
                       "note": "model calls only (data loading excluded); the same machine, one run"}}
     if times:
-        t = times
-        rep["piece_times"] = times
-        stages, heads = list(itertools.accumulate(t["stages_ms"])), t["head_ms"]
-        computed, acc, ms = pol.computed(), 0.0, []
-        for k in range(k_all):
-            acc += heads[k] if computed[k] else 0.0
-            ms.append(stages[k] + acc)
+        ms = leave_times(times, pol.computed())
         exp_ms = float(sum(ms[k] * int(counts[k]) for k in range(k_all)) / n)
-        rep["expected_ms"] = exp_ms
-        rep["predicted_speedup"] = t["deepest_ms"] / exp_ms
+        rep.update(piece_times=times, expected_ms=exp_ms, predicted_speedup=times["deepest_ms"] / exp_ms)
         for k, e in enumerate(exits):
             e["leave_ms"] = ms[k]
     return rep
