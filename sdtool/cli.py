@@ -359,6 +359,10 @@ def distill(
 
 
 def main() -> None:
+    # First, before any command imports torch: OpenMP reads its wait policy once, when torch loads it.
+    from sdtool import cpu
+
+    cpu.configure()
     app(prog_name="sdtool")
 
 

@@ -21,9 +21,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from sdtool import checkpoint, distributed, report
+from sdtool import checkpoint, cpu, distributed, report
 from sdtool.data import DataBundle, build_data
-from sdtool.device import amp_dtype, resolve_device
+from sdtool.device import amp_dtype, resolve_device, use_channels_last
 from sdtool.errors import SdtoolError
 from sdtool.evaluate import evaluate
 from sdtool.losses import SelfDistillLoss
@@ -79,11 +79,12 @@ class FitResult:
     best: Path | None
     history: list[dict] = field(default_factory=list)
     test: dict | None = None
+    runtime: dict = field(default_factory=dict)  # device, memory format, threads, OpenMP wait policy
     is_main: bool = True  # False in the other processes of a multi-process run: they print nothing
 
     def to_json(self) -> dict:
         return {"run_dir": str(self.run_dir), "last": str(self.last), "best": str(self.best) if self.best else None,
-                "epochs": self.history, "test": self.test}
+                "runtime": self.runtime, "epochs": self.history, "test": self.test}
 
 
 def _truncate_metrics(path: Path, last_row: dict | None) -> None:
@@ -187,7 +188,15 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
         torch.manual_seed(t.seed + 1_000_003 * ctx.rank)  # different augmentation per process
         if t.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    memory_format = torch.channels_last if (t.channels_last and device.type == "cuda") else torch.contiguous_format
+    # The memory format is decided once, when the run starts, and recorded in run.json: a resumed run reuses
+    # it, since other kernels would give other bits. run.json files from before `auto` lack it; those runs
+    # used channels_last only for `true` on CUDA.
+    run_info = json.loads((run_dir / "run.json").read_text()) if resuming and (run_dir / "run.json").is_file() else {}
+    if resuming:
+        channels_last = run_info.get("channels_last", t.channels_last is True and device.type == "cuda")
+    else:
+        channels_last = use_channels_last(t.channels_last, device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     criterion.to(device)
     if extra is not None:
@@ -218,7 +227,6 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
     sync_every = 1 if device.type == "cpu" else 25
 
     # The parent is hashed once, when the run starts; a resumed run keeps that hash (the file may have moved).
-    run_info = json.loads((run_dir / "run.json").read_text()) if resuming and (run_dir / "run.json").is_file() else {}
     parent_sha = run_info.get("init_sha256") or (checkpoint.sha256(init) if init else None)
     start_epoch, step, best_top1 = 0, 0, -math.inf
     started = checkpoint.now()
@@ -240,7 +248,8 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
     elif ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RECIPE_FILE).write_text(dump_yaml(recipe))
-        (run_dir / "run.json").write_text(json.dumps({"init": init, "init_sha256": parent_sha, "command": command}))
+        (run_dir / "run.json").write_text(json.dumps({"init": init, "init_sha256": parent_sha, "command": command,
+                                                      "channels_last": channels_last}))
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     base_meta = {
@@ -261,7 +270,10 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
 
     history: list[dict] = []
     best_path = run_dir / "best.safetensors" if n_val else None
-    log(report.run_header(recipe, model, bundle, device, adt, steps_per_epoch, eval_split, n_val, ctx.world_size))
+    runtime = {"device": str(device), "memory_format": "channels_last" if channels_last else "contiguous",
+               **cpu.runtime_settings()}
+    log(report.run_header(recipe, model, bundle, device, adt, steps_per_epoch, eval_split, n_val, runtime,
+                          ctx.world_size))
     lr = t.lr
     for epoch in range(start_epoch, t.epochs):
         train_loader.sampler.set_epoch(epoch)
@@ -345,7 +357,7 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
             raise failure or SdtoolError("process 0 failed while evaluating or saving; see its message")
 
     result = FitResult(run_dir, run_dir / "last.safetensors", best_path if best_path and best_path.exists() else None,
-                       history, is_main=ctx.is_main)
+                       history, runtime=runtime, is_main=ctx.is_main)
     if ctx.is_main:
         # The test split is reported, never used for selection: with a validation split, `best` was chosen on it.
         test_loader = bundle.loader("test", recipe.data.eval_batch_size, shuffle=False, seed=0,

@@ -105,7 +105,10 @@ class TrainConfig:
     seed: int = _f(0, "Random seed (weights, data order, augmentation).")
     device: str = _f("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
     amp: bool = _f(True, "Mixed precision on CUDA (bf16 where supported, else fp16 with a scaler); ignored on CPU.")
-    channels_last: bool = _f(False, "channels_last memory format on CUDA.")
+    channels_last: Literal["auto", True, False] = _f(
+        "auto", "channels_last memory format. `auto`: on for CUDA and the CPU (faster there for plain and "
+        "self-distillation training: `benchmarks/train_step.py --memory-format both`), off for MPS; true/false: "
+        "on/off on any device. The choice is recorded in the run's `run.json` and kept by --resume.")
     compile: bool = _f(False, "torch.compile the model.")
     threads: Optional[int] = _f(None, "CPU threads for torch (null = torch's default).")
     sync_bn: bool = _f(False, "Multi-process runs: synchronise batch-norm statistics across processes (SyncBatchNorm).")
@@ -185,8 +188,8 @@ class Recipe:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Literal:  # booleans as YAML spells them
+        return "one of " + ", ".join(str(a).lower() if isinstance(a, bool) else repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(_type_name(a) for a in args) + " or null"
@@ -211,7 +214,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise bad
     if origin is Literal:
-        if value not in typing.get_args(tp):
+        # Compare types too: 1 == True, so `in` alone would let 1 or 0.0 through a Literal of booleans.
+        if not any(type(value) is type(a) and value == a for a in typing.get_args(tp)):
             raise SdtoolError(f"{key}: {value!r} is not allowed; use {_type_name(tp)}")
         return value
     if origin is list:

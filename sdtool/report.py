@@ -58,14 +58,16 @@ def epoch_progress(epoch: int, epochs: int, steps: int, quiet: bool) -> Iterator
         yield _Bar(progress, task)
 
 
-def run_header(recipe, model, bundle, device, adt, steps: int, eval_split: str, n_val: int, world: int = 1) -> str:
+def run_header(recipe, model, bundle, device, adt, steps: int, eval_split: str, n_val: int, runtime: dict,
+               world: int = 1) -> str:
+    """The start line of a run; `runtime` is FitResult.runtime (memory format, threads, OpenMP wait policy)."""
+    from sdtool.cpu import describe
+
     n_params = sum(p.numel() for p in model.parameters())
     amp = {None: "off"}.get(adt, str(adt).replace("torch.", ""))
-    import torch
-
     return (f"{recipe.model.name} ({n_params / 1e6:.3f} M params, {model.num_exits} exits, mode {recipe.sd.mode}) "
             f"on {recipe.data.name}: {len(bundle.train)} train / {n_val} val / {len(bundle.test)} test images, "
-            f"{steps} steps per epoch; device {device}, {torch.get_num_threads()} threads, amp {amp}"
+            f"{steps} steps per epoch; device {device}, {describe(runtime)}, {runtime['memory_format']}, amp {amp}"
             f"{f', {world} processes' if world > 1 else ''}; "
             f"evaluating on {eval_split}")
 

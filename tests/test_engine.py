@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from sdtool import SdtoolError, checkpoint
+from sdtool import engine
+from sdtool.device import use_channels_last
 from sdtool.engine import fit
 from sdtool.recipe import from_dict
 
@@ -107,6 +109,77 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert checkpoint.read_meta(tmp_path / "run" / "last.safetensors")["metrics"]["epoch"] == 1
 
 
+def test_channels_last_rule():
+    """auto: a fixed rule per device type (CPU and CUDA measured faster in channels_last, MPS not measured)."""
+    cpu, cuda, mps = (torch.device(d) for d in ("cpu", "cuda", "mps"))
+    assert [use_channels_last("auto", d) for d in (cpu, cuda, mps)] == [True, True, False]
+    assert [use_channels_last(True, d) for d in (cpu, cuda, mps)] == [True, True, True]
+    assert [use_channels_last(False, d) for d in (cpu, cuda, mps)] == [False, False, False]
+
+
+def _spy_memory_format(monkeypatch) -> list[tuple[bool, bool]]:
+    """Record, per training step, whether the batch and the conv weights are in channels_last layout."""
+    seen = []
+    real = engine.TrainStep.forward
+
+    def spy(self, x, y):
+        w = next(p for p in self.model.parameters() if p.dim() == 4)
+        seen.append((x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+                     w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()))
+        return real(self, x, y)
+
+    monkeypatch.setattr(engine.TrainStep, "forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("setting,channels_last", [("auto", True), (True, True), (False, False)])
+def test_memory_format_is_used_and_recorded(tmp_path, monkeypatch, setting, channels_last):
+    seen = _spy_memory_format(monkeypatch)
+    res = fit(recipe(train={"epochs": 1, "channels_last": setting}), tmp_path / "run", quiet=True)
+    assert seen and set(seen) == {(channels_last, channels_last)}
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["channels_last"] is channels_last
+    runtime = res.to_json()["runtime"]
+    assert runtime["memory_format"] == ("channels_last" if channels_last else "contiguous")
+    assert runtime["device"] == "cpu" and runtime["threads"] == 1
+
+
+def test_resume_reuses_the_recorded_memory_format(tmp_path, monkeypatch):
+    """--resume trains in the format run.json records and never re-decides; run.json files from before
+    `auto` (no key) get the old rule: channels_last only for `true` on CUDA."""
+    import shutil
+
+    from sdtool import losses
+
+    class Cut(Exception):
+        pass
+
+    real, calls = losses.SelfDistillLoss.forward, {"n": 0}
+
+    def cut_in_epoch_2(self, *args):
+        calls["n"] += 1
+        if calls["n"] > 6:  # epoch 1 has 6 steps
+            raise Cut
+        return real(self, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(losses.SelfDistillLoss, "forward", cut_in_epoch_2)
+        with pytest.raises(Cut):
+            fit(recipe(), tmp_path / "cut", quiet=True)
+    info = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert info["channels_last"] is True  # auto, on the CPU
+    monkeypatch.setattr(engine, "use_channels_last", lambda *a: pytest.fail("resume re-decided the format"))
+    seen = _spy_memory_format(monkeypatch)
+    for recorded, expect in [(True, True), (False, False), (None, False)]:
+        run = tmp_path / f"resume_{recorded}"
+        shutil.copytree(tmp_path / "cut", run)
+        kept = {k: v for k, v in info.items() if k != "channels_last"}
+        (run / "run.json").write_text(json.dumps(kept if recorded is None else {**kept, "channels_last": recorded}))
+        seen.clear()
+        res = fit(None, None, resume=run, quiet=True)
+        assert len(res.history) == 1 and set(seen) == {(expect, expect)}
+        assert res.runtime["memory_format"] == ("channels_last" if expect else "contiguous")
+
+
 def test_existing_run_folder_is_not_overwritten(tmp_path):
     fit(recipe(train={"epochs": 1}), tmp_path / "run", quiet=True)
     with pytest.raises(SdtoolError, match="--resume"):
@@ -146,5 +219,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert weights(tmp_path / "full" / "best.safetensors").keys() == weights(tmp_path / "cut" / "best.safetensors").keys()
+    # What was just shown bit-exact was channels_last training: `auto` on the CPU, recorded and reused.
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["channels_last"] is True
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in rows][-1] == 4

@@ -23,6 +23,14 @@ def test_overrides_parse_yaml_values():
     assert r.model.attention is False and r.train.milestones is None
 
 
+def test_channels_last_is_auto_or_a_yaml_boolean():
+    """auto by default; true/false stay booleans, so old recipes and old runs' recipe.yaml still load."""
+    assert Recipe().train.channels_last == "auto"
+    for text, value in [("auto", "auto"), ("true", True), ("false", False)]:
+        got = load_recipe(None, [f"train.channels_last={text}"]).train.channels_last
+        assert got == value and type(got) is type(value)
+
+
 def test_ints_are_accepted_for_floats():
     assert from_dict({"train": {"lr": 1}}).train.lr == 1.0
 
@@ -43,6 +51,8 @@ def test_ints_are_accepted_for_floats():
     ({"train": {"milestones": [20, 10]}}, "train.milestones must be increasing"),
     ({"data": {"workers": -1}}, "data.workers must be >= 0"),
     ({"eval": {"budget": 0}}, "eval.budget must be a positive fraction"),
+    ({"train": {"channels_last": "yes"}}, "train.channels_last: 'yes' is not allowed; use one of 'auto', true, false"),
+    ({"train": {"channels_last": 1}}, "train.channels_last: 1 is not allowed"),  # 1 == True, but not a boolean
 ])
 def test_errors_name_the_key(data, match):
     with pytest.raises(SdtoolError, match=match) as e:
