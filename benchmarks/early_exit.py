@@ -11,7 +11,8 @@ validation split for at most `--max-drop` points below the deepest exit (`--cost
 ONNX Runtime's measured step times at the batch size), an early-exit bundle is exported with them
 (OUT/<name>/bundle), and then, for each thread count, in one process and alternating:
 
-  rows     torch (eager, batch norm unfolded) deepest alone / early exit; torch with batch norm folded;
+  rows     torch (eager, batch norm unfolded, contiguous) deepest alone / early exit; torch_opt (batch norm
+           folded, channels_last);
            onnxruntime (the bundle's own sessions) deepest alone / early exit
   batches  every test image at batch `--batch` (default 256), and `--latency-images` images at batch 1
   columns  test top-1, drop, MACs speed-up, predicted wall-clock speed-up (from each engine's measured
@@ -89,7 +90,7 @@ def measure(name: str, ckpt: Path, args) -> dict:
     per_threads = {}
     for threads in args.threads:
         torch.set_num_threads(threads)
-        engines = {"torch": TorchEngine(model, pol, fold_bn=False), "torch_folded": TorchEngine(model, pol),
+        engines = {"torch": TorchEngine(model, pol, fold_bn=False), "torch_opt": TorchEngine(model, pol),
                    "onnxruntime": OrtEngine(model, size, pol, threads=threads, ensemble=pol.ensemble)}
         engines["onnxruntime"].session = EarlyExitSession(out, threads=threads)  # the bundle on disk
         rows = {}

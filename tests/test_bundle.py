@@ -371,7 +371,8 @@ def test_eval_engines_agree(bundle, ckpt):
     for e, rep in reps.items():
         assert rep["engine"] == e and rep["timing"]["engine"]["engine"] == e
         assert rep["expected_ms"] > 0 and rep["predicted_speedup"] > 0 and rep["wall_clock_speedup"]["batch_n"] > 0
-    assert reps["torch"]["timing"]["engine"]["batchnorm_folded"] is True
+    t = reps["torch"]["timing"]["engine"]
+    assert t["batchnorm_folded"] is True and t["memory_format"] == "channels_last" and "omp_wait_policy" in t
 
 
 def test_batchnorm_folding_keeps_outputs(ckpt):
