@@ -42,7 +42,7 @@ def model_args(recipe: Recipe, num_classes: int, input_size: int | None = None) 
     m = recipe.model
     args = {"num_classes": num_classes, "stem": m.stem, "width": m.width, "width_mult": m.width_mult,
             "head": m.head, "attention": m.attention, "exits": m.exits, "exits_after": m.exits_after,
-            "input_size": input_size}
+            "split_layer1": m.split_layer1, "input_size": input_size}
     if recipe.sd.mode == "plain":  # the paper's baseline: the backbone alone with its own classifier
         args.update(exits=[], attention=False)
     return select_args(m.name, args, dataclasses.asdict(ModelConfig()))

@@ -51,6 +51,9 @@ class ModelConfig:
     exits_after: Optional[list[str]] = _f(
         None, "torchvision:ARCH models: names of the modules after which exits go, e.g. [layer1, layer2, layer3] "
         "(null = the family's default, where known); `exits` then picks among these stages.")
+    split_layer1: Optional[bool] = _f(
+        None, "ResNet family (resnet18 ... resnext50_32x4d): true cuts layer1 after its first block, giving 5 "
+        "stages and an exit inside the full-resolution layer1 (`exits` picks among them); null = no cut.")
 
 
 @dataclass

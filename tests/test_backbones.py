@@ -20,13 +20,17 @@ TINY = {  # arguments that make a network small enough for a CPU test (and valid
     "resnet8x4": {"width": 8}, "resnet32x4": {"width": 8},
     "torchvision_wrapped": {"arch": "resnet18", "exits_after": ["layer1", "layer2", "layer3"]},
 }
+VARIANTS = {  # built-ins in a non-default layout, tested like backbones of their own: (registry name, args)
+    "resnet18[split_layer1]": ("resnet18", {"split_layer1": True}),  # 5 stages: an exit inside layer1
+}
 
 
 def tiny(name):
     if name == "truncated":  # one exit of another model, standing alone
         return create_model("truncated", base="resnet20", base_args={"num_classes": 10, "width": 4}, exit=2)
+    name, variant = VARIANTS.get(name, (name, {}))
     params = inspect.signature(_REGISTRY[name]).parameters
-    args = {"num_classes": 10}
+    args = {"num_classes": 10, **variant}
     if "width" in params:
         args["width"] = 4
     if "width_mult" in params:
@@ -39,7 +43,7 @@ def n_params(m):
     return sum(p.numel() for p in m.parameters())
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models() + list(VARIANTS))
 def test_backbone_trains_profiles_prunes_and_reloads(name, tmp_path):
     from sdtool.profile import exit_costs
 
@@ -175,7 +179,8 @@ def test_engine_model_args_skip_keys_a_builder_lacks():
                                  "attention": False, "exits": []}
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if n not in ("truncated", "torchvision_wrapped")])
+@pytest.mark.parametrize("name", [n for n in list_models() if n not in ("truncated", "torchvision_wrapped")]
+                         + list(VARIANTS))
 def test_backbones_are_what_wrapping_their_stages_gives(name):
     """A built-in backbone is a preset of the exits-on-any-model mechanism: wrapping its stages (chained
     as one plain nn.Sequential, exits after each but the last) finds the same widths and strides by a

@@ -17,6 +17,7 @@ from sdtool import checkpoint
 from sdtool.cli import app
 from sdtool.engine import fit
 from sdtool.errors import SdtoolError
+from sdtool.models import create_model
 from sdtool.prune import CRITERIA, PruneOptions, full_macs, prune_checkpoint, prune_model
 from sdtool.recipe import from_dict, load_recipe
 
@@ -369,3 +370,26 @@ def test_pipeline_recipe_is_valid():
     assert r.prune.enabled and r.prune.criterion == "taylor" and r.eval.early_exit and r.data.val_size > 0
     assert (ROOT / "recipes" / "pipeline_quickstart.yaml").read_text().startswith(
         "# sdtool pipeline recipes/pipeline_quickstart.yaml")
+
+
+def test_split_layer1_resnet18_prunes_to_a_target_and_reloads(tmp_path):
+    """The five-stage resnet18 (an exit inside layer1, whose head starts with a stride-1 SepConv) prunes
+    to a MACs target like the paper's layout; every exit still runs and the file rebuilds it."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, width=8, split_layer1=True)
+    pruned, info = prune_model(model, PruneOptions(target_macs=0.5), SIZE)
+    assert abs(info["macs_fraction"] - 0.5) <= 0.01 and params(pruned) < 0.6 * params(model)
+    assert pruned.feature_dims[:-1] == model.feature_dims[:-1] == [64] * 4  # protect_exits kept the heads
+    assert pruned.stages[0][1][0].conv2.out_channels == pruned.stages[1][0].conv1.in_channels < 8
+    path = tmp_path / "split.safetensors"
+    checkpoint.save(path, pruned, {"num_classes": 10})
+    reloaded, meta = checkpoint.load(path)
+    assert meta["model"]["args"]["split_layer1"] and meta["model"]["stages"][1] == "layer1[1:]"
+    pruned.eval()
+    x = x_batch()
+    with torch.no_grad():
+        logits = pruned(x)[0]
+        assert len(logits) == 5
+        for k, (a, b) in enumerate(zip(reloaded(x)[0], logits)):
+            torch.testing.assert_close(a, b)
+            torch.testing.assert_close(reloaded.forward_until(x, k), b)

@@ -85,3 +85,17 @@ def test_reference_docs_are_current():
     """docs/recipes.md embeds the generated reference; regenerate with `python -m sdtool.recipe`."""
     doc = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
     assert reference_markdown().strip() in doc
+
+
+def test_split_layer1_from_a_recipe():
+    """`model.split_layer1: true` reaches the builder (5 stages, 5 exits); null leaves the spec as before."""
+    from sdtool.engine import model_args
+    from sdtool.models import create_model
+
+    r = from_dict({"model": {"name": "resnet18", "width": 4, "split_layer1": True}})
+    net = create_model("resnet18", **model_args(r, 10, 32))
+    assert len(net.stages) == 5 and net.num_exits == 5 and net.spec["args"]["split_layer1"] is True
+    plain = create_model("resnet18", **model_args(from_dict({"model": {"name": "resnet18", "width": 4}}), 10, 32))
+    assert len(plain.stages) == 4 and "split_layer1" not in plain.spec["args"]
+    with pytest.raises(SdtoolError, match="split_layer1"):
+        create_model("resnet20", **model_args(from_dict({"model": {"name": "resnet20", "split_layer1": True}}), 10, 32))
