@@ -37,7 +37,8 @@ from common import cifar10_recipe, machine, write_json
 
 from sdtool import checkpoint
 from sdtool.deploy import export_bundle
-from sdtool.early_exit import ExitPolicy, FitOptions, leave_costs, leave_times, run_split, time_batch1
+from sdtool.early_exit import ExitPolicy, leave_costs, leave_times
+from sdtool.exit_eval import FitOptions, run_split, time_batch1
 from sdtool.engines import OrtEngine, TorchEngine
 from sdtool.evaluate import bundle_for_checkpoint, data_for_checkpoint
 from sdtool.profile import exit_costs

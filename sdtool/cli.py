@@ -48,7 +48,7 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU thread
 
 
 def _fit_options(fit: bool, max_drop, budget, policy, fallback, cost: Cost, sweep_out):
-    from sdtool.early_exit import FitOptions
+    from sdtool.exit_eval import FitOptions
 
     return FitOptions(fit, max_drop, budget, policy, fallback, cost.value, str(sweep_out) if sweep_out else None)
 
@@ -143,7 +143,7 @@ def eval_(
     if split not in ("test", "val"):
         raise SdtoolError(f"--split {split!r} is not allowed; use test or val")
     if early_exit:
-        from sdtool.early_exit import eval_early_exit
+        from sdtool.exit_eval import eval_early_exit
 
         rep = eval_early_exit(str(ckpt), data, set_, split, device, fit=fit_thresholds, max_drop=max_drop,
                               budget=budget, policy=policy, fallback=fallback,

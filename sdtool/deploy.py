@@ -47,7 +47,8 @@ def export_bundle(path: str, out: str, opts=None, data: str | None = None, overr
     (batch 1 is always measured too); repeats: timed runs per figure (0 = do not measure).
     """
     from sdtool import report
-    from sdtool.early_exit import FitOptions, choose_policy, leave_costs
+    from sdtool.early_exit import leave_costs
+    from sdtool.exit_eval import FitOptions, choose_policy
     from sdtool.engines import OrtEngine, bundle_layout
     from sdtool.onnx_graphs import model_pieces, require_onnx
     from sdtool.profile import exit_costs

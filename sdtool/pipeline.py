@@ -91,7 +91,7 @@ def run_pipeline(recipe: Recipe, out: str | Path, recipe_path: str | None = None
                                note=f"{ft.sd.mode}, {p.finetune_epochs} ep."))
 
     if ev.early_exit:
-        from sdtool.early_exit import eval_early_exit
+        from sdtool.exit_eval import eval_early_exit
 
         log("pipeline: fit early-exit thresholds")
         final = out / "final.safetensors"

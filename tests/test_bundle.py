@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from sdtool import SdtoolError, checkpoint, runtime
 from sdtool.cli import app
 from sdtool.deploy import export_bundle
-from sdtool.early_exit import ExitPolicy, FitOptions, confidence, early_exit_forward
+from sdtool.early_exit import ExitPolicy, confidence, early_exit_forward
+from sdtool.exit_eval import FitOptions
 from sdtool.engines import bundle_layout
 from sdtool.onnx_graphs import model_pieces
 
@@ -355,7 +356,7 @@ def test_pruned_and_one_exit_models_bundle(ckpt, tmp_path):
 
 def test_eval_engines_agree(bundle, ckpt):
     """eval --early-exit in onnxruntime and in torch: the same thresholds give the same accuracy."""
-    from sdtool.early_exit import eval_early_exit
+    from sdtool.exit_eval import eval_early_exit
 
     _, out = bundle
     m = json.loads((out / "manifest.json").read_text())
