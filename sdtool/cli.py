@@ -41,7 +41,7 @@ MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="Fit: le
 BudgetOpt = Annotated[Optional[float], typer.Option("--budget", help="Fit: best top-1 within F x the reference cost (the deepest exit alone, in --cost units).")]
 PolicyOpt = Annotated[Optional[str], typer.Option("--policy", help="Early exit: max_softmax (default) or entropy.")]
 FallbackOpt = Annotated[Optional[str], typer.Option("--fallback", help="Early exit: who answers the rest: deepest (default) or ensemble.")]
-CostOpt = Annotated[Cost, typer.Option("--cost", help="Fit: what a sample costs: macs, or latency measured per exit step in --engine on this machine.")]
+CostOpt = Annotated[Cost, typer.Option("--cost", help="Fit: what a sample costs: macs, or latency measured per exit step on this machine (in --engine; export: onnxruntime).")]
 SweepOpt = Annotated[Optional[Path], typer.Option("--sweep-out", help="Fit: write the accuracy-vs-MACs sweep (JSON, CSV, PNG) to this folder.")]
 EngineOpt = Annotated[Engine, typer.Option("--engine", help="Inference engine for timings: torch (eager, batch norm folded) or onnxruntime.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads of the engine (default: torch's setting, or the cores this process may use for onnxruntime).")]
@@ -250,13 +250,18 @@ def export(
             raise SdtoolError("--early-exit writes an ONNX bundle; drop --format or use --format onnx")
         if exit_ is not None:
             raise SdtoolError("--early-exit exports every exit; export one exit with --exit K alone, then bundle that")
+        if not check:
+            raise SdtoolError("a bundle is always checked against PyTorch before it is written; drop --no-check")
+        if not fit_thresholds and (data or set_ or batch_size):
+            raise SdtoolError("--data, --set and --batch-size belong to threshold fitting; add --fit-thresholds")
         rep = export_bundle(str(ckpt), str(out), fit_opts, data, set_, batch_size, threads, latency_batch,
                             quiet=json_)
         report.print_json(rep) if json_ else report.bundle_view(rep)
         return
     if fit_thresholds or fit_opts.max_drop is not None or budget is not None or policy or fallback or sweep_out \
-            or data or set_ or batch_size or threads or cost != Cost.macs:
-        raise SdtoolError("threshold fitting, --data, --set, --batch-size and --threads belong to --early-exit")
+            or data or set_ or batch_size or threads or cost != Cost.macs or latency_batch != 64:
+        raise SdtoolError("threshold fitting, --data, --set, --batch-size, --threads and --latency-batch belong to "
+                          "--early-exit")
     from sdtool.export import export as run_export
 
     rep = run_export(str(ckpt), str(out), format_, exit_, check)

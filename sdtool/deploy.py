@@ -58,6 +58,10 @@ def export_bundle(path: str, out: str, opts=None, data: str | None = None, overr
     started = checkpoint.now()
     opts = opts or FitOptions()
     opts.check()
+    if threads is not None and threads < 1:
+        raise SdtoolError(f"--threads must be at least 1, got {threads}")
+    if latency_batch < 1 or repeats < 0:
+        raise SdtoolError(f"--latency-batch must be at least 1, got {latency_batch}")
     src, outp = Path(path), Path(out)
     _check_out(outp, src)
     model, meta = checkpoint.load(path)
@@ -155,17 +159,36 @@ def _write(out: Path, manifest: dict, graphs: dict[str, bytes], model, size: int
     return check
 
 
+TOLERANCE = 1e-3  # of the logits' scale: float32 graphs against eager PyTorch differ by ~1e-5 of it
+
+
 @torch.no_grad()
 def check_bundle(folder: Path, model, size: int, threads: int | None = None) -> dict:
-    """Load the bundle with the runtime and compare every exit's logits with PyTorch on random inputs."""
+    """Load the bundle with the runtime and compare it with PyTorch on random inputs: every shipped
+    exit's logits, and early exit's choices (a different choice is allowed only where a confidence
+    lies within 1e-4 of its threshold). A bundle that does not reproduce the model is refused."""
+    from sdtool.early_exit import ExitPolicy, confidence, early_exit_forward
+
     sess = runtime.EarlyExitSession(folder, threads=threads)
-    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
     ref, _ = model(x)
     got = sess.run_exits(x.numpy())
+    scale = max(1.0, max(float(r.abs().max()) for r in ref))
     diffs = [float(np.abs(g - r.numpy()).max()) for g, r in zip(got, ref) if g is not None]
-    z, _ = sess.predict(x.numpy())
+    worst = max(diffs)
+    pol = ExitPolicy(sess.policy, sess.values, sess.fallback, sess.ensemble_kind)
+    _, e_ref = early_exit_forward(model, x, pol)
+    _, e_got = sess.predict(x.numpy())
+    thr = pol.score_thresholds()
+    bad = [i for i in range(len(x)) if int(e_ref[i]) != int(e_got[i])
+           and not any(abs(float(confidence(ref[k][i:i + 1], pol.policy)[0]) - thr[k]) < 1e-4 for k in range(len(thr)))]
+    if worst > TOLERANCE * scale or bad:
+        what = f"max |logit diff| {worst:.2e}" if worst > TOLERANCE * scale else f"exit choices differ on {len(bad)} inputs"
+        raise SdtoolError(f"the exported graphs do not reproduce the PyTorch model ({what}); nothing was written. "
+                          "Please report it with the model")
     return {"runtime": f"onnxruntime {sess.settings['onnxruntime']}", "inputs": x.shape[0],
-            "max_abs_diff": max(diffs), "exits_compared": len(diffs), "predict_ran": bool(np.isfinite(z).all())}
+            "max_abs_diff": worst, "exits_compared": len(diffs), "tolerance": TOLERANCE * scale,
+            "same_exit_choices": True}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,6 +203,8 @@ def predict(target: str, inputs: list[str], threads: int | None = None, resize: 
     """
     if top < 1:
         raise SdtoolError(f"--top must be at least 1, got {top}")
+    if threads is not None and threads < 1:
+        raise SdtoolError(f"--threads must be at least 1, got {threads}")
     p = Path(target)
     if p.is_dir():
         sess = runtime.EarlyExitSession(p, threads=threads)

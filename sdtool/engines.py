@@ -142,7 +142,6 @@ class OrtEngine:
         self.pieces = pieces if pieces is not None else model_pieces(model, size, identity={"source_sha256": None})
         self.size, self.threads = size, threads
         self.num_classes = num_classes if num_classes is not None else model.num_classes
-        self.ensemble_kind = ensemble
         self._so, self.settings = runtime.session_options(threads)
         self._deep = runtime.make_session(self.pieces.graphs["deepest"], self._so, "deepest")
         self.session = None
@@ -158,8 +157,8 @@ class OrtEngine:
         """Sessions for `policy` (an early_exit.ExitPolicy): the steps it runs, stages-only where an exit never answers."""
         from sdtool.runtime import EarlyExitSession
 
-        manifest, graphs = bundle_layout(self.pieces, policy, self.size, 3, [0.0] * 3, [1.0] * 3,
-                                         self.num_classes, source_sha256=None)
+        manifest, graphs = bundle_layout(self.pieces, policy, self.size, 3, [0.0] * 3, [1.0] * 3, self.num_classes,
+                                         source_sha256=(self.pieces.identity or {}).get("source_sha256"))
         self.session = EarlyExitSession.from_memory(manifest, graphs, threads=self.threads)
         self.policy = policy
 

@@ -71,9 +71,9 @@ class _AllOutputs(nn.Module):
 
 def export_proto(model: nn.Module, size: int, channels: int = 3):
     """The whole multi-exit net as one ONNX ModelProto whose outputs are named as above (CPU, float32)."""
+    require_onnx()
     import onnx
 
-    require_onnx()
     k_all = model.num_exits
     names = [n for k in range(k_all - 1) for n in (h_name(k), logits_name(k))] + [logits_name(k_all - 1)]
     wrapper = _AllOutputs(model).eval()
@@ -109,6 +109,7 @@ class Pieces:
 
     graphs: dict[str, bytes]
     num_exits: int
+    identity: dict | None = None  # embedded in the step graphs; a bundle's manifest must name the same source
 
     def step(self, k: int) -> bytes:
         return self.graphs[f"step{k + 1}"]
@@ -144,7 +145,7 @@ def cut_pieces(proto, num_exits: int, identity: dict | None = None) -> Pieces:
     for k in range(num_exits - 1):  # each shallow exit alone (profile), never shipped in a bundle
         add(f"alone{k + 1}", [INPUT], [logits_name(k)], None)
     graphs["full"] = proto.SerializeToString()
-    return Pieces(graphs, num_exits)
+    return Pieces(graphs, num_exits, identity)
 
 
 def model_pieces(model: nn.Module, size: int, identity: dict | None = None) -> Pieces:

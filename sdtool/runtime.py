@@ -86,16 +86,6 @@ def confidence(z: np.ndarray, policy: str) -> np.ndarray:
     return (np.exp(logp) * logp).sum(axis=1)
 
 
-def _confidence_one(z: np.ndarray, policy: str) -> float:
-    """`confidence` of one row of logits (C,), with fewer array operations (batch 1's hot path)."""
-    e = np.exp(z - z.max())
-    total = float(e.sum())
-    if policy == "max_softmax":
-        return 1.0 / total  # the largest probability is exp(0) / total
-    p = e / total
-    return float((p * np.log(np.maximum(p, 1e-45))).sum())
-
-
 def score_thresholds(policy: str, values: list) -> list[float]:
     """Thresholds on the confidence score (+inf = never leave), from the policy's unit."""
     return [np.inf if v is None else (float(v) if policy == "max_softmax" else -float(v)) for v in values]
@@ -131,9 +121,13 @@ def check_manifest(m: object, where: str) -> dict:
     _require(isinstance(pol, dict) and pol.get("policy") in POLICIES and pol.get("fallback") in FALLBACKS
              and pol.get("ensemble", "logits") in ENSEMBLES, where, "the manifest's policy is malformed")
     inp = m.get("input")
+
+    def numbers(v) -> bool:
+        return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
     _require(isinstance(inp, dict) and isinstance(inp.get("size"), int) and inp["size"] > 0
-             and isinstance(inp.get("channels"), int) and len(inp.get("mean") or []) == inp["channels"]
-             and len(inp.get("std") or []) == inp["channels"] and all(s > 0 for s in inp["std"]),
+             and isinstance(inp.get("channels"), int) and numbers(inp.get("mean")) and numbers(inp.get("std"))
+             and len(inp["mean"]) == inp["channels"] == len(inp["std"]) and all(s > 0 for s in inp["std"]),
              where, "the manifest's input spec (size, channels, mean, std) is malformed")
     steps = m.get("steps")
     _require(isinstance(steps, list) and len(steps) >= 1, where, "the manifest lists no graphs")
@@ -143,6 +137,11 @@ def check_manifest(m: object, where: str) -> dict:
              and all(x is None or isinstance(x, (int, float)) for x in vals), where,
              f"the policy needs {k_all - 1} thresholds (one per shallow exit)")
     _require(isinstance(m.get("num_classes"), int) and m["num_classes"] > 0, where, "num_classes is missing")
+    names = m.get("class_names")
+    _require(names is None or (isinstance(names, list) and len(names) == m["num_classes"]
+                               and all(isinstance(n, str) for n in names)), where,
+             "class_names must be a list of num_classes strings (or null)")
+    _require(isinstance(m.get("source", {}), dict), where, "source must be an object")
     for k, s in enumerate(steps):
         ok = (isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("sha256"), str)
               and isinstance(s.get("input"), str) and (s.get("h") is None or isinstance(s["h"], str))
@@ -199,6 +198,72 @@ def session_options(threads: int | None):
     return so, settings
 
 
+# A minimal protobuf walk over the ONNX messages that can hold tensors (onnx.proto3 field numbers), so the
+# runtime can refuse external data without the onnx package.
+_MODEL = {7: "graph", 25: "function"}
+_GRAPH = {1: "node", 5: "tensor", 15: "sparse"}
+_FUNCTION = {7: "node"}
+_NODE = {5: "attribute"}
+_ATTRIBUTE = {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"}
+_SPARSE = {1: "tensor", 2: "tensor"}
+_SCHEMA = {"model": _MODEL, "graph": _GRAPH, "function": _FUNCTION, "node": _NODE, "attribute": _ATTRIBUTE,
+           "sparse": _SPARSE}
+_TENSOR_LOCATION, _EXTERNAL = 14, 1
+
+
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    x = shift = 0
+    while True:
+        c = b[i]
+        i += 1
+        x |= (c & 0x7F) << shift
+        shift += 7
+        if c < 0x80:
+            return x, i
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(b: bytes, start: int, end: int):
+    """(field number, wire type, value or (start, end) of a length-delimited field) of one message."""
+    i = start
+    while i < end:
+        key, i = _varint(b, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            v, i = _varint(b, i)
+            yield field, wire, v
+        elif wire == 1:
+            i += 8
+        elif wire == 2:
+            n, i = _varint(b, i)
+            if i + n > end:
+                raise ValueError("truncated field")
+            yield field, wire, (i, i + n)
+            i += n
+        elif wire == 5:
+            i += 4
+        else:
+            raise ValueError(f"wire type {wire}")
+
+
+def has_external_data(data: bytes) -> bool:
+    """Whether any tensor of a serialized ONNX model (initializers, constants, subgraphs, functions)
+    has data_location EXTERNAL."""
+    stack = [("model", 0, len(data))]
+    while stack:
+        kind, a, z = stack.pop()
+        for field, wire, v in _fields(data, a, z):
+            if kind == "tensor":
+                if field == _TENSOR_LOCATION and wire == 0 and v == _EXTERNAL:
+                    return True
+                continue
+            sub = _SCHEMA[kind].get(field)
+            if sub is not None and wire == 2:
+                stack.append((sub, *v))
+    return False
+
+
 def default_threads() -> int:
     """The cores this process may use (its CPU affinity where the OS tells it)."""
     try:
@@ -208,11 +273,28 @@ def default_threads() -> int:
 
 
 def make_session(data: bytes, so, where: str):
-    """An InferenceSession from graph bytes; refuse graphs with external data (they would read files)."""
+    """An InferenceSession from graph bytes; refuse graphs with external data (they would read files).
+
+    Two guards: the graph's tensors are scanned for external data before ONNX Runtime sees it, and
+    ONNX Runtime is pointed at an empty folder for external initializers (from bytes it would otherwise
+    resolve relative locations against the current directory).
+    """
+    import tempfile
+
     import onnxruntime as ort
 
     try:
-        return ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
+        external = has_external_data(data)
+    except (IndexError, ValueError):
+        raise BundleError(f"{where} is not a readable ONNX graph (malformed protobuf); the bundle is damaged, "
+                          "export it again") from None
+    if external:
+        raise BundleError(f"{where} references external data files; bundles must hold every weight inside "
+                          "their graphs (export again with sdtool export --early-exit)")
+    try:
+        with tempfile.TemporaryDirectory() as empty:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
+            return ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - any load failure is a damaged or foreign graph
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if "external" in msg.lower() or "model_path" in msg.lower():
@@ -268,7 +350,7 @@ class EarlyExitSession:
                 ident = json.loads(ident) if ident else {}
             except json.JSONDecodeError:
                 ident = {}
-            if ident.get("source_sha256") != src or ident.get("step") != k + 1:
+            if not isinstance(ident, dict) or ident.get("source_sha256") != src or ident.get("step") != k + 1:
                 raise BundleError(f"{name} is not step {k + 1} of the model this manifest describes (a graph from "
                                   "another model or bundle); export the bundle again")
             ins = [i.name for i in sess.get_inputs()]
@@ -277,6 +359,10 @@ class EarlyExitSession:
             if ins != [s["input"]] or not want <= outs:
                 raise BundleError(f"{name} has inputs {ins} and outputs {sorted(outs)}, not what the manifest "
                                   "says; the bundle is damaged, export it again")
+            width = {o.name: o.shape for o in sess.get_outputs()}.get(s.get("logits"))
+            if width is not None and width[-1] != m["num_classes"]:
+                raise BundleError(f"{name} gives {width[-1]} logits but the manifest says {m['num_classes']} classes; "
+                                  "the bundle is damaged, export it again")
             self.sessions.append(sess)
         self._wanted = [[n for n in (s.get("h"), s.get("logits")) if n] for s in self.steps]
         self._wanted_h = [[s["h"]] if s.get("h") else [] for s in self.steps]
@@ -379,7 +465,7 @@ class EarlyExitSession:
                 h = sess.run(self._wanted_h[k], {s["input"]: h})[0]
                 continue
             h, z = sess.run(self._wanted[k], {s["input"]: h})
-            if _confidence_one(z[0], self.policy) >= thr:
+            if confidence(z, self.policy)[0] >= thr:  # the batch path's arithmetic: the same decisions
                 return z, np.array([k], np.int64)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -425,13 +511,18 @@ def load_images(paths: list[str | os.PathLike], size: int, channels: int = 3, re
         if not p.is_file():
             raise BundleError(f"{p} not found; pass image files (PNG, JPEG) or an npz file with an array x")
         if p.suffix.lower() == ".npz":
+            import zipfile
+
             try:
-                with np.load(p, allow_pickle=False) as d:
+                d = np.load(p, allow_pickle=False)
+                if not isinstance(d, np.lib.npyio.NpzFile):
+                    raise ValueError("not an npz archive")
+                with d:
                     if "x" not in d.files:
                         raise BundleError(f"{p} has no array 'x' (it has {', '.join(d.files) or 'none'}); save the "
                                           f"images as x, uint8 (N, {size}, {size}, {channels})")
                     x = d["x"]
-            except (ValueError, OSError) as e:
+            except (ValueError, OSError, zipfile.BadZipFile) as e:
                 raise BundleError(f"{p} is not a readable npz file of plain arrays ({str(e)[:100]})") from None
             if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (size, size, channels):
                 raise BundleError(f"{p}: x must be uint8 (N, {size}, {size}, {channels}), got {x.dtype} "
@@ -451,7 +542,7 @@ def load_images(paths: list[str | os.PathLike], size: int, channels: int = 3, re
                                           "resize it, or pass --resize (shorter side to size, centre crop)")
                     im = _resize_crop(im, size)
                 a = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise BundleError(f"{p} is not a readable image ({str(e)[:100]})") from None
         arrays.append(a.reshape(size, size, channels)[None])
     if not arrays:

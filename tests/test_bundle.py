@@ -109,7 +109,7 @@ def test_bundle_files_manifest_and_check(bundle, ckpt):
     for s in m["steps"]:  # every graph hashed, MACs and measured latency per step
         assert runtime.sha256_bytes((out / s["file"]).read_bytes()) == s["sha256"]
         assert s["macs"]["leave"] > 0 and set(s["latency_ms_per_image"]) == {"1", "8"}
-    assert rep["check"]["max_abs_diff"] <= 1e-4 and rep["fit"]["n"] == 100
+    assert rep["check"]["max_abs_diff"] <= 1e-4 and rep["check"]["same_exit_choices"] and rep["fit"]["n"] == 100
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
@@ -218,6 +218,14 @@ def test_damaged_bundles_are_refused(bundle, tmp_path, ckpt):
     _edit_manifest(b, lambda m: m.update(format="something else"))
     _refused(b, "not an sdtool early-exit bundle manifest")
     shutil.rmtree(b)
+    for field, value, match in [("input", {"size": 16, "channels": 3, "mean": ["a"] * 3, "std": [1] * 3}, "input spec"),
+                                ("class_names", ["0"], "class_names"), ("source", "x", "source"),
+                                ("num_classes", 7, "gives 10 logits but the manifest says 7")]:
+        b = _copy(out, tmp_path)
+        _edit_manifest(b, lambda m, f=field, v=value: m.update({f: v}) if f != "num_classes"
+                       else m.update(num_classes=v, class_names=None))
+        _refused(b, match)
+        shutil.rmtree(b)
     b = _copy(out, tmp_path)
     _edit_manifest(b, lambda m: m["steps"][0].update(file="../m.safetensors"))
     _refused(b, "not a graph file inside the bundle")
@@ -242,7 +250,7 @@ def test_graph_from_another_model_is_refused(bundle, tmp_path, model_and_pieces)
     _refused(b, "a graph from another model")
 
 
-def test_external_data_is_refused(bundle, tmp_path):
+def test_external_data_is_refused(bundle, tmp_path, monkeypatch):
     from onnx import TensorProto
 
     _, out = bundle
@@ -257,7 +265,15 @@ def test_external_data_is_refused(bundle, tmp_path):
     data = proto.SerializeToString()
     (b / "step1.onnx").write_bytes(data)
     _edit_manifest(b, lambda m: m["steps"][0].update(sha256=runtime.sha256_bytes(data)))
+    assert runtime.has_external_data(data) and not runtime.has_external_data((out / "step1.onnx").read_bytes())
     _refused(b, "external data")
+    monkeypatch.chdir(b)  # where ONNX Runtime would find weights.bin for a graph loaded from bytes
+    _refused(b, "external data")
+    # the second guard alone: ONNX Runtime, pointed at an empty folder, does not read weights.bin either
+    so, _ = runtime.session_options(1)
+    monkeypatch.setattr(runtime, "has_external_data", lambda data: False)
+    with pytest.raises(SdtoolError, match="external data|not a loadable ONNX graph"):
+        runtime.make_session(data, so, "step1.onnx")
 
 
 def test_wrong_inputs_are_refused(bundle, model_and_pieces):
@@ -321,6 +337,12 @@ def test_predict_image_files(bundle, ckpt, tmp_path):
     assert r.exit_code == 1 and "is not a readable image" in r.output
     r = runner.invoke(app, ["predict", str(tmp_path), files[0]])
     assert r.exit_code == 1 and "is not an early-exit bundle" in r.output
+    np.save(tmp_path / "arr.npy", np.zeros((1, 16, 16, 3), np.uint8))
+    (tmp_path / "arr.npy").rename(tmp_path / "renamed.npz")
+    (tmp_path / "zip.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    for f in ("renamed.npz", "zip.npz"):
+        r = runner.invoke(app, ["predict", str(out), str(tmp_path / f)])
+        assert r.exit_code == 1 and "is not a readable npz file" in r.output, r.output
 
 
 def test_pruned_and_one_exit_models_bundle(ckpt, tmp_path):
