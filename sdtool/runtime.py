@@ -191,6 +191,9 @@ def session_options(threads: int | None):
     # Several sessions live in one process; spinning pools would fight over the cores (see module doc).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    # A graph loaded from bytes would resolve relative external-data paths against the current directory:
+    # point ONNX Runtime at an empty folder instead (the second guard; make_session scans the graph first).
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", _empty_folder())
     so.log_severity_level = 3
     settings = {"engine": "onnxruntime", "onnxruntime": ort.__version__, "intra_op_threads": n,
                 "inter_op_threads": 1, "allow_spinning": False, "execution_mode": "sequential",
@@ -264,6 +267,17 @@ def has_external_data(data: bytes) -> bool:
     return False
 
 
+_EMPTY: list = []  # the process's empty folder (a TemporaryDirectory, removed at exit)
+
+
+def _empty_folder() -> str:
+    if not _EMPTY:
+        import tempfile
+
+        _EMPTY.append(tempfile.TemporaryDirectory(prefix="sdtool-no-external-data-"))
+    return _EMPTY[0].name
+
+
 def default_threads() -> int:
     """The cores this process may use (its CPU affinity where the OS tells it)."""
     try:
@@ -279,8 +293,6 @@ def make_session(data: bytes, so, where: str):
     ONNX Runtime is pointed at an empty folder for external initializers (from bytes it would otherwise
     resolve relative locations against the current directory).
     """
-    import tempfile
-
     import onnxruntime as ort
 
     try:
@@ -292,9 +304,7 @@ def make_session(data: bytes, so, where: str):
         raise BundleError(f"{where} references external data files; bundles must hold every weight inside "
                           "their graphs (export again with sdtool export --early-exit)")
     try:
-        with tempfile.TemporaryDirectory() as empty:
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
-            return ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - any load failure is a damaged or foreign graph
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if "external" in msg.lower() or "model_path" in msg.lower():
