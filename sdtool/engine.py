@@ -327,6 +327,7 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": ls / max(n, 1),
                                "train_top1": 100.0 * nc / max(n, 1), "images_per_s": n / train_time,
                                "train_seconds": train_time, "threads": torch.get_num_threads(),
+                               "omp_wait_policy": runtime["omp_wait_policy"], "memory_format": runtime["memory_format"],
                                "device": str(device), "world_size": ctx.world_size,
                                "train_parts": {k: v / max(n, 1) for k, v in zip(names, ps)}}
         if extra is not None and hasattr(extra, "epoch_metrics"):  # e.g. the external teacher's time

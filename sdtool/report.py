@@ -74,7 +74,9 @@ def run_header(recipe, model, bundle, device, adt, steps: int, eval_split: str, 
 
 def epoch_line(row: dict) -> str:
     return (f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, train acc {row['train_top1']:.2f}%, "
-            f"{row['images_per_s']:.0f} img/s ({row['threads']} threads), lr {row['lr']:.4g}"
+            f"{row['images_per_s']:.0f} img/s ({row['threads']} threads"
+            + (f", OMP {row['omp_wait_policy']}" if row.get("omp_wait_policy") else "")
+            + (f", {row['memory_format']}" if row.get("memory_format") else "") + f"), lr {row['lr']:.4g}"
             + teacher_cost(row))
 
 

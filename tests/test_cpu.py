@@ -40,6 +40,8 @@ def test_train_sets_a_passive_wait_policy_before_torch_loads(tmp_path):
     runtime = json.loads(r.stdout)["runtime"]
     assert runtime == {"device": "cpu", "memory_format": "channels_last", "threads": 1,
                        "omp_wait_policy": "PASSIVE", "omp_wait_policy_source": "default"}
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])  # the epoch line's source
+    assert row["omp_wait_policy"] == "PASSIVE" and row["memory_format"] == "channels_last"
 
 
 def test_the_sdtool_script_goes_through_the_same_setup():
