@@ -205,7 +205,9 @@ def eval_early_exit(path: str, data: str | None = None, overrides: list[str] | N
     from sdtool.evaluate import bundle_for_checkpoint, data_for_checkpoint
     from sdtool.profile import exit_costs
 
-    log = report_logger(quiet)
+    from sdtool import report
+
+    log = report.make_logger(quiet)
     started = checkpoint.now()
     if split not in ("test", "val"):
         raise SdtoolError(f"--split {split!r} is not allowed; use test or val")
@@ -267,12 +269,6 @@ def eval_early_exit(path: str, data: str | None = None, overrides: list[str] | N
 def _stored_fit(fit_rep: dict | None) -> dict | None:
     """What a checkpoint keeps of a fit (the piece times are a measurement of this machine, kept in the report)."""
     return None if fit_rep is None else {k: v for k, v in fit_rep.items() if k != "piece_times"}
-
-
-def report_logger(quiet: bool):
-    from sdtool import report
-
-    return report.make_logger(quiet)
 
 
 class _DeviceTorchEngine:

@@ -27,9 +27,9 @@ from torch import nn
 
 from sdtool import checkpoint
 from sdtool.errors import SdtoolError
+from sdtool.onnx_graphs import require_onnx
 
 FORMATS = ("safetensors", "pt2", "onnx")
-ONNX_EXTRA = "ONNX export needs the optional packages onnx, onnxscript and onnxruntime: pip install sdtool[onnx]"
 
 
 class LogitsOnly(nn.Module):
@@ -42,15 +42,6 @@ class LogitsOnly(nn.Module):
     def forward(self, x: torch.Tensor):
         logits, _ = self.net(x)
         return logits[0] if len(logits) == 1 else tuple(logits)
-
-
-def _require_onnx() -> None:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError:
-        raise SdtoolError(ONNX_EXTRA) from None
 
 
 def _outputs(y) -> list[torch.Tensor]:
@@ -121,7 +112,7 @@ def export(path: str, out: str, fmt: str = "safetensors", exit: int | None = Non
     if fmt not in FORMATS:
         raise SdtoolError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "onnx":
-        _require_onnx()
+        require_onnx()
     model, meta = checkpoint.load(path)
     k_all = getattr(model, "num_exits", 1)
     if exit is not None and not 1 <= exit <= k_all:
