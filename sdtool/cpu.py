@@ -4,8 +4,9 @@ torch runs its CPU kernels on OpenMP (the Linux pip wheels link GNU libgomp; MKL
 runtime). Between parallel regions OpenMP's threads spin-wait for the next one: libgomp spins about
 300,000 times, Intel/LLVM OpenMP for 200 ms (KMP_BLOCKTIME). On a quiet machine that saves a wake-up;
 when another process wants a core, the spinning threads take the time slices the working thread needs
-and torch collapses. The 2-epoch quickstart on 2 cores took 9.3 s quiet but 52.6 s beside one busy
-process with the defaults, 17.7 s with OMP_WAIT_POLICY=PASSIVE (which costs about 5 % when quiet).
+and torch slows down or collapses. The 2-epoch quickstart on 2 cores beside one busy process took
+17.6-22.2 s with the defaults and 16.5-17.6 s with OMP_WAIT_POLICY=PASSIVE, which costs 9-23 % on a
+quiet machine (docs/benchmarks.md); under heavier contention the gap grows to several times.
 
 So the CLI sets OMP_WAIT_POLICY=PASSIVE, unless the environment already holds a policy: the user's value
 always wins (OMP_WAIT_POLICY=ACTIVE restores the spinning), and so do the runtimes' own knobs
