@@ -39,12 +39,22 @@ def main() -> None:
             else:
                 res = fit(from_dict(cifar10_recipe(mode, seed, args.epochs)), run_dir, quiet=True)
             test = res.test
-            runs.append({"mode": mode, "seed": seed, "seconds": time.perf_counter() - t0,
-                         "exits": [e["top1"] for e in test["exits"]],
-                         "ensemble": test["ensemble"]["top1"] if test["ensemble"] else None})
-            print(f"{mode:<17} seed {seed}: " + " ".join(f"{a:6.2f}" for a in runs[-1]["exits"])
-                  + (f"  ens {runs[-1]['ensemble']:.2f}" if runs[-1]["ensemble"] else "")
-                  + f"  ({runs[-1]['seconds'] / 60:.1f} min)", flush=True)
+            runs.append(
+                {
+                    "mode": mode,
+                    "seed": seed,
+                    "seconds": time.perf_counter() - t0,
+                    "exits": [e["top1"] for e in test["exits"]],
+                    "ensemble": test["ensemble"]["top1"] if test["ensemble"] else None,
+                }
+            )
+            print(
+                f"{mode:<17} seed {seed}: "
+                + " ".join(f"{a:6.2f}" for a in runs[-1]["exits"])
+                + (f"  ens {runs[-1]['ensemble']:.2f}" if runs[-1]["ensemble"] else "")
+                + f"  ({runs[-1]['seconds'] / 60:.1f} min)",
+                flush=True,
+            )
     summary = {}
     print(f"\n{'mode':<17}" + "".join(f"{'exit ' + str(k + 1):>16}" for k in range(4)) + f"{'ensemble':>16}")
     for mode in args.modes:
@@ -56,10 +66,22 @@ def main() -> None:
         cells = ["-"] * (4 - k) + [f"{m:.2f} ± {s:.2f}" for m, s in cols]
         if mode == "plain":  # the single exit of the plain network sits at the depth of exit 4
             cells = ["-", "-", "-", f"{cols[0][0]:.2f} ± {cols[0][1]:.2f}"]
-        print(f"{mode:<17}" + "".join(f"{c:>16}" for c in cells)
-              + f"{(f'{ens[0]:.2f} ± {ens[1]:.2f}' if ens else '-'):>16}")
-    write_json(args.out / "ablation.json", {"benchmark": "cifar10_ablation", "epochs": args.epochs,
-                                            "seeds": args.seeds, "runs": runs, "summary": summary, **machine()})
+        print(
+            f"{mode:<17}"
+            + "".join(f"{c:>16}" for c in cells)
+            + f"{(f'{ens[0]:.2f} ± {ens[1]:.2f}' if ens else '-'):>16}"
+        )
+    write_json(
+        args.out / "ablation.json",
+        {
+            "benchmark": "cifar10_ablation",
+            "epochs": args.epochs,
+            "seeds": args.seeds,
+            "runs": runs,
+            "summary": summary,
+            **machine(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -26,31 +26,55 @@ def cifar10_files() -> tuple[Path, Path]:
 
         d = np.load(CIFAR / "train_jpeg.npz")
         buf, off = d["jpeg"], d["offsets"]
-        x = np.stack([np.asarray(Image.open(io.BytesIO(buf[off[i]:off[i + 1]].tobytes())).convert("RGB"))
-                      for i in range(len(off) - 1)])
+        x = np.stack(
+            [
+                np.asarray(Image.open(io.BytesIO(buf[off[i] : off[i + 1]].tobytes())).convert("RGB"))
+                for i in range(len(off) - 1)
+            ]
+        )
         CACHE.mkdir(parents=True, exist_ok=True)
         np.savez(out, x=x, y=d["y"].astype(np.int64))
     return out, CIFAR / "test.npz"
 
 
-def cifar10_recipe(mode: str, seed: int, epochs: int, width: int = 16, val_size: int = 5000,
-                   limit_train: int | None = None) -> dict:
+def cifar10_recipe(
+    mode: str, seed: int, epochs: int, width: int = 16, val_size: int = 5000, limit_train: int | None = None
+) -> dict:
     """The benchmarks' short-budget CIFAR-10 recipe (crop + flip, SGD, cosine)."""
     train, test = cifar10_files()
     return {
         "model": {"name": "resnet18", "width": width, "head": "byot", "attention": True},
-        "data": {"name": "npz", "root": str(CIFAR), "train_file": str(train), "test_file": str(test),
-                 "val_size": val_size, "val_seed": 0, "batch_size": 128, "eval_batch_size": 500,
-                 "limit_train": limit_train},
-        "train": {"epochs": epochs, "lr": 0.1, "schedule": "cosine", "warmup_epochs": 0.2, "nesterov": True,
-                  "seed": seed},
+        "data": {
+            "name": "npz",
+            "root": str(CIFAR),
+            "train_file": str(train),
+            "test_file": str(test),
+            "val_size": val_size,
+            "val_seed": 0,
+            "batch_size": 128,
+            "eval_batch_size": 500,
+            "limit_train": limit_train,
+        },
+        "train": {
+            "epochs": epochs,
+            "lr": 0.1,
+            "schedule": "cosine",
+            "warmup_epochs": 0.2,
+            "nesterov": True,
+            "seed": seed,
+        },
         "sd": {"mode": mode},
     }
 
 
 def machine() -> dict:
-    return {"machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

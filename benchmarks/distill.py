@@ -30,8 +30,13 @@ from sdtool.engine import fit
 from sdtool.evaluate import eval_checkpoint
 from sdtool.recipe import from_dict, load_recipe
 
-MODES = {"plain": ("plain", None), "kd": ("plain", "deepest"), "self_distill": ("self_distill", None),
-         "sd_kd": ("self_distill", "deepest"), "sd_kd_all": ("self_distill", "all")}
+MODES = {
+    "plain": ("plain", None),
+    "kd": ("plain", "deepest"),
+    "self_distill": ("self_distill", None),
+    "sd_kd": ("self_distill", "deepest"),
+    "sd_kd_all": ("self_distill", "all"),
+}
 # name -> (sd.mode, the exits the teacher teaches: None = no teacher)
 
 
@@ -77,8 +82,11 @@ def train_teacher(args) -> Path:
         recipe = _recipe(args, "plain", 0, args.teacher_epochs, args.teacher_width)
         fit(from_dict(recipe), run_dir, quiet=True)
     test = _result(run_dir)
-    print(f"teacher: resnet18 width {args.teacher_width}, {args.teacher_epochs} epochs: "
-          f"{test['exits'][-1]['top1']:.2f} % test top-1 ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+    print(
+        f"teacher: resnet18 width {args.teacher_width}, {args.teacher_epochs} epochs: "
+        f"{test['exits'][-1]['top1']:.2f} % test top-1 ({(time.perf_counter() - t0) / 60:.1f} min)",
+        flush=True,
+    )
     args.teacher_top1 = test["exits"][-1]["top1"]
     return run_dir / ("best.safetensors" if (run_dir / "best.safetensors").is_file() else "last.safetensors")
 
@@ -97,8 +105,12 @@ def main() -> None:
     ap.add_argument("--limit-train", type=int, default=None, help="train on fewer images (smoke runs)")
     ap.add_argument("--limit-test", type=int, default=None, help="test on fewer images (smoke runs)")
     ap.add_argument("--val-size", type=int, default=5000, help="validation images held out of training")
-    ap.add_argument("--reuse-from", type=Path, default=None,
-                    help="folder of cifar10_ablation.py runs to take plain / self_distill from when identical")
+    ap.add_argument(
+        "--reuse-from",
+        type=Path,
+        default=None,
+        help="folder of cifar10_ablation.py runs to take plain / self_distill from when identical",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/bench/distill"))
     args = ap.parse_args()
     args.teacher_top1 = None
@@ -113,51 +125,100 @@ def main() -> None:
             recipe = _recipe(args, mode, seed, args.epochs, args.width)
             recipe["distill"] = {"temperature": args.temperature, "alpha": args.alpha, "targets": targets or "deepest"}
             t0, res = time.perf_counter(), None
-            if args.reuse_from and not with_teacher and _reuse(args.reuse_from / run_dir.name, run_dir, recipe, args.epochs):
+            if (
+                args.reuse_from
+                and not with_teacher
+                and _reuse(args.reuse_from / run_dir.name, run_dir, recipe, args.epochs)
+            ):
                 print(f"{name} seed {seed}: reused from {args.reuse_from}", flush=True)
             if not _done(run_dir, args.epochs):
                 if (run_dir / "train_state.safetensors").exists():
                     raise SystemExit(f"{run_dir} holds an unfinished run; delete it to start that run again")
                 r = from_dict(recipe)
-                res = distill(r, run_dir, teacher=str(teacher), quiet=True) if with_teacher else fit(r, run_dir, quiet=True)
+                res = (
+                    distill(r, run_dir, teacher=str(teacher), quiet=True)
+                    if with_teacher
+                    else fit(r, run_dir, quiet=True)
+                )
             test = _result(run_dir, res)
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             train_s = sum(row["train_seconds"] for row in rows)
             teacher_s = sum(row.get("teacher_seconds", 0.0) for row in rows)
-            runs.append({"mode": name, "seed": seed, "seconds": time.perf_counter() - t0, "train_seconds": train_s,
-                         "teacher_share": teacher_s / train_s if with_teacher and train_s else None,
-                         "exits": [e["top1"] for e in test["exits"]],
-                         "ensemble": test["ensemble"]["top1"] if test["ensemble"] else None})
+            runs.append(
+                {
+                    "mode": name,
+                    "seed": seed,
+                    "seconds": time.perf_counter() - t0,
+                    "train_seconds": train_s,
+                    "teacher_share": teacher_s / train_s if with_teacher and train_s else None,
+                    "exits": [e["top1"] for e in test["exits"]],
+                    "ensemble": test["ensemble"]["top1"] if test["ensemble"] else None,
+                }
+            )
             r = runs[-1]
-            print(f"{name:<13} seed {seed}: " + " ".join(f"{a:6.2f}" for a in r["exits"])
-                  + (f"  ens {r['ensemble']:.2f}" if r["ensemble"] else "")
-                  + (f"  teacher {100 * r['teacher_share']:.0f}% of training" if r["teacher_share"] else "")
-                  + f"  ({train_s / 60:.1f} min training)", flush=True)
+            print(
+                f"{name:<13} seed {seed}: "
+                + " ".join(f"{a:6.2f}" for a in r["exits"])
+                + (f"  ens {r['ensemble']:.2f}" if r["ensemble"] else "")
+                + (f"  teacher {100 * r['teacher_share']:.0f}% of training" if r["teacher_share"] else "")
+                + f"  ({train_s / 60:.1f} min training)",
+                flush=True,
+            )
 
-    budget = (f"student: resnet18 width {args.width}, {args.epochs} epochs each; teacher: resnet18 width "
-              f"{args.teacher_width}, {args.teacher_epochs} epochs" + (f" ({args.teacher_top1:.2f} %)" if args.teacher_top1 else ""))
+    budget = (
+        f"student: resnet18 width {args.width}, {args.epochs} epochs each; teacher: resnet18 width "
+        f"{args.teacher_width}, {args.teacher_epochs} epochs"
+        + (f" ({args.teacher_top1:.2f} %)" if args.teacher_top1 else "")
+    )
     print(f"\n{budget}; CIFAR-10 test top-1 %, mean ± std over seeds {args.seeds}")
-    print(f"{'mode':<13}" + "".join(f"{'exit ' + str(k + 1):>16}" for k in range(4)) + f"{'ensemble':>16}"
-          + f"{'teacher share':>15}")
+    print(
+        f"{'mode':<13}"
+        + "".join(f"{'exit ' + str(k + 1):>16}" for k in range(4))
+        + f"{'ensemble':>16}"
+        + f"{'teacher share':>15}"
+    )
     summary = {}
     for name in args.modes:
         rs = [r for r in runs if r["mode"] == name]
         cols = [mean_std([r["exits"][i] for r in rs]) for i in range(len(rs[0]["exits"]))]
         ens = mean_std([r["ensemble"] for r in rs]) if rs[0]["ensemble"] is not None else None
         share = mean_std([r["teacher_share"] for r in rs]) if rs[0]["teacher_share"] is not None else None
-        summary[name] = {"exits": cols, "ensemble": ens, "teacher_share": share,
-                         "train_minutes": mean_std([r["train_seconds"] / 60 for r in rs])}
+        summary[name] = {
+            "exits": cols,
+            "ensemble": ens,
+            "teacher_share": share,
+            "train_minutes": mean_std([r["train_seconds"] / 60 for r in rs]),
+        }
         cells = [f"{m:.2f} ± {s:.2f}" for m, s in cols]
         cells = ["-"] * (4 - len(cells)) + cells  # a single exit sits at the depth of exit 4
-        print(f"{name:<13}" + "".join(f"{c:>16}" for c in cells)
-              + f"{(f'{ens[0]:.2f} ± {ens[1]:.2f}' if ens else '-'):>16}"
-              + f"{(f'{100 * share[0]:.0f}%' if share else '-'):>15}")
-    write_json(args.out / "distill.json", {
-        "benchmark": "distill", "budget": budget, "epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
-        "teacher_width": args.teacher_width, "teacher": str(teacher), "teacher_top1": args.teacher_top1,
-        "width": args.width, "temperature": args.temperature, "alpha": args.alpha, "limit_train": args.limit_train,
-        "limit_test": args.limit_test, "val_size": args.val_size,
-        "seeds": args.seeds, "runs": runs, "summary": summary, **machine()})
+        print(
+            f"{name:<13}"
+            + "".join(f"{c:>16}" for c in cells)
+            + f"{(f'{ens[0]:.2f} ± {ens[1]:.2f}' if ens else '-'):>16}"
+            + f"{(f'{100 * share[0]:.0f}%' if share else '-'):>15}"
+        )
+    write_json(
+        args.out / "distill.json",
+        {
+            "benchmark": "distill",
+            "budget": budget,
+            "epochs": args.epochs,
+            "teacher_epochs": args.teacher_epochs,
+            "teacher_width": args.teacher_width,
+            "teacher": str(teacher),
+            "teacher_top1": args.teacher_top1,
+            "width": args.width,
+            "temperature": args.temperature,
+            "alpha": args.alpha,
+            "limit_train": args.limit_train,
+            "limit_test": args.limit_test,
+            "val_size": args.val_size,
+            "seeds": args.seeds,
+            "runs": runs,
+            "summary": summary,
+            **machine(),
+        },
+    )
 
 
 if __name__ == "__main__":

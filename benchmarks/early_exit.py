@@ -44,8 +44,12 @@ from sdtool.evaluate import bundle_for_checkpoint, data_for_checkpoint
 from sdtool.profile import exit_costs
 from sdtool.runtime import EarlyExitSession
 
-GOALS = {"ort_wall_over_macs_batch_n": 0.85, "ort_wall_over_macs_batch_1": 0.75, "ort_over_eager_batch_1": 5.0,
-         "accuracy_match_points": 0.05}
+GOALS = {
+    "ort_wall_over_macs_batch_n": 0.85,
+    "ort_wall_over_macs_batch_1": 0.75,
+    "ort_over_eager_batch_1": 5.0,
+    "accuracy_match_points": 0.05,
+}
 
 
 def train_sd(args) -> Path:
@@ -79,20 +83,30 @@ def measure(name: str, ckpt: Path, args) -> dict:
         shutil.rmtree(out)
     torch.set_num_threads(max(args.threads))
     t0 = time.perf_counter()
-    b = export_bundle(str(ckpt), str(out), FitOptions(fit=True, max_drop=args.max_drop, cost=args.cost),
-                      batch_size=args.batch, threads=max(args.threads), latency_batch=args.batch, quiet=True)
+    b = export_bundle(
+        str(ckpt),
+        str(out),
+        FitOptions(fit=True, max_drop=args.max_drop, cost=args.cost),
+        batch_size=args.batch,
+        threads=max(args.threads),
+        latency_batch=args.batch,
+        quiet=True,
+    )
     export_s = time.perf_counter() - t0
     pol = ExitPolicy(b["policy"]["policy"], b["policy"]["values"], b["policy"]["fallback"], b["policy"]["ensemble"])
     leave = leave_costs(costs, pol.computed())
     loader = data.loader("test", args.batch, shuffle=False, seed=0, workers=0)
     ds = data.test
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.latency_images].tolist()
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[: args.latency_images].tolist()
     xs1 = data.prepare(torch.stack([ds[i][0] for i in idx]), train=False)
     per_threads = {}
     for threads in args.threads:
         torch.set_num_threads(threads)
-        engines = {"torch": TorchEngine(model, pol, fold_bn=False), "torch_opt": TorchEngine(model, pol),
-                   "onnxruntime": OrtEngine(model, size, pol, threads=threads, ensemble=pol.ensemble)}
+        engines = {
+            "torch": TorchEngine(model, pol, fold_bn=False),
+            "torch_opt": TorchEngine(model, pol),
+            "onnxruntime": OrtEngine(model, size, pol, threads=threads, ensemble=pol.ensemble),
+        }
         engines["onnxruntime"].session = EarlyExitSession(out, threads=threads)  # the bundle on disk
         rows = {}
         for ename, eng in engines.items():
@@ -104,50 +118,86 @@ def measure(name: str, ckpt: Path, args) -> dict:
             t_n = eng.piece_times(size, args.batch, warmup=1, repeats=3)
             t_1 = eng.piece_times(size, 1, warmup=3, repeats=20)
             rows[ename] = {
-                "top1": 100.0 * int(run["right"].sum()) / n, "deepest_top1": 100.0 * run["deepest_right"] / n,
+                "top1": 100.0 * int(run["right"].sum()) / n,
+                "deepest_top1": 100.0 * run["deepest_right"] / n,
                 "macs_speedup": costs["reference"]["macs"] / exp_macs,
                 "exit_fractions": (counts.double() / n).tolist(),
-                "batch_n": {"early_exit_s": run["early_exit_s"], "deepest_s": run["deepest_s"],
-                            "speedup": run["deepest_s"] / run["early_exit_s"],
-                            "predicted_speedup": t_n["deepest_ms"] / _expected(t_n, pol, run["exit_at"]),
-                            "early_exit_images_per_s": n / run["early_exit_s"], "deepest_images_per_s": n / run["deepest_s"]},
-                "batch_1": {**b1, "predicted_speedup": t_1["deepest_ms"] / _expected(t_1, pol, run["exit_at"]),
-                            "early_exit_images_per_s": 1000 / b1["early_exit_ms_per_image"],
-                            "deepest_images_per_s": 1000 / b1["deepest_ms_per_image"]},
-                "piece_times": {"batch_n": t_n, "batch_1": t_1}, "settings": eng.settings}
+                "batch_n": {
+                    "early_exit_s": run["early_exit_s"],
+                    "deepest_s": run["deepest_s"],
+                    "speedup": run["deepest_s"] / run["early_exit_s"],
+                    "predicted_speedup": t_n["deepest_ms"] / _expected(t_n, pol, run["exit_at"]),
+                    "early_exit_images_per_s": n / run["early_exit_s"],
+                    "deepest_images_per_s": n / run["deepest_s"],
+                },
+                "batch_1": {
+                    **b1,
+                    "predicted_speedup": t_1["deepest_ms"] / _expected(t_1, pol, run["exit_at"]),
+                    "early_exit_images_per_s": 1000 / b1["early_exit_ms_per_image"],
+                    "deepest_images_per_s": 1000 / b1["deepest_ms_per_image"],
+                },
+                "piece_times": {"batch_n": t_n, "batch_1": t_1},
+                "settings": eng.settings,
+            }
             r = rows[ename]
-            print(f"  {name:<6} {threads}t {ename:<13} top-1 {r['top1']:6.2f} (deepest {r['deepest_top1']:6.2f})  "
-                  f"MACs {r['macs_speedup']:.2f}x  batch {args.batch}: {r['batch_n']['speedup']:.2f}x "
-                  f"(pred {r['batch_n']['predicted_speedup']:.2f}x, {r['batch_n']['early_exit_images_per_s']:.0f} img/s)"
-                  f"  batch 1: {r['batch_1']['speedup']:.2f}x (pred {r['batch_1']['predicted_speedup']:.2f}x, "
-                  f"{r['batch_1']['early_exit_images_per_s']:.0f} img/s)", flush=True)
+            print(
+                f"  {name:<6} {threads}t {ename:<13} top-1 {r['top1']:6.2f} (deepest {r['deepest_top1']:6.2f})  "
+                f"MACs {r['macs_speedup']:.2f}x  batch {args.batch}: {r['batch_n']['speedup']:.2f}x "
+                f"(pred {r['batch_n']['predicted_speedup']:.2f}x, {r['batch_n']['early_exit_images_per_s']:.0f} img/s)"
+                f"  batch 1: {r['batch_1']['speedup']:.2f}x (pred {r['batch_1']['predicted_speedup']:.2f}x, "
+                f"{r['batch_1']['early_exit_images_per_s']:.0f} img/s)",
+                flush=True,
+            )
         o, e = rows["onnxruntime"], rows["torch"]
-        per_threads[str(threads)] = {"rows": rows, "goals": {
-            "ort_wall_over_macs_batch_n": o["batch_n"]["speedup"] / o["macs_speedup"],
-            "ort_wall_over_macs_batch_1": o["batch_1"]["speedup"] / o["macs_speedup"],
-            "ort_over_eager_batch_1": o["batch_1"]["early_exit_images_per_s"] / e["batch_1"]["deepest_images_per_s"],
-            "accuracy_match_points": abs(o["top1"] - e["top1"])}}
-    return {"name": name, "checkpoint": str(ckpt), "bundle": str(out), "export_s": export_s,
-            "policy": b["policy"], "fit": b["fit"], "bundle_check": b["check"], "threads": per_threads}
+        per_threads[str(threads)] = {
+            "rows": rows,
+            "goals": {
+                "ort_wall_over_macs_batch_n": o["batch_n"]["speedup"] / o["macs_speedup"],
+                "ort_wall_over_macs_batch_1": o["batch_1"]["speedup"] / o["macs_speedup"],
+                "ort_over_eager_batch_1": o["batch_1"]["early_exit_images_per_s"]
+                / e["batch_1"]["deepest_images_per_s"],
+                "accuracy_match_points": abs(o["top1"] - e["top1"]),
+            },
+        }
+    return {
+        "name": name,
+        "checkpoint": str(ckpt),
+        "bundle": str(out),
+        "export_s": export_s,
+        "policy": b["policy"],
+        "fit": b["fit"],
+        "bundle_check": b["check"],
+        "threads": per_threads,
+    }
 
 
 def table(results: list[dict], batch: int) -> None:
-    print(f"\n{'model':<7}{'thr':>4} {'engine':<13}{'top-1':>7}{'drop':>6}{'MACs×':>7}"
-          f"{'pred×' + str(batch):>10}{'wall×' + str(batch):>10}{'img/s':>8}{'pred×1':>8}{'wall×1':>8}{'img/s@1':>9}")
+    print(
+        f"\n{'model':<7}{'thr':>4} {'engine':<13}{'top-1':>7}{'drop':>6}{'MACs×':>7}"
+        f"{'pred×' + str(batch):>10}{'wall×' + str(batch):>10}{'img/s':>8}{'pred×1':>8}{'wall×1':>8}{'img/s@1':>9}"
+    )
     for r in results:
         for t, blk in r["threads"].items():
             for ename, x in blk["rows"].items():
-                print(f"{r['name']:<7}{t:>4} {ename:<13}{x['top1']:7.2f}{x['deepest_top1'] - x['top1']:6.2f}"
-                      f"{x['macs_speedup']:7.2f}{x['batch_n']['predicted_speedup']:10.2f}{x['batch_n']['speedup']:10.2f}"
-                      f"{x['batch_n']['early_exit_images_per_s']:8.0f}{x['batch_1']['predicted_speedup']:8.2f}"
-                      f"{x['batch_1']['speedup']:8.2f}{x['batch_1']['early_exit_images_per_s']:9.0f}")
-            print(f"{'':<12}{'deepest alone, img/s:':<22}" + "  ".join(
-                f"{e} {x['batch_n']['deepest_images_per_s']:.0f} @{batch}, {x['batch_1']['deepest_images_per_s']:.0f} @1"
-                for e, x in blk["rows"].items()))
+                print(
+                    f"{r['name']:<7}{t:>4} {ename:<13}{x['top1']:7.2f}{x['deepest_top1'] - x['top1']:6.2f}"
+                    f"{x['macs_speedup']:7.2f}{x['batch_n']['predicted_speedup']:10.2f}{x['batch_n']['speedup']:10.2f}"
+                    f"{x['batch_n']['early_exit_images_per_s']:8.0f}{x['batch_1']['predicted_speedup']:8.2f}"
+                    f"{x['batch_1']['speedup']:8.2f}{x['batch_1']['early_exit_images_per_s']:9.0f}"
+                )
+            print(
+                f"{'':<12}{'deepest alone, img/s:':<22}"
+                + "  ".join(
+                    f"{e} {x['batch_n']['deepest_images_per_s']:.0f} @{batch}, {x['batch_1']['deepest_images_per_s']:.0f} @1"
+                    for e, x in blk["rows"].items()
+                )
+            )
             g = blk["goals"]
-            print(f"{'':<12}goals: ort wall/MACs @{batch} {g['ort_wall_over_macs_batch_n']:.2f} (>= 0.85), @1 "
-                  f"{g['ort_wall_over_macs_batch_1']:.2f} (>= 0.75); ort EE / eager deepest @1 "
-                  f"{g['ort_over_eager_batch_1']:.1f}x (>= 5); |top-1 ort - torch| {g['accuracy_match_points']:.3f} (<= 0.05)")
+            print(
+                f"{'':<12}goals: ort wall/MACs @{batch} {g['ort_wall_over_macs_batch_n']:.2f} (>= 0.85), @1 "
+                f"{g['ort_wall_over_macs_batch_1']:.2f} (>= 0.75); ort EE / eager deepest @1 "
+                f"{g['ort_over_eager_batch_1']:.1f}x (>= 5); |top-1 ort - torch| {g['accuracy_match_points']:.3f} (<= 0.05)"
+            )
 
 
 def main() -> None:
@@ -171,9 +221,19 @@ def main() -> None:
         sys.exit("name at least one checkpoint (--ckpt NAME=PATH) or --train-sd")
     results = [measure(n, Path(p), args) for n, p in named]
     table(results, args.batch)
-    write_json(args.out / "early_exit.json", {"benchmark": "early_exit_engines", "goals": GOALS, "batch": args.batch,
-                                              "max_drop": args.max_drop, "cost": args.cost,
-                                              "latency_images": args.latency_images, "results": results, **machine()})
+    write_json(
+        args.out / "early_exit.json",
+        {
+            "benchmark": "early_exit_engines",
+            "goals": GOALS,
+            "batch": args.batch,
+            "max_drop": args.max_drop,
+            "cost": args.cost,
+            "latency_images": args.latency_images,
+            "results": results,
+            **machine(),
+        },
+    )
     print(f"wrote {args.out / 'early_exit.json'}")
 
 

@@ -45,12 +45,18 @@ VARIANTS = {  # builder arguments on top of the recipe's resnet18 (width 16, byo
 def write_init(path: Path, recipe: dict, extra_args: dict, seed: int, num_classes: int = 10) -> None:
     """A freshly initialised model of the variant as an sdtool checkpoint (the training run's --init)."""
     m = recipe["model"]
-    args = {"num_classes": num_classes, "width": m["width"], "head": m["head"], "attention": m["attention"],
-            **extra_args}
+    args = {
+        "num_classes": num_classes,
+        "width": m["width"],
+        "head": m["head"],
+        "attention": m["attention"],
+        **extra_args,
+    }
     torch.manual_seed(seed)
     model = create_model(m["name"], **args)
-    entry = checkpoint.lineage_entry("init", None, None, checkpoint.now(), note="benchmarks/exit_placement.py: "
-                                     "fresh weights, built by the registry")
+    entry = checkpoint.lineage_entry(
+        "init", None, None, checkpoint.now(), note="benchmarks/exit_placement.py: fresh weights, built by the registry"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.save(path, model, {"num_classes": num_classes, "lineage": [entry]})
 
@@ -83,12 +89,24 @@ def measure(name: str, ckpt: Path) -> dict:
     model, meta = checkpoint.load(ckpt)
     costs = exit_costs(model, (32, 32))
     acc = eval_checkpoint(str(ckpt), split="test", device="cpu")
-    return {"variant": name, "checkpoint": str(ckpt), "stages": model.spec.get("stages"),
-            "model_args": meta["model"]["args"],
-            "ensemble": acc["ensemble"]["top1"] if acc["ensemble"] else None,
-            "exits": [{"exit": e["exit"], "stage": e["stage"], "top1": a["top1"], "macs": e["macs"],
-                       "share_of_reference": e["share_of_reference"], "cumulative_macs": e["cumulative_macs"]}
-                      for e, a in zip(costs["exits"], acc["exits"])]}
+    return {
+        "variant": name,
+        "checkpoint": str(ckpt),
+        "stages": model.spec.get("stages"),
+        "model_args": meta["model"]["args"],
+        "ensemble": acc["ensemble"]["top1"] if acc["ensemble"] else None,
+        "exits": [
+            {
+                "exit": e["exit"],
+                "stage": e["stage"],
+                "top1": a["top1"],
+                "macs": e["macs"],
+                "share_of_reference": e["share_of_reference"],
+                "cumulative_macs": e["cumulative_macs"],
+            }
+            for e, a in zip(costs["exits"], acc["exits"])
+        ],
+    }
 
 
 def main() -> None:
@@ -97,8 +115,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit-train", type=int, default=None, help="Train on only N images (smoke runs).")
     ap.add_argument("--variants", nargs="+", default=["split"], choices=sorted(VARIANTS))
-    ap.add_argument("--reference", type=Path, default=Path("runs/bench/ablation/self_distill-s0"),
-                    help="Run folder of the unsplit model (read only).")
+    ap.add_argument(
+        "--reference",
+        type=Path,
+        default=Path("runs/bench/ablation/self_distill-s0"),
+        help="Run folder of the unsplit model (read only).",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/bench/exit_placement"))
     args = ap.parse_args()
     rows = []
@@ -116,12 +138,16 @@ def main() -> None:
     for r in rows:
         names = r["stages"] or ["stem+layer1", "layer2", "layer3", "layer4"]
         for e in r["exits"]:
-            print(f"{r['variant']:<20}{e['exit']:>5}  {names[e['stage'] - 1]:<16}{e['top1']:>8.2f}"
-                  f"{e['macs'] / 1e6:>9.2f}{e['share_of_reference']:>12.3f}")
+            print(
+                f"{r['variant']:<20}{e['exit']:>5}  {names[e['stage'] - 1]:<16}{e['top1']:>8.2f}"
+                f"{e['macs'] / 1e6:>9.2f}{e['share_of_reference']:>12.3f}"
+            )
         if r["ensemble"] is not None:
             print(f"{r['variant']:<20}{'ens':>5}  {'':<16}{r['ensemble']:>8.2f}")
-    write_json(args.out / "exit_placement.json", {"benchmark": "exit_placement", "epochs": args.epochs,
-                                                  "seed": args.seed, "runs": rows, **machine()})
+    write_json(
+        args.out / "exit_placement.json",
+        {"benchmark": "exit_placement", "epochs": args.epochs, "seed": args.seed, "runs": rows, **machine()},
+    )
 
 
 if __name__ == "__main__":

@@ -78,58 +78,104 @@ def main() -> None:
         run = args.out / "base"
         res = fit(from_dict(recipe("self_distill", args, args.epochs)), run, quiet=True)
         base, epoch_s, epoch_src = res.best or res.last, epoch_seconds(run), "measured in this run"
-    print(f"base: {base}; one training epoch: "
-          + (f"{epoch_s:.1f} s ({epoch_src})" if epoch_s else "unknown (no metrics.jsonl beside --base)"), flush=True)
+    print(
+        f"base: {base}; one training epoch: "
+        + (f"{epoch_s:.1f} s ({epoch_src})" if epoch_s else "unknown (no metrics.jsonl beside --base)"),
+        flush=True,
+    )
 
     results = {"unpruned": None, "criteria": {}}
     for crit in args.criteria:
         pruned = args.out / f"pruned_{crit}.safetensors"
         rep = prune_checkpoint(base, pruned, PruneOptions(criterion=crit, target_macs=args.target_macs), evaluate=True)
-        results["unpruned"] = results["unpruned"] or {"exits": top1s(rep["accuracy"]["before"]),
-                                                      "macs": rep["before"]["full"]["macs"],
-                                                      "params": rep["before"]["full"]["params"]}
-        arm = {"prune_seconds": rep["seconds"], "prune_runs": len(rep["search"]), "ratio": rep["ratio"],
-               "macs_fraction": rep["macs_fraction"], "params_fraction": rep["params_fraction"],
-               "after_prune": top1s(rep["accuracy"]["after"]),
-               "prune_vs_epoch": rep["seconds"] / epoch_s if epoch_s else None}
-        print(f"{crit}: pruned to {rep['macs_fraction']:.3f} of the MACs in {rep['seconds']:.1f} s; "
-              f"right after: {arm['after_prune']}", flush=True)
+        results["unpruned"] = results["unpruned"] or {
+            "exits": top1s(rep["accuracy"]["before"]),
+            "macs": rep["before"]["full"]["macs"],
+            "params": rep["before"]["full"]["params"],
+        }
+        arm = {
+            "prune_seconds": rep["seconds"],
+            "prune_runs": len(rep["search"]),
+            "ratio": rep["ratio"],
+            "macs_fraction": rep["macs_fraction"],
+            "params_fraction": rep["params_fraction"],
+            "after_prune": top1s(rep["accuracy"]["after"]),
+            "prune_vs_epoch": rep["seconds"] / epoch_s if epoch_s else None,
+        }
+        print(
+            f"{crit}: pruned to {rep['macs_fraction']:.3f} of the MACs in {rep['seconds']:.1f} s; "
+            f"right after: {arm['after_prune']}",
+            flush=True,
+        )
 
         t0 = time.perf_counter()
-        sd = fit(from_dict(recipe("self_distill", args, args.finetune_epochs, args.finetune_lr)),
-                 args.out / f"ft_{crit}_self_distill", init=str(pruned), quiet=True)
+        sd = fit(
+            from_dict(recipe("self_distill", args, args.finetune_epochs, args.finetune_lr)),
+            args.out / f"ft_{crit}_self_distill",
+            init=str(pruned),
+            quiet=True,
+        )
         arm["self_distill"] = {"exits": top1s(sd.test), "seconds": time.perf_counter() - t0}
 
         deepest = args.out / f"pruned_{crit}_deepest.safetensors"
         export(str(pruned), str(deepest), "safetensors", exit=len(rep["after"]["exits"]), check=False)
         t0 = time.perf_counter()
-        pl = fit(from_dict(recipe("plain", args, args.finetune_epochs, args.finetune_lr)),
-                 args.out / f"ft_{crit}_plain", init=str(deepest), quiet=True)
+        pl = fit(
+            from_dict(recipe("plain", args, args.finetune_epochs, args.finetune_lr)),
+            args.out / f"ft_{crit}_plain",
+            init=str(deepest),
+            quiet=True,
+        )
         arm["plain"] = {"exits": top1s(pl.test), "seconds": time.perf_counter() - t0}
         results["criteria"][crit] = arm
-        print(f"{crit}: fine-tuned self_distill {arm['self_distill']['exits']}, plain {arm['plain']['exits']}",
-              flush=True)
+        print(
+            f"{crit}: fine-tuned self_distill {arm['self_distill']['exits']}, plain {arm['plain']['exits']}", flush=True
+        )
 
     un = results["unpruned"]
     k = len(un["exits"])
-    head = f"{'':<28}" + "".join(f"{'exit ' + str(i + 1):>9}" for i in range(k)) + f"{'MACs':>8}{'prune s':>9}{'/ epoch':>9}"
+    head = (
+        f"{'':<28}"
+        + "".join(f"{'exit ' + str(i + 1):>9}" for i in range(k))
+        + f"{'MACs':>8}{'prune s':>9}{'/ epoch':>9}"
+    )
     print("\n" + head)
     print(f"{'unpruned':<28}" + "".join(f"{a:9.2f}" for a in un["exits"]) + f"{1:8.3f}")
     for crit, arm in results["criteria"].items():
         ratio = f"{arm['prune_vs_epoch']:9.3f}" if arm["prune_vs_epoch"] is not None else f"{'-':>9}"
-        print(f"{crit + ' right after pruning':<28}" + "".join(f"{a:9.2f}" for a in arm["after_prune"])
-              + f"{arm['macs_fraction']:8.3f}{arm['prune_seconds']:9.1f}{ratio}")
+        print(
+            f"{crit + ' right after pruning':<28}"
+            + "".join(f"{a:9.2f}" for a in arm["after_prune"])
+            + f"{arm['macs_fraction']:8.3f}{arm['prune_seconds']:9.1f}{ratio}"
+        )
         print(f"{crit + ' + self_distill fine-tune':<28}" + "".join(f"{a:9.2f}" for a in arm["self_distill"]["exits"]))
         print(f"{crit + ' + plain fine-tune':<28}" + f"{'-':>9}" * (k - 1) + f"{arm['plain']['exits'][-1]:9.2f}")
         gap = un["exits"][-1] - arm["self_distill"]["exits"][-1]
-        print(f"  goal: deepest within 1 point of unpruned: {gap:+.2f} points -> {'met' if gap <= 1 else 'not met'}; "
-              + (f"pruning < 0.1 epoch: {'met' if arm['prune_vs_epoch'] < 0.1 else 'not met'}"
-                 if arm["prune_vs_epoch"] is not None else "epoch time unknown"))
-    write_json(args.out / "prune_finetune.json",
-               {"benchmark": "prune_finetune", "base": str(base), "epochs": None if args.base else args.epochs,
-                "finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr,
-                "target_macs": args.target_macs, "limit_train": args.limit_train, "limit_test": args.limit_test,
-                "epoch_seconds": epoch_s, "epoch_seconds_source": epoch_src, **results, **machine()})
+        print(
+            f"  goal: deepest within 1 point of unpruned: {gap:+.2f} points -> {'met' if gap <= 1 else 'not met'}; "
+            + (
+                f"pruning < 0.1 epoch: {'met' if arm['prune_vs_epoch'] < 0.1 else 'not met'}"
+                if arm["prune_vs_epoch"] is not None
+                else "epoch time unknown"
+            )
+        )
+    write_json(
+        args.out / "prune_finetune.json",
+        {
+            "benchmark": "prune_finetune",
+            "base": str(base),
+            "epochs": None if args.base else args.epochs,
+            "finetune_epochs": args.finetune_epochs,
+            "finetune_lr": args.finetune_lr,
+            "target_macs": args.target_macs,
+            "limit_train": args.limit_train,
+            "limit_test": args.limit_test,
+            "epoch_seconds": epoch_s,
+            "epoch_seconds_source": epoch_src,
+            **results,
+            **machine(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ def hand_loop(x: torch.Tensor, y: torch.Tensor, args, device: torch.device) -> f
     fmt = torch.channels_last if use_channels_last("auto", device) else torch.contiguous_format
     model = create_model("resnet18", num_classes=args.classes, width=args.width).to(device, memory_format=fmt).train()
     loss_fn = SelfDistillLoss("self_distill", model.feature_dims).to(device)
-    opt = torch.optim.SGD(list(model.parameters()) + list(loss_fn.parameters()), lr=0.05, momentum=0.9,
-                          weight_decay=5e-4)
+    opt = torch.optim.SGD(
+        list(model.parameters()) + list(loss_fn.parameters()), lr=0.05, momentum=0.9, weight_decay=5e-4
+    )
     x, y = x.to(device), y.to(device)
     perm = torch.randperm(len(x), device=device)
     n = 0
@@ -64,7 +65,7 @@ def hand_loop(x: torch.Tensor, y: torch.Tensor, args, device: torch.device) -> f
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0, n = time.perf_counter(), 0
-        idx = perm[(i * args.batch) % len(x):][: args.batch]
+        idx = perm[(i * args.batch) % len(x) :][: args.batch]
         xb = F.pad(x[idx].float(), (4, 4, 4, 4), value=128.0)  # (N, C, 40, 40)
         nb, c = xb.shape[:2]
         ar = torch.arange(32, device=device)
@@ -88,13 +89,29 @@ def hand_loop(x: torch.Tensor, y: torch.Tensor, args, device: torch.device) -> f
 
 
 def sdtool_loop(npz: Path, args) -> float:
-    recipe = from_dict({
-        "model": {"name": "resnet18", "width": args.width},
-        "data": {"name": "npz", "root": str(npz.parent), "train_file": npz.name, "test_file": npz.name,
-                 "batch_size": args.batch, "limit_test": 10, "augment": {"crop": True, "flip": True}},
-        "train": {"epochs": 1, "lr": 0.05, "schedule": "constant", "limit_batches": args.batches,
-                  "device": args.device, "amp": args.amp, "seed": 0},
-    })
+    recipe = from_dict(
+        {
+            "model": {"name": "resnet18", "width": args.width},
+            "data": {
+                "name": "npz",
+                "root": str(npz.parent),
+                "train_file": npz.name,
+                "test_file": npz.name,
+                "batch_size": args.batch,
+                "limit_test": 10,
+                "augment": {"crop": True, "flip": True},
+            },
+            "train": {
+                "epochs": 1,
+                "lr": 0.05,
+                "schedule": "constant",
+                "limit_batches": args.batches,
+                "device": args.device,
+                "amp": args.amp,
+                "seed": 0,
+            },
+        }
+    )
     with tempfile.TemporaryDirectory() as d:
         res = fit(recipe, Path(d) / "run", quiet=True)
     return res.history[0]["images_per_s"]
@@ -107,8 +124,14 @@ def data_path(x: np.ndarray, batch: int, repeats: int = 5) -> dict:
     from sdtool.data import build_data
     from sdtool.recipe import DataConfig
 
-    pil = T.Compose([T.RandomCrop(32, padding=4, fill=128), T.RandomHorizontalFlip(), T.ToTensor(),
-                     T.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist())])
+    pil = T.Compose(
+        [
+            T.RandomCrop(32, padding=4, fill=128),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist()),
+        ]
+    )
     images = [Image.fromarray(a) for a in x[:batch]]
     with tempfile.TemporaryDirectory() as d:
         np.savez(Path(d) / "a.npz", x=x[:batch], y=np.zeros(batch, dtype=np.int64))
@@ -122,8 +145,10 @@ def data_path(x: np.ndarray, batch: int, repeats: int = 5) -> dict:
         t0 = time.perf_counter()
         bundle.prepare(xb, train=True)
         t_batch.append(time.perf_counter() - t0)
-    return {"pil_images_per_s": batch / statistics.median(t_pil),
-            "batched_images_per_s": batch / statistics.median(t_batch)}
+    return {
+        "pil_images_per_s": batch / statistics.median(t_pil),
+        "batched_images_per_s": batch / statistics.median(t_batch),
+    }
 
 
 def main() -> None:
@@ -154,13 +179,24 @@ def main() -> None:
     dp = data_path(xs, args.batch)
     print(f"\n{'loop':<10}{'images/s':>12}\n{'hand':<10}{h:>12.1f}\n{'sdtool':<10}{o:>12.1f}")
     print(f"ratio sdtool / hand: {o / h:.3f} (goal >= 0.95)")
-    print(f"\ndata path, batch {args.batch}: PIL per image {dp['pil_images_per_s']:.0f} img/s, "
-          f"batched tensors {dp['batched_images_per_s']:.0f} img/s "
-          f"({dp['batched_images_per_s'] / dp['pil_images_per_s']:.1f}x)")
+    print(
+        f"\ndata path, batch {args.batch}: PIL per image {dp['pil_images_per_s']:.0f} img/s, "
+        f"batched tensors {dp['batched_images_per_s']:.0f} img/s "
+        f"({dp['batched_images_per_s'] / dp['pil_images_per_s']:.1f}x)"
+    )
     if args.json:
-        write_json(args.json, {"benchmark": "throughput", "args": vars(args) | {"json": str(args.json)},
-                               "hand_images_per_s": hand, "sdtool_images_per_s": ours, "ratio": o / h,
-                               "data_path": dp, **machine()})
+        write_json(
+            args.json,
+            {
+                "benchmark": "throughput",
+                "args": vars(args) | {"json": str(args.json)},
+                "hand_images_per_s": hand,
+                "sdtool_images_per_s": ours,
+                "ratio": o / h,
+                "data_path": dp,
+                **machine(),
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -28,17 +28,25 @@ from sdtool.models import create_model
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def make_step(mode: str, width: int, classes: int, batch: torch.Tensor, y: torch.Tensor,
-              memory_format: torch.memory_format = torch.contiguous_format):
+def make_step(
+    mode: str,
+    width: int,
+    classes: int,
+    batch: torch.Tensor,
+    y: torch.Tensor,
+    memory_format: torch.memory_format = torch.contiguous_format,
+):
     torch.manual_seed(0)  # the same weights in every memory format
     exits = [] if mode == "plain" else None
-    model = create_model("resnet18", num_classes=classes, stem="cifar", width=width, head="byot",
-                         attention=mode != "plain", exits=exits).train()
+    model = create_model(
+        "resnet18", num_classes=classes, stem="cifar", width=width, head="byot", attention=mode != "plain", exits=exits
+    ).train()
     model.to(memory_format=memory_format)  # as the engine does: weights, then each batch
     batch = batch.contiguous(memory_format=memory_format)
     loss_fn = SelfDistillLoss(mode, model.feature_dims)
-    opt = torch.optim.SGD(list(model.parameters()) + list(loss_fn.parameters()), lr=0.01, momentum=0.9,
-                          weight_decay=5e-4)
+    opt = torch.optim.SGD(
+        list(model.parameters()) + list(loss_fn.parameters()), lr=0.01, momentum=0.9, weight_decay=5e-4
+    )
 
     def step() -> float:
         t0 = time.perf_counter()
@@ -60,8 +68,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--memory-format", choices=[*FORMATS, "both"], default="contiguous",
-                    help="memory format of weights and batch; both = each format, alternating in one run")
+    ap.add_argument(
+        "--memory-format",
+        choices=[*FORMATS, "both"],
+        default="contiguous",
+        help="memory format of weights and batch; both = each format, alternating in one run",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -70,8 +82,11 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, args.classes, (args.batch,))
     formats = list(FORMATS) if args.memory_format == "both" else [args.memory_format]
-    steps = {(f, m): make_step(m, args.width, args.classes, x, y, FORMATS[f])
-             for f in formats for m in ("plain", "self_distill")}
+    steps = {
+        (f, m): make_step(m, args.width, args.classes, x, y, FORMATS[f])
+        for f in formats
+        for m in ("plain", "self_distill")
+    }
     for _ in range(args.warmup):
         for s in steps.values():
             s()
@@ -82,16 +97,21 @@ def main() -> None:
     med = {k: statistics.median(t) for k, t in times.items()}
     ratio = {f: med[f, "self_distill"] / med[f, "plain"] for f in formats}
     result = {
-        "benchmark": "train_step", "model": f"resnet18 width {args.width}, cifar stem, {args.classes} classes",
-        "batch": args.batch, "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "torch": torch.__version__,
+        "benchmark": "train_step",
+        "model": f"resnet18 width {args.width}, cifar stem, {args.classes} classes",
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
         "memory_formats": formats,
         "median_s": {f: {m: med[f, m] for m in ("plain", "self_distill")} for f in formats},
         "ratio_self_distill_over_plain": ratio,
     }
     if len(formats) == 2:  # > 1: channels_last is faster
-        result["speedup_channels_last"] = {m: med["contiguous", m] / med["channels_last", m]
-                                           for m in ("plain", "self_distill")}
+        result["speedup_channels_last"] = {
+            m: med["contiguous", m] / med["channels_last", m] for m in ("plain", "self_distill")
+        }
     print(f"{'format':<15}{'mode':<14}{'median step (s)':>16}")
     for (f, m), v in med.items():
         print(f"{f:<15}{m:<14}{v:>16.4f}")

@@ -109,8 +109,10 @@ def _check_rebuild(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None
         if bad or len(rebuilt) != len(state):
             problem = (bad[0] if bad else next(k for k in rebuilt if k not in state)) + " would not reload"
     if problem:
-        raise SdtoolError(f"this model's structure cannot be recorded in the checkpoint format ({problem}); "
-                          "nothing was written. Please report it with the model and the command")
+        raise SdtoolError(
+            f"this model's structure cannot be recorded in the checkpoint format ({problem}); "
+            "nothing was written. Please report it with the model and the command"
+        )
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -122,11 +124,14 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
     except (SafetensorError, OSError, ValueError) as e:  # random or truncated bytes
-        raise SdtoolError(f"{path} is not a readable safetensors file (corrupt or truncated?): "
-                          f"{str(e).splitlines()[0][:120]}") from None
+        raise SdtoolError(
+            f"{path} is not a readable safetensors file (corrupt or truncated?): {str(e).splitlines()[0][:120]}"
+        ) from None
     if raw is None:
-        raise SdtoolError(f"{path} is a safetensors file but not an sdtool checkpoint (no sdtool metadata); "
-                          "train with sdtool or load foreign weights through the teacher options")
+        raise SdtoolError(
+            f"{path} is a safetensors file but not an sdtool checkpoint (no sdtool metadata); "
+            "train with sdtool or load foreign weights through the teacher options"
+        )
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError:
@@ -135,8 +140,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not isinstance(version, int):
         raise SdtoolError(f"{path}: the sdtool metadata has no format_version; the file is damaged")
     if version > FORMAT_VERSION:
-        raise SdtoolError(f"{path} was written by a newer sdtool (format {version}, this one reads up to "
-                          f"{FORMAT_VERSION}); upgrade sdtool")
+        raise SdtoolError(
+            f"{path} was written by a newer sdtool (format {version}, this one reads up to "
+            f"{FORMAT_VERSION}); upgrade sdtool"
+        )
     for key in ("model", "num_classes"):
         if key not in meta:
             raise SdtoolError(f"{path}: the sdtool metadata lacks {key!r}; the file is damaged")
@@ -151,8 +158,9 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
                 out[k] = f.get_tensor(k)
         return out
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise SdtoolError(f"{path}: tensors could not be read (corrupt or truncated?): "
-                          f"{str(e).splitlines()[0][:120]}") from None
+        raise SdtoolError(
+            f"{path}: tensors could not be read (corrupt or truncated?): {str(e).splitlines()[0][:120]}"
+        ) from None
 
 
 def build_model(meta: dict[str, Any]) -> nn.Module:
@@ -165,8 +173,10 @@ def build_model(meta: dict[str, Any]) -> nn.Module:
     try:
         apply_shapes(model, meta.get("shapes") or {})
     except KeyError as e:
-        raise SdtoolError(f"checkpoint shapes name module {e.args[0]!r}, which model {spec['name']} lacks; "
-                          "the file is damaged or from an incompatible sdtool") from None
+        raise SdtoolError(
+            f"checkpoint shapes name module {e.args[0]!r}, which model {spec['name']} lacks; "
+            "the file is damaged or from an incompatible sdtool"
+        ) from None
     return model
 
 
@@ -180,23 +190,41 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
     extra = [k for k in tensors if k not in state]
     wrong = [k for k in state if k in tensors and tensors[k].shape != state[k].shape]
     if missing or extra or wrong:
-        what = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else
-                f"{wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, the spec needs {tuple(state[wrong[0]].shape)}")
+        what = (
+            f"missing {missing[0]}"
+            if missing
+            else f"unexpected {extra[0]}"
+            if extra
+            else f"{wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, the spec needs {tuple(state[wrong[0]].shape)}"
+        )
         raise SdtoolError(f"{path}: tensors do not fit the model spec ({what}); the file is damaged or edited")
     model.load_state_dict(tensors)
     return model.to(device).eval(), meta
 
 
-def lineage_entry(command: str, recipe: dict | None, parent: str | Path | None, started: str,
-                  metrics: dict | None = None, parent_sha256: str | None = None, **extra: Any) -> dict[str, Any]:
+def lineage_entry(
+    command: str,
+    recipe: dict | None,
+    parent: str | Path | None,
+    started: str,
+    metrics: dict | None = None,
+    parent_sha256: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """One step of a checkpoint's history: command, resolved recipe, parent hash, times, metrics.
 
     `parent_sha256` may be given when it was computed earlier (a run hashes its parent once, at its start).
     """
-    entry = {"command": command, "sdtool_version": __version__, "recipe": recipe,
-             "parent": str(parent) if parent else None,
-             "parent_sha256": parent_sha256 or (sha256(parent) if parent else None),
-             "started": started, "ended": now(), "metrics": metrics or {}}
+    entry = {
+        "command": command,
+        "sdtool_version": __version__,
+        "recipe": recipe,
+        "parent": str(parent) if parent else None,
+        "parent_sha256": parent_sha256 or (sha256(parent) if parent else None),
+        "started": started,
+        "ended": now(),
+        "metrics": metrics or {},
+    }
     entry.update(extra)
     return entry
 
@@ -214,6 +242,11 @@ def derived_meta(meta: dict[str, Any]) -> dict[str, Any]:
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """`sdtool inspect`: the metadata, parameter count, exits and file size (tensors are validated too)."""
     model, meta = load(path)
-    return {"path": str(path), "file_size": Path(path).stat().st_size,
-            "sha256": sha256(path), "parameters": sum(p.numel() for p in model.parameters()),
-            "exits": getattr(model, "num_exits", 1), "meta": meta}
+    return {
+        "path": str(path),
+        "file_size": Path(path).stat().st_size,
+        "sha256": sha256(path),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "exits": getattr(model, "num_exits", 1),
+        "meta": meta,
+    }

@@ -17,12 +17,19 @@ import typer
 from sdtool import __version__
 from sdtool.errors import SdtoolError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
-                  help="sdtool: self-distillation, real early exit and structured pruning for CNNs.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    help="sdtool: self-distillation, real early exit and structured pruning for CNNs.",
+)
 _state = {"debug": False}
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (progress goes to stderr).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key, e.g. --set train.epochs=3 (repeatable).")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override a recipe key, e.g. --set train.epochs=3 (repeatable).")
+]
 
 
 class Engine(str, Enum):
@@ -36,15 +43,47 @@ class Cost(str, Enum):
 
 
 # Threshold fitting: one option set, shared by `eval --early-exit` and `export --early-exit`.
-FitOpt = Annotated[bool, typer.Option("--fit-thresholds", help="Early exit: fit thresholds on the validation split first.")]
-MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="Fit: least cost with top-1 at most D points below the deepest exit (default 0.5).")]
-BudgetOpt = Annotated[Optional[float], typer.Option("--budget", help="Fit: best top-1 within F x the reference cost (the deepest exit alone, in --cost units).")]
+FitOpt = Annotated[
+    bool, typer.Option("--fit-thresholds", help="Early exit: fit thresholds on the validation split first.")
+]
+MaxDropOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--max-drop", help="Fit: least cost with top-1 at most D points below the deepest exit (default 0.5)."
+    ),
+]
+BudgetOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--budget", help="Fit: best top-1 within F x the reference cost (the deepest exit alone, in --cost units)."
+    ),
+]
 PolicyOpt = Annotated[Optional[str], typer.Option("--policy", help="Early exit: max_softmax (default) or entropy.")]
-FallbackOpt = Annotated[Optional[str], typer.Option("--fallback", help="Early exit: who answers the rest: deepest (default) or ensemble.")]
-CostOpt = Annotated[Cost, typer.Option("--cost", help="Fit: what a sample costs: macs, or latency measured per exit step on this machine (in --engine; export: onnxruntime).")]
-SweepOpt = Annotated[Optional[Path], typer.Option("--sweep-out", help="Fit: write the accuracy-vs-MACs sweep (JSON, CSV, PNG) to this folder.")]
-EngineOpt = Annotated[Engine, typer.Option("--engine", help="Inference engine for timings: torch (eager, batch norm folded) or onnxruntime.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads of the engine (default: torch's setting, or the cores this process may use for onnxruntime).")]
+FallbackOpt = Annotated[
+    Optional[str], typer.Option("--fallback", help="Early exit: who answers the rest: deepest (default) or ensemble.")
+]
+CostOpt = Annotated[
+    Cost,
+    typer.Option(
+        "--cost",
+        help="Fit: what a sample costs: macs, or latency measured per exit step on this machine (in --engine; export: onnxruntime).",
+    ),
+]
+SweepOpt = Annotated[
+    Optional[Path],
+    typer.Option("--sweep-out", help="Fit: write the accuracy-vs-MACs sweep (JSON, CSV, PNG) to this folder."),
+]
+EngineOpt = Annotated[
+    Engine,
+    typer.Option("--engine", help="Inference engine for timings: torch (eager, batch norm folded) or onnxruntime."),
+]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--threads",
+        help="CPU threads of the engine (default: torch's setting, or the cores this process may use for onnxruntime).",
+    ),
+]
 
 
 def _fit_options(fit: bool, max_drop, budget, policy, fallback, cost: Cost, sweep_out):
@@ -61,7 +100,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
 ) -> None:
     _state["debug"] = debug
@@ -92,8 +133,13 @@ def train(
     recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe (see recipes/).", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", help="Run folder for checkpoints and metrics.")] = Path("runs/train"),
     set_: SetOpt = None,
-    init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint's structure and weights (e.g. a pruned one).")] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder exactly where it stopped.")] = None,
+    init: Annotated[
+        Optional[Path],
+        typer.Option("--init", help="Start from this checkpoint's structure and weights (e.g. a pruned one)."),
+    ] = None,
+    resume: Annotated[
+        Optional[Path], typer.Option("--resume", help="Continue the run in this folder exactly where it stopped.")
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Train a network with self-distillation (or a baseline mode) from a recipe."""
@@ -104,24 +150,36 @@ def train(
     if resume is None and recipe is None:
         raise SdtoolError("give a RECIPE to train, or --resume RUN_DIR to continue a run")
     if resume is not None and (recipe or set_ or init):
-        raise SdtoolError("--resume continues a run exactly as it was set up; drop RECIPE, --set and --init "
-                          "(to change the run, start a new one with --init RUN_DIR/last.safetensors)")
+        raise SdtoolError(
+            "--resume continues a run exactly as it was set up; drop RECIPE, --set and --init "
+            "(to change the run, start a new one with --init RUN_DIR/last.safetensors)"
+        )
     r = load_recipe(recipe, set_) if resume is None else None
     result = fit(r, out, init=str(init) if init else None, resume=resume, quiet=json_)
     if result.is_main:
         report.print_json(result.to_json()) if json_ else report.fit_summary(result)
 
 
-@app.command("eval", epilog="Example: sdtool eval runs/quickstart/best.safetensors --split test; "
-             "sdtool eval runs/sd/best.safetensors --early-exit --fit-thresholds --max-drop 0.5 --out runs/sd/ee.safetensors")
+@app.command(
+    "eval",
+    epilog="Example: sdtool eval runs/quickstart/best.safetensors --split test; "
+    "sdtool eval runs/sd/best.safetensors --early-exit --fit-thresholds --max-drop 0.5 --out runs/sd/ee.safetensors",
+)
 @_user_errors
 def eval_(
     ckpt: Annotated[Path, typer.Argument(help="sdtool checkpoint (.safetensors).")],
-    data: Annotated[Optional[str], typer.Option("--data", help="Recipe file whose data section to use, or a data set name (default: the checkpoint's).")] = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            "--data", help="Recipe file whose data section to use, or a data set name (default: the checkpoint's)."
+        ),
+    ] = None,
     set_: SetOpt = None,
     split: Annotated[str, typer.Option("--split", help="test or val.")] = "test",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, mps.")] = "auto",
-    early_exit: Annotated[bool, typer.Option("--early-exit", help="Real early exit with fitted thresholds (docs/early-exit.md).")] = False,
+    early_exit: Annotated[
+        bool, typer.Option("--early-exit", help="Real early exit with fitted thresholds (docs/early-exit.md).")
+    ] = False,
     fit_thresholds: FitOpt = False,
     max_drop: MaxDropOpt = None,
     budget: BudgetOpt = None,
@@ -129,9 +187,20 @@ def eval_(
     fallback: FallbackOpt = None,
     cost: CostOpt = Cost.macs,
     sweep_out: SweepOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Fit: write a new checkpoint with the thresholds (nothing is written without it).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Evaluation batch size (default: the recipe's eval_batch_size).")] = None,
-    latency_images: Annotated[int, typer.Option("--latency-images", help="Early exit: images timed one by one for the batch-1 speed-up (0 = skip).")] = 128,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Fit: write a new checkpoint with the thresholds (nothing is written without it)."),
+    ] = None,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option("--batch-size", help="Evaluation batch size (default: the recipe's eval_batch_size)."),
+    ] = None,
+    latency_images: Annotated[
+        int,
+        typer.Option(
+            "--latency-images", help="Early exit: images timed one by one for the batch-1 speed-up (0 = skip)."
+        ),
+    ] = 128,
     engine: EngineOpt = Engine.torch,
     threads: ThreadsOpt = None,
     json_: JsonOpt = False,
@@ -145,17 +214,44 @@ def eval_(
     if early_exit:
         from sdtool.exit_eval import eval_early_exit
 
-        rep = eval_early_exit(str(ckpt), data, set_, split, device, fit=fit_thresholds, max_drop=max_drop,
-                              budget=budget, policy=policy, fallback=fallback,
-                              sweep_out=str(sweep_out) if sweep_out else None, out=str(out) if out else None,
-                              batch_size=batch_size, latency_images=latency_images, quiet=json_,
-                              engine=engine.value, cost=cost.value, threads=threads)
+        rep = eval_early_exit(
+            str(ckpt),
+            data,
+            set_,
+            split,
+            device,
+            fit=fit_thresholds,
+            max_drop=max_drop,
+            budget=budget,
+            policy=policy,
+            fallback=fallback,
+            sweep_out=str(sweep_out) if sweep_out else None,
+            out=str(out) if out else None,
+            batch_size=batch_size,
+            latency_images=latency_images,
+            quiet=json_,
+            engine=engine.value,
+            cost=cost.value,
+            threads=threads,
+        )
         report.print_json(rep) if json_ else report.early_exit_view(rep)
         return
-    if (fit_thresholds or max_drop is not None or budget is not None or policy or fallback or sweep_out or out
-            or cost != Cost.macs or engine != Engine.torch or threads is not None):
-        raise SdtoolError("--fit-thresholds, --max-drop, --budget, --policy, --fallback, --cost, --sweep-out, --out, "
-                          "--engine and --threads belong to early exit; add --early-exit")
+    if (
+        fit_thresholds
+        or max_drop is not None
+        or budget is not None
+        or policy
+        or fallback
+        or sweep_out
+        or out
+        or cost != Cost.macs
+        or engine != Engine.torch
+        or threads is not None
+    ):
+        raise SdtoolError(
+            "--fit-thresholds, --max-drop, --budget, --policy, --fallback, --cost, --sweep-out, --out, "
+            "--engine and --threads belong to early exit; add --early-exit"
+        )
     rep = eval_checkpoint(str(ckpt), data, set_, split, device, batch_size=batch_size)
     if json_:
         report.print_json(rep)
@@ -191,14 +287,21 @@ def models(json_: JsonOpt = False) -> None:
     report.print_json(names) if json_ else typer.echo("\n".join(names))
 
 
-@app.command(epilog="Example: sdtool profile runs/quickstart/best.safetensors --batch 64; sdtool profile recipes/quickstart.yaml --no-latency")
+@app.command(
+    epilog="Example: sdtool profile runs/quickstart/best.safetensors --batch 64; sdtool profile recipes/quickstart.yaml --no-latency"
+)
 @_user_errors
 def profile(
     target: Annotated[Path, typer.Argument(help="sdtool checkpoint (.safetensors) or recipe (.yaml).")],
-    input_size: Annotated[Optional[tuple[int, int]], typer.Option("--input-size", help="Input height and width (default: the checkpoint's or data set's).")] = None,
+    input_size: Annotated[
+        Optional[tuple[int, int]],
+        typer.Option("--input-size", help="Input height and width (default: the checkpoint's or data set's)."),
+    ] = None,
     batch: Annotated[int, typer.Option("--batch", help="Batch size N for latency (batch 1 is always measured).")] = 32,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, auto.")] = "cpu",
-    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency (MACs and parameters are always counted).")] = True,
+    latency: Annotated[
+        bool, typer.Option("--latency/--no-latency", help="Measure latency (MACs and parameters are always counted).")
+    ] = True,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before timing.")] = 3,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; the median is reported.")] = 10,
     threads: ThreadsOpt = None,
@@ -210,21 +313,32 @@ def profile(
     from sdtool import report
     from sdtool.profile import profile as run_profile
 
-    rep = run_profile(str(target), input_size, batch, device, latency, warmup, repeats, threads, set_,
-                      engine=engine.value)
+    rep = run_profile(
+        str(target), input_size, batch, device, latency, warmup, repeats, threads, set_, engine=engine.value
+    )
     report.print_json(rep) if json_ else report.profile_view(rep)
 
 
-@app.command(epilog="Example: sdtool export runs/sd/best.safetensors --exit 2 --format onnx --out exit2.onnx; "
-             "sdtool export runs/sd/ee.safetensors --early-exit --out runs/sd/bundle")
+@app.command(
+    epilog="Example: sdtool export runs/sd/best.safetensors --exit 2 --format onnx --out exit2.onnx; "
+    "sdtool export runs/sd/ee.safetensors --early-exit --out runs/sd/bundle"
+)
 @_user_errors
 def export(
     ckpt: Annotated[Path, typer.Argument(help="sdtool checkpoint (.safetensors).")],
     out: Annotated[Path, typer.Option("--out", help="Output file (a new folder with --early-exit).")],
-    format_: Annotated[str, typer.Option("--format", help="safetensors (an sdtool checkpoint), pt2 (torch.export) or onnx.")] = "safetensors",
-    exit_: Annotated[Optional[int], typer.Option("--exit", help="Keep only what exit K (1-based) needs: a compact standalone model.")] = None,
-    check: Annotated[bool, typer.Option("--check/--no-check", help="Run the written file and compare it with PyTorch.")] = True,
-    early_exit: Annotated[bool, typer.Option("--early-exit", help="Write a deployable early-exit bundle (ONNX Runtime; docs/deploy.md).")] = False,
+    format_: Annotated[
+        str, typer.Option("--format", help="safetensors (an sdtool checkpoint), pt2 (torch.export) or onnx.")
+    ] = "safetensors",
+    exit_: Annotated[
+        Optional[int], typer.Option("--exit", help="Keep only what exit K (1-based) needs: a compact standalone model.")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="Run the written file and compare it with PyTorch.")
+    ] = True,
+    early_exit: Annotated[
+        bool, typer.Option("--early-exit", help="Write a deployable early-exit bundle (ONNX Runtime; docs/deploy.md).")
+    ] = False,
     fit_thresholds: FitOpt = False,
     max_drop: MaxDropOpt = None,
     budget: BudgetOpt = None,
@@ -232,10 +346,23 @@ def export(
     fallback: FallbackOpt = None,
     cost: CostOpt = Cost.macs,
     sweep_out: SweepOpt = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="Fit: recipe file whose data section to use, or a data set name (default: the checkpoint's).")] = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            "--data", help="Fit: recipe file whose data section to use, or a data set name (default: the checkpoint's)."
+        ),
+    ] = None,
     set_: SetOpt = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Fit: batch size of the validation pass and of --cost latency's timing.")] = None,
-    latency_batch: Annotated[int, typer.Option("--latency-batch", help="Bundle: batch size at which each step's latency is recorded (besides batch 1).")] = 64,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option("--batch-size", help="Fit: batch size of the validation pass and of --cost latency's timing."),
+    ] = None,
+    latency_batch: Annotated[
+        int,
+        typer.Option(
+            "--latency-batch", help="Bundle: batch size at which each step's latency is recorded (besides batch 1)."
+        ),
+    ] = 64,
     threads: ThreadsOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -254,26 +381,47 @@ def export(
             raise SdtoolError("a bundle is always checked against PyTorch before it is written; drop --no-check")
         if not fit_thresholds and (data or set_ or batch_size):
             raise SdtoolError("--data, --set and --batch-size belong to threshold fitting; add --fit-thresholds")
-        rep = export_bundle(str(ckpt), str(out), fit_opts, data, set_, batch_size, threads, latency_batch,
-                            quiet=json_)
+        rep = export_bundle(str(ckpt), str(out), fit_opts, data, set_, batch_size, threads, latency_batch, quiet=json_)
         report.print_json(rep) if json_ else report.bundle_view(rep)
         return
-    if fit_thresholds or fit_opts.max_drop is not None or budget is not None or policy or fallback or sweep_out \
-            or data or set_ or batch_size or threads or cost != Cost.macs or latency_batch != 64:
-        raise SdtoolError("threshold fitting, --data, --set, --batch-size, --threads and --latency-batch belong to "
-                          "--early-exit")
+    if (
+        fit_thresholds
+        or fit_opts.max_drop is not None
+        or budget is not None
+        or policy
+        or fallback
+        or sweep_out
+        or data
+        or set_
+        or batch_size
+        or threads
+        or cost != Cost.macs
+        or latency_batch != 64
+    ):
+        raise SdtoolError(
+            "threshold fitting, --data, --set, --batch-size, --threads and --latency-batch belong to --early-exit"
+        )
     from sdtool.export import export as run_export
 
     rep = run_export(str(ckpt), str(out), format_, exit_, check)
     report.print_json(rep) if json_ else report.export_view(rep)
 
 
-@app.command(epilog="Example: sdtool predict runs/sd/bundle cat.png dog.jpg; sdtool predict runs/sd/best.safetensors images.npz --json")
+@app.command(
+    epilog="Example: sdtool predict runs/sd/bundle cat.png dog.jpg; sdtool predict runs/sd/best.safetensors images.npz --json"
+)
 @_user_errors
 def predict(
     target: Annotated[Path, typer.Argument(help="Early-exit bundle folder, or an sdtool checkpoint (.safetensors).")],
-    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...) or npz files with x uint8 (N, H, W, C).")],
-    resize: Annotated[bool, typer.Option("--resize", help="Resize images of another size (shorter side, centre crop) instead of refusing them.")] = False,
+    images: Annotated[
+        list[Path], typer.Argument(help="Image files (PNG, JPEG, ...) or npz files with x uint8 (N, H, W, C).")
+    ],
+    resize: Annotated[
+        bool,
+        typer.Option(
+            "--resize", help="Resize images of another size (shorter side, centre crop) instead of refusing them."
+        ),
+    ] = False,
     top: Annotated[int, typer.Option("--top", help="Report the K most likely classes.")] = 1,
     threads: ThreadsOpt = None,
     json_: JsonOpt = False,
@@ -286,32 +434,69 @@ def predict(
     report.print_json(rep) if json_ else report.predict_view(rep)
 
 
-@app.command(epilog="Example: sdtool prune runs/sd/best.safetensors --target-macs 0.5 --criterion taylor --eval --out runs/pruned.safetensors")
+@app.command(
+    epilog="Example: sdtool prune runs/sd/best.safetensors --target-macs 0.5 --criterion taylor --eval --out runs/pruned.safetensors"
+)
 @_user_errors
 def prune(
     ckpt: Annotated[Path, typer.Argument(help="sdtool checkpoint (.safetensors).")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the pruned checkpoint.")],
-    ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of channels to remove, in (0, 1).")] = None,
-    target_macs: Annotated[Optional[float], typer.Option("--target-macs", help="Fraction of the full multi-exit MACs to keep, in (0, 1); reached within 2%.")] = None,
+    ratio: Annotated[
+        Optional[float], typer.Option("--ratio", help="Fraction of channels to remove, in (0, 1).")
+    ] = None,
+    target_macs: Annotated[
+        Optional[float],
+        typer.Option(
+            "--target-macs", help="Fraction of the full multi-exit MACs to keep, in (0, 1); reached within 2%."
+        ),
+    ] = None,
     criterion: Annotated[str, typer.Option("--criterion", help="l1, l2, taylor, bn_scale, fpgm, lamp, random.")] = "l2",
-    global_: Annotated[bool, typer.Option("--global", help="Rank channels across all layers instead of pruning each layer by the same ratio.")] = False,
+    global_: Annotated[
+        bool,
+        typer.Option(
+            "--global", help="Rank channels across all layers instead of pruning each layer by the same ratio."
+        ),
+    ] = False,
     iterative_steps: Annotated[int, typer.Option("--iterative-steps", help="Reach the ratio in N pruning steps.")] = 1,
     round_to: Annotated[Optional[int], typer.Option("--round-to", help="Keep channel counts multiples of N.")] = None,
-    protect_exits: Annotated[bool, typer.Option("--protect-exits/--no-protect-exits", help="Keep the shallow exits' own widths (head blocks, attention inner width); classifiers always keep their classes.")] = True,
-    taylor_batches: Annotated[int, typer.Option("--taylor-batches", help="taylor: training batches whose gradients rank the channels.")] = 4,
+    protect_exits: Annotated[
+        bool,
+        typer.Option(
+            "--protect-exits/--no-protect-exits",
+            help="Keep the shallow exits' own widths (head blocks, attention inner width); classifiers always keep their classes.",
+        ),
+    ] = True,
+    taylor_batches: Annotated[
+        int, typer.Option("--taylor-batches", help="taylor: training batches whose gradients rank the channels.")
+    ] = 4,
     eval_: Annotated[bool, typer.Option("--eval", help="Also report test accuracy per exit before and after.")] = False,
-    data: Annotated[Optional[str], typer.Option("--data", help="Recipe file whose data section to use, or a data set name (default: the checkpoint's); for taylor and --eval.")] = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            "--data",
+            help="Recipe file whose data section to use, or a data set name (default: the checkpoint's); for taylor and --eval.",
+        ),
+    ] = None,
     set_: SetOpt = None,
-    device: Annotated[str, typer.Option("--device", help="Device for --eval: auto, cpu, cuda, mps (pruning runs on the CPU).")] = "auto",
+    device: Annotated[
+        str, typer.Option("--device", help="Device for --eval: auto, cpu, cuda, mps (pruning runs on the CPU).")
+    ] = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """Structured pruning (Torch-Pruning) of every exit at once; writes a smaller checkpoint that reloads anywhere."""
     from sdtool import report
     from sdtool.prune import PruneOptions, prune_checkpoint
 
-    opts = PruneOptions(criterion=criterion, ratio=ratio, target_macs=target_macs, global_pruning=global_,
-                        iterative_steps=iterative_steps, round_to=round_to, protect_exits=protect_exits,
-                        taylor_batches=taylor_batches)
+    opts = PruneOptions(
+        criterion=criterion,
+        ratio=ratio,
+        target_macs=target_macs,
+        global_pruning=global_,
+        iterative_steps=iterative_steps,
+        round_to=round_to,
+        protect_exits=protect_exits,
+        taylor_batches=taylor_batches,
+    )
     rep = prune_checkpoint(str(ckpt), str(out), opts, eval_, data, set_, device)
     report.print_json(rep) if json_ else report.prune_view(rep)
 
@@ -319,8 +504,12 @@ def prune(
 @app.command(epilog="Example: sdtool pipeline recipes/pipeline_quickstart.yaml --out runs/pipeline")
 @_user_errors
 def pipeline(
-    recipe: Annotated[Path, typer.Argument(help="YAML recipe with a prune section (see recipes/pipeline_quickstart.yaml).")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the train, pruned and fine-tune steps.")] = Path("runs/pipeline"),
+    recipe: Annotated[
+        Path, typer.Argument(help="YAML recipe with a prune section (see recipes/pipeline_quickstart.yaml).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the train, pruned and fine-tune steps.")] = Path(
+        "runs/pipeline"
+    ),
     set_: SetOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -333,17 +522,38 @@ def pipeline(
     report.print_json(rep) if json_ else report.pipeline_view(rep)
 
 
-@app.command(epilog="Example: sdtool distill recipes/cifar100_resnet32x4_to_resnet8x4_sd_kd.yaml "
-                     "--teacher runs/resnet32x4/best.safetensors --out runs/kd")
+@app.command(
+    epilog="Example: sdtool distill recipes/cifar100_resnet32x4_to_resnet8x4_sd_kd.yaml "
+    "--teacher runs/resnet32x4/best.safetensors --out runs/kd"
+)
 @_user_errors
 def distill(
-    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe of the student (its sd.mode and distill section apply).", show_default=False)] = None,
-    teacher: Annotated[Optional[str], typer.Option("--teacher", help="sdtool checkpoint, or torchvision:NAME (default: the recipe's distill.teacher).")] = None,
-    teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="torchvision teacher: local .safetensors or .pth state dict (nothing is downloaded).")] = None,
+    recipe: Annotated[
+        Optional[Path],
+        typer.Argument(help="YAML recipe of the student (its sd.mode and distill section apply).", show_default=False),
+    ] = None,
+    teacher: Annotated[
+        Optional[str],
+        typer.Option(
+            "--teacher", help="sdtool checkpoint, or torchvision:NAME (default: the recipe's distill.teacher)."
+        ),
+    ] = None,
+    teacher_weights: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--teacher-weights",
+            help="torchvision teacher: local .safetensors or .pth state dict (nothing is downloaded).",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Run folder for checkpoints and metrics.")] = Path("runs/distill"),
     set_: SetOpt = None,
-    init: Annotated[Optional[Path], typer.Option("--init", help="Start the student from this checkpoint's structure and weights.")] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the distillation run in this folder exactly where it stopped.")] = None,
+    init: Annotated[
+        Optional[Path], typer.Option("--init", help="Start the student from this checkpoint's structure and weights.")
+    ] = None,
+    resume: Annotated[
+        Optional[Path],
+        typer.Option("--resume", help="Continue the distillation run in this folder exactly where it stopped."),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Train a student with its recipe's loss plus knowledge distillation from a frozen external teacher."""
@@ -354,11 +564,19 @@ def distill(
     if resume is None and recipe is None:
         raise SdtoolError("give a RECIPE to distill, or --resume RUN_DIR to continue a run")
     if resume is not None and (recipe or set_ or init or teacher or teacher_weights):
-        raise SdtoolError("--resume continues a run exactly as it was set up (its recipe names the teacher); "
-                          "drop RECIPE, --set, --init, --teacher and --teacher-weights")
-    result = run_distill(load_recipe(recipe, set_) if resume is None else None, out, teacher=teacher,
-                         teacher_weights=str(teacher_weights) if teacher_weights else None,
-                         init=str(init) if init else None, quiet=json_, resume=resume)
+        raise SdtoolError(
+            "--resume continues a run exactly as it was set up (its recipe names the teacher); "
+            "drop RECIPE, --set, --init, --teacher and --teacher-weights"
+        )
+    result = run_distill(
+        load_recipe(recipe, set_) if resume is None else None,
+        out,
+        teacher=teacher,
+        teacher_weights=str(teacher_weights) if teacher_weights else None,
+        init=str(init) if init else None,
+        quiet=json_,
+        resume=resume,
+    )
     if result.is_main:
         report.print_json(result.to_json()) if json_ else report.fit_summary(result)
 

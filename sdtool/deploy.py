@@ -37,9 +37,18 @@ def _check_out(out: Path, src: Path) -> None:
         raise SdtoolError(f"--out {out} is the checkpoint being exported; choose a new folder")
 
 
-def export_bundle(path: str, out: str, opts=None, data: str | None = None, overrides: list[str] | None = None,
-                  batch_size: int | None = None, threads: int | None = None, latency_batch: int = 64,
-                  repeats: int = 5, quiet: bool = False) -> dict:
+def export_bundle(
+    path: str,
+    out: str,
+    opts=None,
+    data: str | None = None,
+    overrides: list[str] | None = None,
+    batch_size: int | None = None,
+    threads: int | None = None,
+    latency_batch: int = 64,
+    repeats: int = 5,
+    quiet: bool = False,
+) -> dict:
     """Write the early-exit bundle of checkpoint `path` to folder `out` (see the module doc).
 
     opts: early_exit.FitOptions; without `opts.fit` the checkpoint's stored thresholds are used.
@@ -71,8 +80,10 @@ def export_bundle(path: str, out: str, opts=None, data: str | None = None, overr
     if not mean or not std:
         raise SdtoolError(f"{path} records no input normalisation (mean, std); it cannot be deployed without it")
     if model.num_exits > 1 and not opts.fit and not meta.get("thresholds"):  # before the slow export
-        raise SdtoolError(f"{path} has no fitted thresholds; add --fit-thresholds (and --max-drop D or --budget F), "
-                          f"or fit them first with sdtool eval {path} --early-exit --fit-thresholds --out NEW")
+        raise SdtoolError(
+            f"{path} has no fitted thresholds; add --fit-thresholds (and --max-drop D or --budget F), "
+            f"or fit them first with sdtool eval {path} --early-exit --fit-thresholds --out NEW"
+        )
     costs = exit_costs(model, (size, size))
     src_sha = checkpoint.sha256(path)
     log(f"exporting {path} to ONNX and cutting it into exit steps")
@@ -95,10 +106,20 @@ def export_bundle(path: str, out: str, opts=None, data: str | None = None, overr
             cfg = data_for_checkpoint(meta, data, overrides)
             bundle = bundle_for_checkpoint(path, meta, cfg, "val")
         bs = batch_size or (cfg.eval_batch_size if cfg else latency_batch)
-        pol, fit_rep, sweep_rep, warnings = choose_policy(path, model, meta, cfg, bundle, opts, costs,
-                                                          torch.device("cpu"), bs, engine, log)
-    manifest, graphs = bundle_layout(pieces, pol, size, int(spec_in.get("channels") or 3), mean, std,
-                                     model.num_classes, src_sha, meta.get("class_names"))
+        pol, fit_rep, sweep_rep, warnings = choose_policy(
+            path, model, meta, cfg, bundle, opts, costs, torch.device("cpu"), bs, engine, log
+        )
+    manifest, graphs = bundle_layout(
+        pieces,
+        pol,
+        size,
+        int(spec_in.get("channels") or 3),
+        mean,
+        std,
+        model.num_classes,
+        src_sha,
+        meta.get("class_names"),
+    )
     timing = None
     if repeats > 0:
         log("timing each step in ONNX Runtime (batch 1 and %d)" % latency_batch)
@@ -108,23 +129,43 @@ def export_bundle(path: str, out: str, opts=None, data: str | None = None, overr
         e = costs["exits"][k]
         step["macs"] = {"alone": e["macs"], "stages": e["stages_macs"], "head": e["head_macs"], "leave": leave[k]}
         if timing:
-            step["latency_ms_per_image"] = {b: {"stages": t["stages_ms"][k], "head": t["head_ms"][k]}
-                                            for b, t in timing.items()}
-    manifest.update({
-        "sdtool_version": __version__, "created": checkpoint.now(), "model": model.spec,
-        "reference_macs": costs["reference"]["macs"],
-        "deepest_latency_ms_per_image": {b: t["deepest_ms"] for b, t in timing.items()} if timing else None,
-        "runtime_settings": engine.settings,
-        "source": {"path": str(path), "sha256": src_sha, "lineage": meta.get("lineage", []),
-                   "thresholds_fitted_on": (fit_rep and {k: v for k, v in fit_rep.items() if k != "piece_times"})
-                   or (meta.get("thresholds") or {}).get("fitted_on")},
-        "runtime": runtime.RUNTIME_FILE,
-    })
+            step["latency_ms_per_image"] = {
+                b: {"stages": t["stages_ms"][k], "head": t["head_ms"][k]} for b, t in timing.items()
+            }
+    manifest.update(
+        {
+            "sdtool_version": __version__,
+            "created": checkpoint.now(),
+            "model": model.spec,
+            "reference_macs": costs["reference"]["macs"],
+            "deepest_latency_ms_per_image": {b: t["deepest_ms"] for b, t in timing.items()} if timing else None,
+            "runtime_settings": engine.settings,
+            "source": {
+                "path": str(path),
+                "sha256": src_sha,
+                "lineage": meta.get("lineage", []),
+                "thresholds_fitted_on": (fit_rep and {k: v for k, v in fit_rep.items() if k != "piece_times"})
+                or (meta.get("thresholds") or {}).get("fitted_on"),
+            },
+            "runtime": runtime.RUNTIME_FILE,
+        }
+    )
     check = _write(outp, manifest, graphs, model, size, threads)
-    rep = {"checkpoint": str(path), "out": str(outp), "format": "onnx early-exit bundle", "exits": model.num_exits,
-           "policy": manifest["policy"], "files": sorted([*graphs, runtime.MANIFEST, runtime.RUNTIME_FILE]),
-           "bundle_size": sum(f.stat().st_size for f in outp.iterdir()), "check": check, "fit": fit_rep,
-           "sweep": sweep_rep, "warnings": warnings, "timing": timing, "started": started}
+    rep = {
+        "checkpoint": str(path),
+        "out": str(outp),
+        "format": "onnx early-exit bundle",
+        "exits": model.num_exits,
+        "policy": manifest["policy"],
+        "files": sorted([*graphs, runtime.MANIFEST, runtime.RUNTIME_FILE]),
+        "bundle_size": sum(f.stat().st_size for f in outp.iterdir()),
+        "check": check,
+        "fit": fit_rep,
+        "sweep": sweep_rep,
+        "warnings": warnings,
+        "timing": timing,
+        "started": started,
+    }
     return rep
 
 
@@ -180,15 +221,30 @@ def check_bundle(folder: Path, model, size: int, threads: int | None = None) -> 
     _, e_ref = early_exit_forward(model, x, pol)
     _, e_got = sess.predict(x.numpy())
     thr = pol.score_thresholds()
-    bad = [i for i in range(len(x)) if int(e_ref[i]) != int(e_got[i])
-           and not any(abs(float(confidence(ref[k][i:i + 1], pol.policy)[0]) - thr[k]) < 1e-4 for k in range(len(thr)))]
+    bad = [
+        i
+        for i in range(len(x))
+        if int(e_ref[i]) != int(e_got[i])
+        and not any(abs(float(confidence(ref[k][i : i + 1], pol.policy)[0]) - thr[k]) < 1e-4 for k in range(len(thr)))
+    ]
     if worst > TOLERANCE * scale or bad:
-        what = f"max |logit diff| {worst:.2e}" if worst > TOLERANCE * scale else f"exit choices differ on {len(bad)} inputs"
-        raise SdtoolError(f"the exported graphs do not reproduce the PyTorch model ({what}); nothing was written. "
-                          "Please report it with the model")
-    return {"runtime": f"onnxruntime {sess.settings['onnxruntime']}", "inputs": x.shape[0],
-            "max_abs_diff": worst, "exits_compared": len(diffs), "tolerance": TOLERANCE * scale,
-            "same_exit_choices": True}
+        what = (
+            f"max |logit diff| {worst:.2e}"
+            if worst > TOLERANCE * scale
+            else f"exit choices differ on {len(bad)} inputs"
+        )
+        raise SdtoolError(
+            f"the exported graphs do not reproduce the PyTorch model ({what}); nothing was written. "
+            "Please report it with the model"
+        )
+    return {
+        "runtime": f"onnxruntime {sess.settings['onnxruntime']}",
+        "inputs": x.shape[0],
+        "max_abs_diff": worst,
+        "exits_compared": len(diffs),
+        "tolerance": TOLERANCE * scale,
+        "same_exit_choices": True,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,8 +271,13 @@ def predict(target: str, inputs: list[str], threads: int | None = None, resize: 
         rows, engine, names = _predict_checkpoint(p, inputs, threads, resize, top)
     for r, f in zip(rows, _sources(inputs)):
         r["file"] = f
-    return {"target": str(target), "engine": engine, "images": len(rows), "predictions": rows,
-            "classes": len(names) if names else None}
+    return {
+        "target": str(target),
+        "engine": engine,
+        "images": len(rows),
+        "predictions": rows,
+        "classes": len(names) if names else None,
+    }
 
 
 def _sources(inputs: list[str]) -> list[str]:
@@ -249,8 +310,9 @@ def _predict_checkpoint(path: Path, inputs: list[str], threads: int | None, resi
     stored = meta.get("thresholds")
     k_all = model.num_exits
     if stored and k_all > 1:
-        pol = ExitPolicy(stored["policy"], list(stored["values"]), stored.get("fallback", "deepest"),
-                         meta.get("ensemble", "logits"))
+        pol = ExitPolicy(
+            stored["policy"], list(stored["values"]), stored.get("fallback", "deepest"), meta.get("ensemble", "logits")
+        )
         z, e = early_exit_forward(model, x, pol)
     else:
         z, e = model.forward_until(x, k_all - 1), torch.full((len(x),), k_all - 1)
@@ -260,9 +322,14 @@ def _predict_checkpoint(path: Path, inputs: list[str], threads: int | None, resi
     for i in range(len(x)):
         conf, idx = p[i].topk(min(top, p.shape[1]))
         c = int(idx[0])
-        rows.append({"class": c, "name": names[c] if names else str(c), "confidence": float(conf[0]),
-                     "exit": int(e[i]) + 1, "top": [{"class": int(j), "confidence": float(v)}
-                                                    for v, j in zip(conf, idx)]})
-    engine = {"engine": "torch", "threads": torch.get_num_threads(),
-              "early_exit": bool(stored and k_all > 1)}
+        rows.append(
+            {
+                "class": c,
+                "name": names[c] if names else str(c),
+                "confidence": float(conf[0]),
+                "exit": int(e[i]) + 1,
+                "top": [{"class": int(j), "confidence": float(v)} for v, j in zip(conf, idx)],
+            }
+        )
+    engine = {"engine": "torch", "threads": torch.get_num_threads(), "early_exit": bool(stored and k_all > 1)}
     return rows, engine, names

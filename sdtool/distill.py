@@ -37,23 +37,30 @@ from sdtool.losses import ATLoss, FitNetLoss, KDLoss, ensemble_logits
 
 TV_PREFIX = "torchvision:"
 # Stage modules of torchvision teachers whose layout is known (for feature distillation).
-_TV_STAGES = {"resnet": ["layer1", "layer2", "layer3", "layer4"], "resnext": ["layer1", "layer2", "layer3", "layer4"],
-              "wide_resnet": ["layer1", "layer2", "layer3", "layer4"]}
+_TV_STAGES = {
+    "resnet": ["layer1", "layer2", "layer3", "layer4"],
+    "resnext": ["layer1", "layer2", "layer3", "layer4"],
+    "wide_resnet": ["layer1", "layer2", "layer3", "layer4"],
+}
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a weights file: .safetensors, or a .pth/.pt state dict (torch.load, weights_only=True)."""
     p = Path(path)
     if not p.is_file():
-        raise SdtoolError(f"teacher weights file {p} not found; pass --teacher-weights with a local .safetensors "
-                          "or .pth file (sdtool never downloads weights)")
+        raise SdtoolError(
+            f"teacher weights file {p} not found; pass --teacher-weights with a local .safetensors "
+            "or .pth file (sdtool never downloads weights)"
+        )
     if p.suffix == ".safetensors":
         return checkpoint.load_tensors(p)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle errors of every kind mean "not a plain state dict"
-        raise SdtoolError(f"{p} is not a plain state dict loadable with weights_only=True "
-                          f"({(str(e).splitlines() or [''])[0][:100]}); save it with torch.save(model.state_dict())") from None
+        raise SdtoolError(
+            f"{p} is not a plain state dict loadable with weights_only=True "
+            f"({(str(e).splitlines() or [''])[0][:100]}); save it with torch.save(model.state_dict())"
+        ) from None
     for key in ("state_dict", "model"):  # common wrappers of training scripts
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -67,8 +74,10 @@ def _torchvision_teacher(arch: str, weights: str | None) -> tuple[nn.Module, dic
 
     builder = torchvision_builder(arch)
     if not weights:
-        raise SdtoolError(f"teacher torchvision:{arch} needs --teacher-weights PATH (a local .safetensors or "
-                          ".pth state dict; sdtool never downloads weights)")
+        raise SdtoolError(
+            f"teacher torchvision:{arch} needs --teacher-weights PATH (a local .safetensors or "
+            ".pth state dict; sdtool never downloads weights)"
+        )
     state = read_state_dict(weights)
     with torch.device("meta"):  # find the classifier to read the class count from the weights
         probe = builder(weights=None)
@@ -85,8 +94,13 @@ def _torchvision_teacher(arch: str, weights: str | None) -> tuple[nn.Module, dic
         raise SdtoolError(f"{weights} does not fit torchvision:{arch} ({what}); pass that architecture's weights")
     net.load_state_dict({k: state[k] for k in own})
     stages = next((v for k, v in _TV_STAGES.items() if arch.startswith(k)), None)
-    info = {"kind": "torchvision", "source": f"{TV_PREFIX}{arch}", "weights": str(weights),
-            "weights_sha256": checkpoint.sha256(weights), "num_classes": num_classes}
+    info = {
+        "kind": "torchvision",
+        "source": f"{TV_PREFIX}{arch}",
+        "weights": str(weights),
+        "weights_sha256": checkpoint.sha256(weights),
+        "num_classes": num_classes,
+    }
     return net, info, stages
 
 
@@ -98,21 +112,27 @@ class Teacher(nn.Module):
         self.output = output
         self.renorm = False  # True: x_t = x * renorm_scale + renorm_shift (buffers, set by `check`)
         if spec.startswith(TV_PREFIX):
-            self.net, self.info, names = _torchvision_teacher(spec[len(TV_PREFIX):], weights)
+            self.net, self.info, names = _torchvision_teacher(spec[len(TV_PREFIX) :], weights)
             self.meta = None
             modules = dict(self.net.named_modules())
             self.stage_modules = [modules[n] for n in names] if names else None
         else:
             if weights:
-                raise SdtoolError("--teacher-weights applies to torchvision:NAME teachers; an sdtool checkpoint "
-                                  "holds its own weights")
+                raise SdtoolError(
+                    "--teacher-weights applies to torchvision:NAME teachers; an sdtool checkpoint holds its own weights"
+                )
             self.net, self.meta = checkpoint.load(spec)
             if not hasattr(self.net, "forward_until"):
                 raise SdtoolError(f"{spec} does not hold a multi-exit sdtool model")
             self.stage_modules = list(self.net.stages)
-            self.info = {"kind": "sdtool", "source": str(spec), "sha256": checkpoint.sha256(spec),
-                         "num_classes": int(self.meta["num_classes"]), "output": output,
-                         "model": self.meta["model"]["name"]}
+            self.info = {
+                "kind": "sdtool",
+                "source": str(spec),
+                "sha256": checkpoint.sha256(spec),
+                "num_classes": int(self.meta["num_classes"]),
+                "output": output,
+                "model": self.meta["model"]["name"],
+            }
         self.net.requires_grad_(False)
         self.net.eval()
         self._captured: list[torch.Tensor] = []
@@ -145,13 +165,17 @@ class Teacher(nn.Module):
         """Fail with one line unless the teacher fits the student's data; set up re-normalisation."""
         n_t = self.info["num_classes"]
         if n_t != num_classes:
-            raise SdtoolError(f"teacher {self.info['source']} predicts {n_t} classes but the student's data set has "
-                              f"{num_classes}; use a teacher trained on the same classes")
+            raise SdtoolError(
+                f"teacher {self.info['source']} predicts {n_t} classes but the student's data set has "
+                f"{num_classes}; use a teacher trained on the same classes"
+            )
         if self.meta is not None:
             size = (self.meta.get("input") or {}).get("size")
             if size is not None and int(size) != int(input_size):
-                raise SdtoolError(f"teacher {self.info['source']} was trained on {size}x{size} inputs but the student's "
-                                  f"data is {input_size}x{input_size}; set data.input_size={size} or use a matching teacher")
+                raise SdtoolError(
+                    f"teacher {self.info['source']} was trained on {size}x{size} inputs but the student's "
+                    f"data is {input_size}x{input_size}; set data.input_size={size} or use a matching teacher"
+                )
             t_mean, t_std = (self.meta.get("input") or {}).get("mean"), (self.meta.get("input") or {}).get("std")
             if t_mean and t_std and (list(t_mean) != list(mean) or list(t_std) != list(std)):
                 # x = (img - m_s) / s_s  ->  (img - m_t) / s_t = x * s_s / s_t + (m_s - m_t) / s_t
@@ -171,9 +195,11 @@ class DistillExtra(nn.Module):
         self.cfg = cfg  # a validated recipe section (recipe.py checks the ranges; KDLoss the temperature)
         self.teacher = Teacher(teacher, teacher_weights, cfg.teacher_output)
         if cfg.feature and self.teacher.stage_modules is None:
-            raise SdtoolError(f"distill.feature={cfg.feature} needs the teacher's stage outputs; "
-                              f"{self.teacher.info['source']} has no known stages (use an sdtool checkpoint or a "
-                              "torchvision ResNet teacher, or set distill.feature=null)")
+            raise SdtoolError(
+                f"distill.feature={cfg.feature} needs the teacher's stage outputs; "
+                f"{self.teacher.info['source']} has no known stages (use an sdtool checkpoint or a "
+                "torchvision ResNet teacher, or set distill.feature=null)"
+            )
         self.kd = KDLoss(cfg.temperature)
         self.feature_losses = nn.ModuleList()
         self.pairs: list[tuple[int, int]] = []  # (student stage, teacher stage), 0-based
@@ -197,11 +223,14 @@ class DistillExtra(nn.Module):
         try:
             z, t_feats = self.teacher(x)
         except Exception as e:  # noqa: BLE001 - any failure here is an input the teacher cannot take
-            raise SdtoolError(f"teacher {self.info['source']} cannot run on {bundle.input_size}x{bundle.input_size} "
-                              f"inputs ({(str(e).splitlines() or [''])[0][:100]}); use a matching teacher") from None
+            raise SdtoolError(
+                f"teacher {self.info['source']} cannot run on {bundle.input_size}x{bundle.input_size} "
+                f"inputs ({(str(e).splitlines() or [''])[0][:100]}); use a matching teacher"
+            ) from None
         if tuple(z.shape) != (2, bundle.num_classes):
-            raise SdtoolError(f"teacher {self.info['source']} outputs shape {tuple(z.shape)}, not (N, "
-                              f"{bundle.num_classes}) logits")
+            raise SdtoolError(
+                f"teacher {self.info['source']} outputs shape {tuple(z.shape)}, not (N, {bundle.num_classes}) logits"
+            )
         if not self.cfg.feature:
             return
         n_s, n_t = len(model.stages), len(t_feats)
@@ -236,7 +265,8 @@ class DistillExtra(nn.Module):
             if len(student) != len(self.pairs):
                 raise RuntimeError("student stage outputs were not captured; is the model compiled without hooks?")
             feat = self.cfg.feature_weight * sum(
-                fl(student[i], t_feats[t]) for i, (fl, (_, t)) in enumerate(zip(self.feature_losses, self.pairs)))
+                fl(student[i], t_feats[t]) for i, (fl, (_, t)) in enumerate(zip(self.feature_losses, self.pairs))
+            )
             loss = loss + feat
             parts["teacher_feature"] = feat.detach()
         return loss, parts
@@ -261,14 +291,23 @@ class DistillExtra(nn.Module):
         if self._events:
             self._events[-1][1].synchronize()
             self._seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1000
-        out = {"teacher_seconds": self._seconds,
-               "teacher_ms_per_step": 1000 * self._seconds / self._steps if self._steps else 0.0}
+        out = {
+            "teacher_seconds": self._seconds,
+            "teacher_ms_per_step": 1000 * self._seconds / self._steps if self._steps else 0.0,
+        }
         self._seconds, self._steps, self._events = 0.0, 0, []
         return out
 
 
-def distill(recipe, out: str | Path, teacher: str | None = None, teacher_weights: str | None = None,
-            init: str | None = None, quiet: bool = False, resume: str | Path | None = None):
+def distill(
+    recipe,
+    out: str | Path,
+    teacher: str | None = None,
+    teacher_weights: str | None = None,
+    init: str | None = None,
+    quiet: bool = False,
+    resume: str | Path | None = None,
+):
     """`sdtool distill`: `fit` with a DistillExtra; the lineage records the teacher (path and sha256).
 
     With `resume`, the run folder's recipe (which names the teacher actually used) rebuilds the teacher.
@@ -284,5 +323,13 @@ def distill(recipe, out: str | Path, teacher: str | None = None, teacher_weights
     # The run's recipe.yaml and the lineage's resolved recipe then name the teacher actually used.
     recipe.distill.teacher, recipe.distill.teacher_weights = str(spec), (str(weights) if weights else None)
     extra = DistillExtra(recipe.distill, str(spec), str(weights) if weights else None)
-    return fit(recipe, out, init=init, resume=resume, extra=extra, command="distill", quiet=quiet,
-               lineage_extra={"teacher": extra.info})
+    return fit(
+        recipe,
+        out,
+        init=init,
+        resume=resume,
+        extra=extra,
+        command="distill",
+        quiet=quiet,
+        lineage_extra={"teacher": extra.info},
+    )

@@ -32,8 +32,9 @@ class DistContext:
 
 def from_env() -> DistContext:
     """Ranks as torchrun sets them (RANK, WORLD_SIZE, LOCAL_RANK); a single process otherwise."""
-    return DistContext(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                       int(os.environ.get("LOCAL_RANK", 0)))
+    return DistContext(
+        int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    )
 
 
 def init(ctx: DistContext, device: torch.device) -> None:

@@ -53,16 +53,16 @@ class ExitPolicy:
 
     def score_thresholds(self) -> list[float]:
         """Thresholds on the confidence score (higher = more confident; +inf = never leave)."""
-        return [math.inf if v is None else (float(v) if self.policy == "max_softmax" else -float(v))
-                for v in self.values]
+        return [
+            math.inf if v is None else (float(v) if self.policy == "max_softmax" else -float(v)) for v in self.values
+        ]
 
     def computed(self) -> list[bool]:
         """Which exits' outputs are computed on a sample's way through (the last one always)."""
         return [self.fallback == "ensemble" or v is not None for v in self.values] + [True]
 
     def to_meta(self, fitted_on: dict | None = None) -> dict:
-        return {"policy": self.policy, "values": list(self.values), "fallback": self.fallback,
-                "fitted_on": fitted_on}
+        return {"policy": self.policy, "values": list(self.values), "fallback": self.fallback, "fitted_on": fitted_on}
 
 
 def values_from_scores(policy: str, scores: list[float]) -> list[float | None]:
@@ -106,8 +106,10 @@ def early_exit_forward(model: nn.Module, x: torch.Tensor, policy: ExitPolicy) ->
     """
     k_all = model.num_exits
     if len(policy.values) != k_all - 1:
-        raise SdtoolError(f"the thresholds name {len(policy.values)} shallow exits but the model has "
-                          f"{k_all - 1}; refit them for this model")
+        raise SdtoolError(
+            f"the thresholds name {len(policy.values)} shallow exits but the model has "
+            f"{k_all - 1}; refit them for this model"
+        )
     thr = policy.score_thresholds()
     keep_all = policy.fallback == "ensemble"
     n = x.shape[0]

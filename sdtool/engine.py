@@ -40,9 +40,18 @@ def model_args(recipe: Recipe, num_classes: int, input_size: int | None = None) 
     """Builder arguments from the model section: null keys are left to the builder's defaults, and keys a
     builder does not take (e.g. `stem` of the CIFAR ResNets) are dropped while they keep their defaults."""
     m = recipe.model
-    args = {"num_classes": num_classes, "stem": m.stem, "width": m.width, "width_mult": m.width_mult,
-            "head": m.head, "attention": m.attention, "exits": m.exits, "exits_after": m.exits_after,
-            "split_layer1": m.split_layer1, "input_size": input_size}
+    args = {
+        "num_classes": num_classes,
+        "stem": m.stem,
+        "width": m.width,
+        "width_mult": m.width_mult,
+        "head": m.head,
+        "attention": m.attention,
+        "exits": m.exits,
+        "exits_after": m.exits_after,
+        "split_layer1": m.split_layer1,
+        "input_size": input_size,
+    }
     if recipe.sd.mode == "plain":  # the paper's baseline: the backbone alone with its own classifier
         args.update(exits=[], attention=False)
     return select_args(m.name, args, dataclasses.asdict(ModelConfig()))
@@ -52,22 +61,31 @@ def build_model(recipe: Recipe, bundle: DataBundle, init: str | None, log: Calla
     """The model to train: a fresh one from the recipe, or the structure and weights of `init`."""
     num_classes = recipe.model.num_classes or bundle.num_classes
     if num_classes != bundle.num_classes:
-        raise SdtoolError(f"model.num_classes is {num_classes} but data set {recipe.data.name} has "
-                          f"{bundle.num_classes} classes; remove model.num_classes or fix it")
+        raise SdtoolError(
+            f"model.num_classes is {num_classes} but data set {recipe.data.name} has "
+            f"{bundle.num_classes} classes; remove model.num_classes or fix it"
+        )
     if init is None:
         return create_model(recipe.model.name, **model_args(recipe, num_classes, bundle.input_size)), None
     model, meta = checkpoint.load(init)
     if meta["num_classes"] != bundle.num_classes:
-        raise SdtoolError(f"--init checkpoint has {meta['num_classes']} classes but data set "
-                          f"{recipe.data.name} has {bundle.num_classes}; use a matching data set")
+        raise SdtoolError(
+            f"--init checkpoint has {meta['num_classes']} classes but data set "
+            f"{recipe.data.name} has {bundle.num_classes}; use a matching data set"
+        )
     if recipe.sd.mode == "plain" and model.num_exits > 1:
-        raise SdtoolError("--init checkpoint has several exits but sd.mode is plain; "
-                          "use self_distill or deep_supervision to fine-tune it")
+        raise SdtoolError(
+            "--init checkpoint has several exits but sd.mode is plain; "
+            "use self_distill or deep_supervision to fine-tune it"
+        )
     if recipe.sd.mode != "plain" and model.num_exits == 1:
-        raise SdtoolError(f"--init checkpoint has a single exit but sd.mode is {recipe.sd.mode}; "
-                          "use --set sd.mode=plain")
-    log(f"--init {init}: the checkpoint's model ({meta['model']['name']}, {model.num_exits} exits"
-        f"{', pruned' if meta.get('shapes') else ''}) replaces the recipe's model section")
+        raise SdtoolError(
+            f"--init checkpoint has a single exit but sd.mode is {recipe.sd.mode}; use --set sd.mode=plain"
+        )
+    log(
+        f"--init {init}: the checkpoint's model ({meta['model']['name']}, {model.num_exits} exits"
+        f"{', pruned' if meta.get('shapes') else ''}) replaces the recipe's model section"
+    )
     model.train()
     return model, meta
 
@@ -83,8 +101,14 @@ class FitResult:
     is_main: bool = True  # False in the other processes of a multi-process run: they print nothing
 
     def to_json(self) -> dict:
-        return {"run_dir": str(self.run_dir), "last": str(self.last), "best": str(self.best) if self.best else None,
-                "runtime": self.runtime, "epochs": self.history, "test": self.test}
+        return {
+            "run_dir": str(self.run_dir),
+            "last": str(self.last),
+            "best": str(self.best) if self.best else None,
+            "runtime": self.runtime,
+            "epochs": self.history,
+            "test": self.test,
+        }
 
 
 def _truncate_metrics(path: Path, last_row: dict | None) -> None:
@@ -103,8 +127,7 @@ def _param_groups(modules: list[nn.Module]):
 def make_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
     t = recipe.train
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
-                               weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
@@ -138,9 +161,16 @@ def load_run(resume: str | Path) -> tuple[Path, Recipe, str | None]:
     return run_dir, from_dict(load_yaml(saved)), run_info.get("init")
 
 
-def fit(recipe: Recipe, out: str | Path, init: str | None = None, resume: str | Path | None = None,
-        extra: nn.Module | None = None, command: str = "train", quiet: bool = False,
-        lineage_extra: dict | None = None) -> FitResult:
+def fit(
+    recipe: Recipe,
+    out: str | Path,
+    init: str | None = None,
+    resume: str | Path | None = None,
+    extra: nn.Module | None = None,
+    command: str = "train",
+    quiet: bool = False,
+    lineage_extra: dict | None = None,
+) -> FitResult:
     """Train per `recipe`, writing checkpoints and metrics under `out` (or continue `resume`).
 
     Under torchrun every process calls this; rank 0 alone evaluates, writes files and shows progress.
@@ -156,8 +186,9 @@ def fit(recipe: Recipe, out: str | Path, init: str | None = None, resume: str | 
     else:
         run_dir = Path(out)
         if (run_dir / STATE_FILE).exists():
-            raise SdtoolError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it or "
-                              "--out with a new folder")
+            raise SdtoolError(
+                f"{run_dir} already holds a run; use --resume {run_dir} to continue it or --out with a new folder"
+            )
     t = recipe.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -165,8 +196,7 @@ def fit(recipe: Recipe, out: str | Path, init: str | None = None, resume: str | 
     device = distributed.device_for(ctx, resolve_device(t.device))
     distributed.init(ctx, device)
     try:
-        return _fit(recipe, run_dir, init, resume is not None, extra, command, quiet, log, lineage_extra,
-                    ctx, device)
+        return _fit(recipe, run_dir, init, resume is not None, extra, command, quiet, log, lineage_extra, ctx, device)
     finally:
         distributed.shutdown(ctx)
 
@@ -216,12 +246,20 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
     # A final batch of one sample breaks batch norm in training mode: drop it (each process sees its
     # own shard, padded to equal size by the DistributedSampler).
     shard = -(-len(bundle.train) // ctx.world_size)
-    train_loader = bundle.loader("train", recipe.data.batch_size, shuffle=True, seed=t.seed,
-                                 workers=recipe.data.workers, distributed=ctx.enabled,
-                                 drop_last=shard % recipe.data.batch_size == 1, pin_memory=pin)
+    train_loader = bundle.loader(
+        "train",
+        recipe.data.batch_size,
+        shuffle=True,
+        seed=t.seed,
+        workers=recipe.data.workers,
+        distributed=ctx.enabled,
+        drop_last=shard % recipe.data.batch_size == 1,
+        pin_memory=pin,
+    )
     eval_split = "val" if n_val else "test"
-    eval_loader = bundle.loader(eval_split, recipe.data.eval_batch_size, shuffle=False, seed=0,
-                                workers=recipe.data.workers, pin_memory=pin)
+    eval_loader = bundle.loader(
+        eval_split, recipe.data.eval_batch_size, shuffle=False, seed=0, workers=recipe.data.workers, pin_memory=pin
+    )
     steps_per_epoch = len(train_loader) if t.limit_batches is None else min(len(train_loader), t.limit_batches)
     # Reading a value from the GPU waits for it; on CUDA read the running sums every few steps only.
     sync_every = 1 if device.type == "cpu" else 25
@@ -235,8 +273,10 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
             raise SdtoolError(f"{run_dir} stopped before its first epoch ended; nothing to resume, start it again")
         saved_world = read_scalars(run_dir).get("world_size", 1)
         if saved_world != ctx.world_size:  # checked first: other ranks' RNG states would be missing
-            raise SdtoolError(f"{run_dir} was trained with {saved_world} processes; resume it "
-                              f"with the same number (this run has {ctx.world_size})")
+            raise SdtoolError(
+                f"{run_dir} was trained with {saved_world} processes; resume it "
+                f"with the same number (this run has {ctx.world_size})"
+            )
         state = load_state(run_dir, model, optimizer, criterion, scaler, rank=ctx.rank, extra=extra)
         start_epoch, step, best_top1 = state["epoch"] + 1, state["step"], state["best_top1"]
         started = state["started"]
@@ -248,15 +288,21 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
     elif ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RECIPE_FILE).write_text(dump_yaml(recipe))
-        (run_dir / "run.json").write_text(json.dumps({"init": init, "init_sha256": parent_sha, "command": command,
-                                                      "channels_last": channels_last}))
+        (run_dir / "run.json").write_text(
+            json.dumps({"init": init, "init_sha256": parent_sha, "command": command, "channels_last": channels_last})
+        )
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     base_meta = {
-        "num_classes": bundle.num_classes, "class_names": bundle.class_names,
+        "num_classes": bundle.num_classes,
+        "class_names": bundle.class_names,
         "input": {"size": bundle.input_size, "channels": 3, "mean": list(bundle.mean), "std": list(bundle.std)},
-        "data": {"name": recipe.data.name, "root": recipe.data.root, "train_file": recipe.data.train_file,
-                 "test_file": recipe.data.test_file},
+        "data": {
+            "name": recipe.data.name,
+            "root": recipe.data.root,
+            "train_file": recipe.data.train_file,
+            "test_file": recipe.data.test_file,
+        },
         "val_split": bundle.val_info,
         "ensemble": recipe.sd.ensemble,
         "mode": recipe.sd.mode,
@@ -264,16 +310,31 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
     parent_lineage = (parent_meta or {}).get("lineage", [])
 
     def save_ckpt(path: Path, metrics: dict) -> None:
-        entry = checkpoint.lineage_entry(command, recipe.to_dict(), init, started, metrics, parent_sha256=parent_sha,
-                                         argv=sys.argv[1:], world_size=ctx.world_size, **(lineage_extra or {}))
+        entry = checkpoint.lineage_entry(
+            command,
+            recipe.to_dict(),
+            init,
+            started,
+            metrics,
+            parent_sha256=parent_sha,
+            argv=sys.argv[1:],
+            world_size=ctx.world_size,
+            **(lineage_extra or {}),
+        )
         checkpoint.save(path, model, {**base_meta, "metrics": metrics, "lineage": parent_lineage + [entry]})
 
     history: list[dict] = []
     best_path = run_dir / "best.safetensors" if n_val else None
-    runtime = {"device": str(device), "memory_format": "channels_last" if channels_last else "contiguous",
-               **cpu.runtime_settings()}
-    log(report.run_header(recipe, model, bundle, device, adt, steps_per_epoch, eval_split, n_val, runtime,
-                          ctx.world_size))
+    runtime = {
+        "device": str(device),
+        "memory_format": "channels_last" if channels_last else "contiguous",
+        **cpu.runtime_settings(),
+    }
+    log(
+        report.run_header(
+            recipe, model, bundle, device, adt, steps_per_epoch, eval_split, n_val, runtime, ctx.world_size
+        )
+    )
     lr = t.lr
     for epoch in range(start_epoch, t.epochs):
         train_loader.sampler.set_epoch(epoch)
@@ -287,8 +348,9 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
             for i, (x, y) in enumerate(train_loader):
                 if i >= steps_per_epoch:
                     break
-                lr = t.lr * lr_factor(step / steps_per_epoch, t.epochs, t.schedule, t.milestones, t.gamma,
-                                      t.warmup_epochs)
+                lr = t.lr * lr_factor(
+                    step / steps_per_epoch, t.epochs, t.schedule, t.milestones, t.gamma, t.warmup_epochs
+                )
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 x = bundle.prepare(x.to(device, non_blocking=True), train=True)
@@ -314,22 +376,40 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
                     ls = float(loss_sum)
                     # Every process must take the same decision, or the others would hang in the next step.
                     if distributed.any_flag(not math.isfinite(ls), device, ctx):
-                        kept = (f"{run_dir / 'last.safetensors'} keeps the last good epoch" if epoch > start_epoch
-                                or resuming else "no checkpoint was written")
-                        raise SdtoolError(f"loss became {ls / seen if math.isfinite(ls) else ls} at epoch "
-                                          f"{epoch + 1}, step {i + 1} (lr {lr:.3g}); {kept}; lower train.lr")
-                    bar.update(i + 1, loss=ls / seen, acc=100.0 * int(correct) / seen,
-                               ips=seen * ctx.world_size / (time.perf_counter() - t0))
+                        kept = (
+                            f"{run_dir / 'last.safetensors'} keeps the last good epoch"
+                            if epoch > start_epoch or resuming
+                            else "no checkpoint was written"
+                        )
+                        raise SdtoolError(
+                            f"loss became {ls / seen if math.isfinite(ls) else ls} at epoch "
+                            f"{epoch + 1}, step {i + 1} (lr {lr:.3g}); {kept}; lower train.lr"
+                        )
+                    bar.update(
+                        i + 1,
+                        loss=ls / seen,
+                        acc=100.0 * int(correct) / seen,
+                        ips=seen * ctx.world_size / (time.perf_counter() - t0),
+                    )
         train_time = time.perf_counter() - t0
         names = sorted(part_sums)
         ls, nc, n, *ps = distributed.all_reduce_sums(
-            [float(loss_sum), float(correct), float(seen)] + [float(part_sums[k]) for k in names], device, ctx)
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": ls / max(n, 1),
-                               "train_top1": 100.0 * nc / max(n, 1), "images_per_s": n / train_time,
-                               "train_seconds": train_time, "threads": torch.get_num_threads(),
-                               "omp_wait_policy": runtime["omp_wait_policy"], "memory_format": runtime["memory_format"],
-                               "device": str(device), "world_size": ctx.world_size,
-                               "train_parts": {k: v / max(n, 1) for k, v in zip(names, ps)}}
+            [float(loss_sum), float(correct), float(seen)] + [float(part_sums[k]) for k in names], device, ctx
+        )
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": ls / max(n, 1),
+            "train_top1": 100.0 * nc / max(n, 1),
+            "images_per_s": n / train_time,
+            "train_seconds": train_time,
+            "threads": torch.get_num_threads(),
+            "omp_wait_policy": runtime["omp_wait_policy"],
+            "memory_format": runtime["memory_format"],
+            "device": str(device),
+            "world_size": ctx.world_size,
+            "train_parts": {k: v / max(n, 1) for k, v in zip(names, ps)},
+        }
         if extra is not None and hasattr(extra, "epoch_metrics"):  # e.g. the external teacher's time
             row.update(extra.epoch_metrics())
         rng = gather_rng(device, ctx)
@@ -346,9 +426,23 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
                     save_ckpt(best_path, metrics)
                 save_ckpt(run_dir / "last.safetensors", metrics)
                 # The resume state is the commit point of an epoch; metrics.jsonl is reconciled with it on resume.
-                save_state(run_dir, model, optimizer, criterion, scaler, rng,
-                           {"epoch": epoch, "step": step, "best_top1": best_top1, "started": started, "row": row,
-                            "world_size": ctx.world_size}, extra=extra)
+                save_state(
+                    run_dir,
+                    model,
+                    optimizer,
+                    criterion,
+                    scaler,
+                    rng,
+                    {
+                        "epoch": epoch,
+                        "step": step,
+                        "best_top1": best_top1,
+                        "started": started,
+                        "row": row,
+                        "world_size": ctx.world_size,
+                    },
+                    extra=extra,
+                )
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
                 log(report.epoch_line(row), table=report.epoch_table(row) if not quiet else None)
@@ -357,13 +451,22 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
         if distributed.any_flag(failure is not None, device, ctx):
             raise failure or SdtoolError("process 0 failed while evaluating or saving; see its message")
 
-    result = FitResult(run_dir, run_dir / "last.safetensors", best_path if best_path and best_path.exists() else None,
-                       history, runtime=runtime, is_main=ctx.is_main)
+    result = FitResult(
+        run_dir,
+        run_dir / "last.safetensors",
+        best_path if best_path and best_path.exists() else None,
+        history,
+        runtime=runtime,
+        is_main=ctx.is_main,
+    )
     if ctx.is_main:
         # The test split is reported, never used for selection: with a validation split, `best` was chosen on it.
-        test_loader = bundle.loader("test", recipe.data.eval_batch_size, shuffle=False, seed=0,
-                                    workers=recipe.data.workers)
+        test_loader = bundle.loader(
+            "test", recipe.data.eval_batch_size, shuffle=False, seed=0, workers=recipe.data.workers
+        )
         final, _ = checkpoint.load(result.best or result.last, device)
-        result.test = {"checkpoint": str(result.best or result.last),
-                       **evaluate(final, test_loader, bundle.prepare, device, recipe.sd.ensemble, adt)}
+        result.test = {
+            "checkpoint": str(result.best or result.last),
+            **evaluate(final, test_loader, bundle.prepare, device, recipe.sd.ensemble, adt),
+        }
     return result

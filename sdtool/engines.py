@@ -80,9 +80,13 @@ class TorchEngine:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.policy = policy
-        self.settings = {"engine": "torch", "torch": torch.__version__, **runtime_settings(),
-                         "batchnorm_folded": fold_bn,
-                         "memory_format": "channels_last" if self.channels_last else "contiguous"}
+        self.settings = {
+            "engine": "torch",
+            "torch": torch.__version__,
+            **runtime_settings(),
+            "batchnorm_folded": fold_bn,
+            "memory_format": "channels_last" if self.channels_last else "contiguous",
+        }
 
     def _in(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -113,12 +117,21 @@ class TorchEngine:
         stages, heads, h = [], [], x
         for k in range(m.num_exits):
             h_in = h
-            stages.append(_median_ms_per_image(lambda h_in=h_in, k=k: m.stages_to_exit(h_in, k), batch, warmup, repeats))
+            stages.append(
+                _median_ms_per_image(lambda h_in=h_in, k=k: m.stages_to_exit(h_in, k), batch, warmup, repeats)
+            )
             h = m.stages_to_exit(h_in, k)
             heads.append(_median_ms_per_image(lambda h=h, k=k: m.exit_output(k, h), batch, warmup, repeats))
         deep = _median_ms_per_image(lambda: self.deepest(x), batch, warmup, repeats)
-        return {"batch": batch, "stages_ms": stages, "head_ms": heads, "deepest_ms": deep,
-                "unit": "ms per image", "statistic": f"median of {repeats}", **self.settings}
+        return {
+            "batch": batch,
+            "stages_ms": stages,
+            "head_ms": heads,
+            "deepest_ms": deep,
+            "unit": "ms per image",
+            "statistic": f"median of {repeats}",
+            **self.settings,
+        }
 
 
 class OrtEngine:
@@ -126,8 +139,16 @@ class OrtEngine:
 
     name = "onnxruntime"
 
-    def __init__(self, model: nn.Module, size: int, policy=None, threads: int | None = None, pieces=None,
-                 ensemble: str = "logits", num_classes: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        size: int,
+        policy=None,
+        threads: int | None = None,
+        pieces=None,
+        ensemble: str = "logits",
+        num_classes: int | None = None,
+    ):
         from sdtool import runtime
         from sdtool.onnx_graphs import model_pieces, require_onnx
 
@@ -151,8 +172,16 @@ class OrtEngine:
         """Sessions for `policy` (an early_exit.ExitPolicy): the steps it runs, stages-only where an exit never answers."""
         from sdtool.runtime import EarlyExitSession
 
-        manifest, graphs = bundle_layout(self.pieces, policy, self.size, 3, [0.0] * 3, [1.0] * 3, self.num_classes,
-                                         source_sha256=(self.pieces.identity or {}).get("source_sha256"))
+        manifest, graphs = bundle_layout(
+            self.pieces,
+            policy,
+            self.size,
+            3,
+            [0.0] * 3,
+            [1.0] * 3,
+            self.num_classes,
+            source_sha256=(self.pieces.identity or {}).get("source_sha256"),
+        )
         self.session = EarlyExitSession.from_memory(manifest, graphs, threads=self.threads)
         self.policy = policy
 
@@ -191,12 +220,28 @@ class OrtEngine:
             heads.append(max(0.0, t_step - t_st))
             h = st.run(None, {src: h})[0]
         deep = _median_ms_per_image(lambda: self._deep.run(None, {"input": x}), batch, warmup, repeats)
-        return {"batch": batch, "stages_ms": stages, "head_ms": heads, "deepest_ms": deep,
-                "unit": "ms per image", "statistic": f"median of {repeats}", **self.settings}
+        return {
+            "batch": batch,
+            "stages_ms": stages,
+            "head_ms": heads,
+            "deepest_ms": deep,
+            "unit": "ms per image",
+            "statistic": f"median of {repeats}",
+            **self.settings,
+        }
 
 
-def bundle_layout(pieces, policy, size: int, channels: int, mean, std, num_classes: int,
-                  source_sha256: str | None, class_names: list[str] | None = None) -> tuple[dict, dict[str, bytes]]:
+def bundle_layout(
+    pieces,
+    policy,
+    size: int,
+    channels: int,
+    mean,
+    std,
+    num_classes: int,
+    source_sha256: str | None,
+    class_names: list[str] | None = None,
+) -> tuple[dict, dict[str, bytes]]:
     """The manifest core (steps, policy, input) and graph files an ExitPolicy needs from `pieces`.
 
     Step k uses the fused step graph, or the stages-only graph where exit k never answers under the
@@ -207,8 +252,10 @@ def bundle_layout(pieces, policy, size: int, channels: int, mean, std, num_class
 
     k_all = pieces.num_exits
     if len(policy.values) != k_all - 1:
-        raise SdtoolError(f"the thresholds name {len(policy.values)} shallow exits but the model has {k_all - 1}; "
-                          "refit them for this model")
+        raise SdtoolError(
+            f"the thresholds name {len(policy.values)} shallow exits but the model has {k_all - 1}; "
+            "refit them for this model"
+        )
     computed = policy.computed()
     steps, graphs = [], {}
     for k in range(k_all):
@@ -216,22 +263,43 @@ def bundle_layout(pieces, policy, size: int, channels: int, mean, std, num_class
         data = pieces.graphs[name]
         file = f"{name}.onnx"
         graphs[file] = data
-        steps.append({"exit": k + 1, "file": file, "sha256": sha256_bytes(data),
-                      "input": INPUT if k == 0 else h_name(k - 1),
-                      "h": None if k == k_all - 1 else h_name(k),
-                      "logits": logits_name(k) if computed[k] else None})
-    manifest = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "num_classes": num_classes,
-                "class_names": class_names,
-                "input": {"size": size, "channels": channels, "mean": list(mean), "std": list(std),
-                          "layout": "uint8 (N, H, W, C) images, or float32 (N, C, H, W) already normalized"},
-                "policy": {"policy": policy.policy, "values": list(policy.values), "fallback": policy.fallback,
-                           "ensemble": policy.ensemble},
-                "source": {"sha256": source_sha256}, "steps": steps}
+        steps.append(
+            {
+                "exit": k + 1,
+                "file": file,
+                "sha256": sha256_bytes(data),
+                "input": INPUT if k == 0 else h_name(k - 1),
+                "h": None if k == k_all - 1 else h_name(k),
+                "logits": logits_name(k) if computed[k] else None,
+            }
+        )
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "num_classes": num_classes,
+        "class_names": class_names,
+        "input": {
+            "size": size,
+            "channels": channels,
+            "mean": list(mean),
+            "std": list(std),
+            "layout": "uint8 (N, H, W, C) images, or float32 (N, C, H, W) already normalized",
+        },
+        "policy": {
+            "policy": policy.policy,
+            "values": list(policy.values),
+            "fallback": policy.fallback,
+            "ensemble": policy.ensemble,
+        },
+        "source": {"sha256": source_sha256},
+        "steps": steps,
+    }
     return manifest, graphs
 
 
-def make_engine(name: str, model: nn.Module, size: int, policy=None, threads: int | None = None,
-                ensemble: str = "logits"):
+def make_engine(
+    name: str, model: nn.Module, size: int, policy=None, threads: int | None = None, ensemble: str = "logits"
+):
     """An engine by name over `model` (CPU); `threads` sets ONNX Runtime's threads (torch's are global)."""
     if check_engine(name) == "torch":
         return TorchEngine(model.cpu(), policy)

@@ -20,8 +20,9 @@ def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[int]:
 
 
 @torch.no_grad()
-def collect_logits(model: nn.Module, loader, prepare: Callable, device: torch.device,
-                   amp_dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+def collect_logits(
+    model: nn.Module, loader, prepare: Callable, device: torch.device, amp_dtype: torch.dtype | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """All exits' logits for a whole loader: ([K x (N, classes)] on the CPU in float32, labels (N,))."""
     model.eval()
     outs: list[list[torch.Tensor]] = []
@@ -56,8 +57,14 @@ def accuracy_report(logits: list[torch.Tensor], y: torch.Tensor, ensemble: str =
     return {"n": n, "exits": exits, "ensemble": ens}
 
 
-def evaluate(model: nn.Module, loader, prepare: Callable, device: torch.device, ensemble: str = "logits",
-             amp_dtype: torch.dtype | None = None) -> dict:
+def evaluate(
+    model: nn.Module,
+    loader,
+    prepare: Callable,
+    device: torch.device,
+    ensemble: str = "logits",
+    amp_dtype: torch.dtype | None = None,
+) -> dict:
     logits, y = collect_logits(model, loader, prepare, device, amp_dtype)
     return accuracy_report(logits, y, ensemble)
 
@@ -105,23 +112,35 @@ def bundle_for_checkpoint(path, meta: dict, cfg, split: str):
     bundle = build_data(cfg, train=False)
     spec = meta.get("input") or {}
     if spec.get("size") and bundle.input_size != spec["size"]:
-        raise SdtoolError(f"{path} takes {spec['size']}x{spec['size']} inputs but data set {cfg.name} gives "
-                          f"{bundle.input_size}x{bundle.input_size}; pass --set data.input_size={spec['size']}")
+        raise SdtoolError(
+            f"{path} takes {spec['size']}x{spec['size']} inputs but data set {cfg.name} gives "
+            f"{bundle.input_size}x{bundle.input_size}; pass --set data.input_size={spec['size']}"
+        )
     if spec.get("mean") and spec.get("std") and bundle.in_memory:
         # The network expects the normalisation it was trained with, whatever the data set's default.
         bundle.mean, bundle.std = tuple(spec["mean"]), tuple(spec["std"])
         bundle._stats.clear()
     if bundle.num_classes != meta["num_classes"]:
-        raise SdtoolError(f"{path} predicts {meta['num_classes']} classes but data set {cfg.name} has "
-                          f"{bundle.num_classes}; evaluate it on a matching data set")
+        raise SdtoolError(
+            f"{path} predicts {meta['num_classes']} classes but data set {cfg.name} has "
+            f"{bundle.num_classes}; evaluate it on a matching data set"
+        )
     if split == "val" and bundle.val is None:
-        raise SdtoolError("this data configuration has no validation split; set data.val_size "
-                          "(e.g. --set data.val_size=0.1) or use --split test")
+        raise SdtoolError(
+            "this data configuration has no validation split; set data.val_size "
+            "(e.g. --set data.val_size=0.1) or use --split test"
+        )
     return bundle
 
 
-def eval_checkpoint(path: str, data: str | None = None, overrides: list[str] | None = None,
-                    split: str = "test", device: str = "auto", batch_size: int | None = None) -> dict:
+def eval_checkpoint(
+    path: str,
+    data: str | None = None,
+    overrides: list[str] | None = None,
+    split: str = "test",
+    device: str = "auto",
+    batch_size: int | None = None,
+) -> dict:
     """`sdtool eval`: per-exit and ensemble accuracy of a checkpoint on a split of its data set."""
     from sdtool.checkpoint import load
     from sdtool.device import resolve_device

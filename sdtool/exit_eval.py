@@ -18,8 +18,10 @@ from sdtool.errors import SdtoolError
 from sdtool.profile import sync as _sync
 
 
-SEARCH_NOTE = ("per-exit thresholds from confidence percentiles, coordinate descent from two starts "
-               "(deepest exit alone; best shared threshold)")
+SEARCH_NOTE = (
+    "per-exit thresholds from confidence percentiles, coordinate descent from two starts "
+    "(deepest exit alone; best shared threshold)"
+)
 
 
 def _timed(fn):
@@ -53,14 +55,19 @@ def run_split(engine, loader, prepare) -> dict:
             deep_right += int((zd.argmax(1) == y).sum())
     if not exit_all:
         raise SdtoolError("the evaluation split is empty")
-    return {"exit_at": torch.cat(exit_all), "right": torch.cat(right_all), "deepest_right": deep_right,
-            "early_exit_s": t_ee, "deepest_s": t_deep}
+    return {
+        "exit_at": torch.cat(exit_all),
+        "right": torch.cat(right_all),
+        "deepest_right": deep_right,
+        "early_exit_s": t_ee,
+        "deepest_s": t_deep,
+    }
 
 
 def time_batch1(engine, xs: torch.Tensor, repeats: int = 3, warmup: int = 3) -> dict:
     """Per-image latency at batch 1 over the images `xs` (prepared, (M, C, H, W), CPU): early exit vs the
     deepest exit alone in one engine, interleaved image by image; the median over `repeats` passes."""
-    ones = [xs[j:j + 1].contiguous() for j in range(len(xs))]
+    ones = [xs[j : j + 1].contiguous() for j in range(len(xs))]
     with torch.no_grad():
         for x in ones[:warmup]:
             engine.early_exit(x)
@@ -74,8 +81,13 @@ def time_batch1(engine, xs: torch.Tensor, repeats: int = 3, warmup: int = 3) -> 
             tot_e.append(te)
             tot_d.append(td)
     e, d = statistics.median(tot_e), statistics.median(tot_d)
-    return {"images": len(ones), "repeats": repeats, "early_exit_ms_per_image": 1000 * e / len(ones),
-            "deepest_ms_per_image": 1000 * d / len(ones), "speedup": d / e}
+    return {
+        "images": len(ones),
+        "repeats": repeats,
+        "early_exit_ms_per_image": 1000 * e / len(ones),
+        "deepest_ms_per_image": 1000 * d / len(ones),
+        "speedup": d / e,
+    }
 
 
 @dataclass
@@ -100,10 +112,12 @@ class FitOptions:
     def check(self, out: str | None = None) -> None:
         from sdtool.thresholds import COSTS
 
-        if not self.fit and (self.max_drop is not None or self.budget is not None or self.sweep_out or out
-                             or self.cost != "macs"):
-            raise SdtoolError("--max-drop, --budget, --cost, --sweep-out and --out belong to threshold fitting; "
-                              "add --fit-thresholds")
+        if not self.fit and (
+            self.max_drop is not None or self.budget is not None or self.sweep_out or out or self.cost != "macs"
+        ):
+            raise SdtoolError(
+                "--max-drop, --budget, --cost, --sweep-out and --out belong to threshold fitting; add --fit-thresholds"
+            )
         if self.max_drop is not None and self.budget is not None:
             raise SdtoolError("give either --max-drop D or --budget F, not both")
         if self.cost not in COSTS:
@@ -122,18 +136,39 @@ def _fit_context(meta: dict, bundle, cfg) -> tuple[dict, list[str]]:
     warnings = []
     if overlaps:
         same_cut = bool(rec) and rec.get("size") == now_val.get("size") and rec.get("seed") == now_val.get("seed")
-        fix = ("evaluate on the data set the model was trained on, or retrain on this one" if same_cut
-               else "retrain with data.val_size set for a clean split")
-        warnings.append(f"the validation split (data.val_size={cfg.val_size:g}, seed {cfg.val_seed}) is not the one "
-                        f"held out in training{' (same size and seed, other data)' if same_cut else ''}, so it may "
-                        f"overlap images the model was trained on; the fitted thresholds will be optimistic ({fix})")
-    return {"split": "val", "data": cfg.name, "val_size": now_val.get("size"), "val_seed": now_val.get("seed"),
-            "overlaps_training": bool(overlaps), "search": SEARCH_NOTE}, warnings
+        fix = (
+            "evaluate on the data set the model was trained on, or retrain on this one"
+            if same_cut
+            else "retrain with data.val_size set for a clean split"
+        )
+        warnings.append(
+            f"the validation split (data.val_size={cfg.val_size:g}, seed {cfg.val_seed}) is not the one "
+            f"held out in training{' (same size and seed, other data)' if same_cut else ''}, so it may "
+            f"overlap images the model was trained on; the fitted thresholds will be optimistic ({fix})"
+        )
+    return {
+        "split": "val",
+        "data": cfg.name,
+        "val_size": now_val.get("size"),
+        "val_seed": now_val.get("seed"),
+        "overlaps_training": bool(overlaps),
+        "search": SEARCH_NOTE,
+    }, warnings
 
 
-def choose_policy(path: str, model: nn.Module, meta: dict, cfg, bundle, opts: FitOptions, costs: dict,
-                  dev: torch.device, bs: int, engine=None, log=None) -> tuple[ExitPolicy, dict | None, dict | None,
-                                                                              list[str]]:
+def choose_policy(
+    path: str,
+    model: nn.Module,
+    meta: dict,
+    cfg,
+    bundle,
+    opts: FitOptions,
+    costs: dict,
+    dev: torch.device,
+    bs: int,
+    engine=None,
+    log=None,
+) -> tuple[ExitPolicy, dict | None, dict | None, list[str]]:
     """The policy early exit runs: fitted on the validation split (`opts.fit`) or the checkpoint's own.
 
     `engine` (sdtool.engines) measures the piece times of `--cost latency` at batch `bs`.
@@ -148,23 +183,31 @@ def choose_policy(path: str, model: nn.Module, meta: dict, cfg, bundle, opts: Fi
     if not opts.fit:
         stored = meta.get("thresholds")
         if not stored:
-            raise SdtoolError(f"{path} has no fitted thresholds; run sdtool eval {path} --early-exit "
-                              "--fit-thresholds --out NEW.safetensors first, or add --fit-thresholds")
+            raise SdtoolError(
+                f"{path} has no fitted thresholds; run sdtool eval {path} --early-exit "
+                "--fit-thresholds --out NEW.safetensors first, or add --fit-thresholds"
+            )
         if opts.policy and opts.policy != stored["policy"]:
-            raise SdtoolError(f"{path} stores {stored['policy']} thresholds; refit with --fit-thresholds "
-                              f"--policy {opts.policy} to use {opts.policy}")
-        pol = ExitPolicy(stored["policy"], list(stored["values"]), opts.fallback or stored.get("fallback", "deepest"),
-                         ens)
+            raise SdtoolError(
+                f"{path} stores {stored['policy']} thresholds; refit with --fit-thresholds "
+                f"--policy {opts.policy} to use {opts.policy}"
+            )
+        pol = ExitPolicy(
+            stored["policy"], list(stored["values"]), opts.fallback or stored.get("fallback", "deepest"), ens
+        )
         return pol, None, None, []
     if not cfg.val_size:
-        raise SdtoolError(f"{path} was trained without a validation split (data.val_size=0) and thresholds are "
-                          "never fitted on the test split; pass --set data.val_size=0.1 to hold one out of the "
-                          "training images (warning: they overlap what the model trained on, so the fit will be "
-                          "optimistic) or retrain with data.val_size set")
+        raise SdtoolError(
+            f"{path} was trained without a validation split (data.val_size=0) and thresholds are "
+            "never fitted on the test split; pass --set data.val_size=0.1 to hold one out of the "
+            "training images (warning: they overlap what the model trained on, so the fit will be "
+            "optimistic) or retrain with data.val_size set"
+        )
     pol_name, fb = opts.policy or "max_softmax", opts.fallback or "deepest"
     (log or (lambda *a: None))(f"fitting thresholds on the validation split ({len(bundle.val)} images)")
-    logits, y = collect_logits(model, bundle.loader("val", bs, shuffle=False, seed=0, workers=cfg.workers),
-                               bundle.prepare, dev)
+    logits, y = collect_logits(
+        model, bundle.loader("val", bs, shuffle=False, seed=0, workers=cfg.workers), bundle.prepare, dev
+    )
     times = None
     if opts.cost == "latency":
         if engine is None or not hasattr(engine, "piece_times"):
@@ -187,12 +230,27 @@ def choose_policy(path: str, model: nn.Module, meta: dict, cfg, bundle, opts: Fi
     return ExitPolicy(pol_name, fit_rep["values"], fb, ens), fit_rep, sweep_rep, warnings
 
 
-def eval_early_exit(path: str, data: str | None = None, overrides: list[str] | None = None, split: str = "test",
-                    device: str = "auto", fit: bool = False, max_drop: float | None = None,
-                    budget: float | None = None, policy: str | None = None, fallback: str | None = None,
-                    sweep_out: str | None = None, out: str | None = None, batch_size: int | None = None,
-                    latency_images: int = 128, repeats: int = 3, quiet: bool = False, engine: str = "torch",
-                    cost: str = "macs", threads: int | None = None) -> dict:
+def eval_early_exit(
+    path: str,
+    data: str | None = None,
+    overrides: list[str] | None = None,
+    split: str = "test",
+    device: str = "auto",
+    fit: bool = False,
+    max_drop: float | None = None,
+    budget: float | None = None,
+    policy: str | None = None,
+    fallback: str | None = None,
+    sweep_out: str | None = None,
+    out: str | None = None,
+    batch_size: int | None = None,
+    latency_images: int = 128,
+    repeats: int = 3,
+    quiet: bool = False,
+    engine: str = "torch",
+    cost: str = "macs",
+    threads: int | None = None,
+) -> dict:
     """`sdtool eval --early-exit`: see docs/early-exit.md for the options and the JSON it returns.
 
     engine: torch (eager, batch norm folded) or onnxruntime (the bundle's graphs, in memory); the
@@ -231,10 +289,12 @@ def eval_early_exit(path: str, data: str | None = None, overrides: list[str] | N
     bundle = bundle_for_checkpoint(path, meta, cfg, split)
     costs = exit_costs(model, (bundle.input_size, bundle.input_size))
     bs = batch_size or cfg.eval_batch_size
-    eng = make_engine(engine, model, bundle.input_size, None, threads, meta.get("ensemble", "logits")) \
-        if dev.type == "cpu" else _DeviceTorchEngine(model, dev)
-    pol, fit_rep, sweep_rep, warnings = choose_policy(path, model, meta, cfg, bundle, opts, costs, dev, bs,
-                                                      eng, log)
+    eng = (
+        make_engine(engine, model, bundle.input_size, None, threads, meta.get("ensemble", "logits"))
+        if dev.type == "cpu"
+        else _DeviceTorchEngine(model, dev)
+    )
+    pol, fit_rep, sweep_rep, warnings = choose_policy(path, model, meta, cfg, bundle, opts, costs, dev, bs, eng, log)
     if fit and split == "val":
         warnings.append("reported on the split the thresholds were fitted on; use --split test for an unbiased figure")
     eng.set_policy(pol)
@@ -278,8 +338,7 @@ class _DeviceTorchEngine:
 
     def __init__(self, model: nn.Module, dev: torch.device):
         self.model, self.policy, self.dev = model, None, dev
-        self.settings = {"engine": "torch", "torch": torch.__version__, "device": str(dev),
-                         "batchnorm_folded": False}
+        self.settings = {"engine": "torch", "torch": torch.__version__, "device": str(dev), "batchnorm_folded": False}
 
     def set_policy(self, policy: ExitPolicy) -> None:
         self.policy = policy
@@ -307,24 +366,55 @@ def _report(path, split, data_name, k_all, pol, costs, run, b1, bs, dev, setting
     for k in range(k_all):
         mask = exit_at == k
         c = int(counts[k])
-        exits.append({"exit": k + 1, "threshold": pol.values[k] if k < k_all - 1 else None,
-                      "answered_by": "ensemble" if k == k_all - 1 and pol.fallback == "ensemble" else f"exit {k + 1}",
-                      "count": c, "fraction": c / n, "top1": 100.0 * int(right[mask].sum()) / c if c else None,
-                      "leave_macs": leave[k]})
+        exits.append(
+            {
+                "exit": k + 1,
+                "threshold": pol.values[k] if k < k_all - 1 else None,
+                "answered_by": "ensemble" if k == k_all - 1 and pol.fallback == "ensemble" else f"exit {k + 1}",
+                "count": c,
+                "fraction": c / n,
+                "top1": 100.0 * int(right[mask].sum()) / c if c else None,
+                "leave_macs": leave[k],
+            }
+        )
     expected = float(sum(leave[k] * int(counts[k]) for k in range(k_all)) / n)
     ref = costs["reference"]["macs"]
     top1, deep = 100.0 * int(right.sum()) / n, 100.0 * run["deepest_right"] / n
-    bn = {"batch_size": bs, "images": n, "early_exit_s": run["early_exit_s"], "deepest_s": run["deepest_s"],
-          "speedup": run["deepest_s"] / run["early_exit_s"]}
-    rep = {"checkpoint": str(path), "split": split, "data": data_name, "n": n, "policy": pol.policy,
-           "thresholds": list(pol.values), "fallback": pol.fallback, "top1": top1, "deepest_top1": deep,
-           "accuracy_drop": deep - top1, "exits": exits, "expected_macs": expected, "reference_macs": ref,
-           "full_macs": costs["full"]["macs"], "macs_fraction": expected / ref, "macs_speedup": ref / expected,
-           "engine": settings["engine"],
-           "wall_clock_speedup": {"batch_1": b1["speedup"] if b1 else None, "batch_n": bn["speedup"]},
-           "timing": {"device": str(dev), "threads": settings.get("intra_op_threads", torch.get_num_threads()),
-                      "engine": settings, "batch_n": bn, "batch_1": b1,
-                      "note": "model calls only (data loading excluded); the same machine, one run"}}
+    bn = {
+        "batch_size": bs,
+        "images": n,
+        "early_exit_s": run["early_exit_s"],
+        "deepest_s": run["deepest_s"],
+        "speedup": run["deepest_s"] / run["early_exit_s"],
+    }
+    rep = {
+        "checkpoint": str(path),
+        "split": split,
+        "data": data_name,
+        "n": n,
+        "policy": pol.policy,
+        "thresholds": list(pol.values),
+        "fallback": pol.fallback,
+        "top1": top1,
+        "deepest_top1": deep,
+        "accuracy_drop": deep - top1,
+        "exits": exits,
+        "expected_macs": expected,
+        "reference_macs": ref,
+        "full_macs": costs["full"]["macs"],
+        "macs_fraction": expected / ref,
+        "macs_speedup": ref / expected,
+        "engine": settings["engine"],
+        "wall_clock_speedup": {"batch_1": b1["speedup"] if b1 else None, "batch_n": bn["speedup"]},
+        "timing": {
+            "device": str(dev),
+            "threads": settings.get("intra_op_threads", torch.get_num_threads()),
+            "engine": settings,
+            "batch_n": bn,
+            "batch_1": b1,
+            "note": "model calls only (data loading excluded); the same machine, one run",
+        },
+    }
     if times:
         ms = leave_times(times, pol.computed())
         exp_ms = float(sum(ms[k] * int(counts[k]) for k in range(k_all)) / n)

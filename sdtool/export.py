@@ -50,9 +50,16 @@ def _outputs(y) -> list[torch.Tensor]:
 
 def _embedded_meta(meta: dict, exit: int | None, num_exits: int) -> dict:
     names = ["logits"] if num_exits == 1 else [f"logits_exit{k + 1}" for k in range(num_exits)]
-    return {"sdtool_version": meta.get("sdtool_version"), "model": meta.get("model"), "exit": exit,
-            "outputs": names, "num_classes": meta["num_classes"], "class_names": meta.get("class_names"),
-            "input": meta.get("input"), "layout": "NCHW float32, normalized: (pixel/255 - mean) / std"}
+    return {
+        "sdtool_version": meta.get("sdtool_version"),
+        "model": meta.get("model"),
+        "exit": exit,
+        "outputs": names,
+        "num_classes": meta["num_classes"],
+        "class_names": meta.get("class_names"),
+        "input": meta.get("input"),
+        "layout": "NCHW float32, normalized: (pixel/255 - mean) / std",
+    }
 
 
 def _save_pt2(wrapper: nn.Module, x: torch.Tensor, out: Path, extra: dict):
@@ -70,12 +77,23 @@ def _save_onnx(wrapper: nn.Module, x: torch.Tensor, out: Path, extra: dict) -> N
 
     import onnx
 
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp, warnings.catch_warnings(), \
-            contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+    with (
+        tempfile.TemporaryDirectory(dir=out.parent) as tmp,
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):  # the exporter prints progress lines
         warnings.simplefilter("ignore")
         f = Path(tmp) / "model.onnx"
-        torch.onnx.export(wrapper, (x,), str(f), dynamo=True, input_names=["input"], output_names=extra["outputs"],
-                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},), external_data=False)
+        torch.onnx.export(
+            wrapper,
+            (x,),
+            str(f),
+            dynamo=True,
+            input_names=["input"],
+            output_names=extra["outputs"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
+            external_data=False,
+        )
         proto = onnx.load(str(f))
     onnx.helper.set_model_props(proto, {"sdtool": json.dumps(extra)})
     checkpoint.atomic_write_bytes(out, proto.SerializeToString())
@@ -105,8 +123,13 @@ def _check(fmt: str, out: Path, wrapper: nn.Module, size: int, program=None) -> 
     return {"runtime": runtime, "inputs": x.shape[0], "max_abs_diff": diff, "same_argmax": same}
 
 
-def export(path: str, out: str, fmt: str = "safetensors", exit: int | None = None,  # noqa: A002
-           check: bool = True) -> dict:
+def export(
+    path: str,
+    out: str,
+    fmt: str = "safetensors",
+    exit: int | None = None,  # noqa: A002
+    check: bool = True,
+) -> dict:
     """Write checkpoint `path` (or its exit `exit`, 1-based) to `out` in format `fmt`; see the module doc."""
     started = checkpoint.now()
     if fmt not in FORMATS:
@@ -133,8 +156,13 @@ def export(path: str, out: str, fmt: str = "safetensors", exit: int | None = Non
         if exit is not None:  # thresholds and metrics describe the multi-exit net, not this exit
             new.pop("thresholds", None)
             new["metrics"] = {}
-        entry = checkpoint.lineage_entry(f"export --exit {exit}" if exit else "export", None, path, started,
-                                         exported={"exit": exit, "of_exits": k_all, "format": fmt})
+        entry = checkpoint.lineage_entry(
+            f"export --exit {exit}" if exit else "export",
+            None,
+            path,
+            started,
+            exported={"exit": exit, "of_exits": k_all, "format": fmt},
+        )
         new["lineage"] = list(meta.get("lineage", [])) + [entry]
         checkpoint.save(outp, model, new)
     else:
@@ -146,10 +174,21 @@ def export(path: str, out: str, fmt: str = "safetensors", exit: int | None = Non
             raise
         except Exception as e:  # noqa: BLE001 - an exporter failure is a limitation to report in one line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise SdtoolError(f"{fmt} export failed ({type(e).__name__}: {first}); try --format safetensors "
-                              "or pt2, or report this model") from None
-    rep = {"checkpoint": str(path), "out": str(outp), "format": fmt, "exit": exit, "exits": model.num_exits,
-           "source_exits": k_all, "model": getattr(model, "spec", meta["model"]),
-           "parameters": sum(p.numel() for p in model.parameters()), "file_size": outp.stat().st_size,
-           "input": meta.get("input"), "check": _check(fmt, outp, wrapper, size, program) if check else None}
+            raise SdtoolError(
+                f"{fmt} export failed ({type(e).__name__}: {first}); try --format safetensors "
+                "or pt2, or report this model"
+            ) from None
+    rep = {
+        "checkpoint": str(path),
+        "out": str(outp),
+        "format": fmt,
+        "exit": exit,
+        "exits": model.num_exits,
+        "source_exits": k_all,
+        "model": getattr(model, "spec", meta["model"]),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "file_size": outp.stat().st_size,
+        "input": meta.get("input"),
+        "check": _check(fmt, outp, wrapper, size, program) if check else None,
+    }
     return rep

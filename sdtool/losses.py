@@ -78,7 +78,8 @@ def resolve_hint_exits(K: int, hint_exits: list[int] | None) -> list[int]:
         if isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= K - 1:
             raise SdtoolError(
                 f"sd.hint_exits: {i!r} is not a shallow exit of this {K}-exit model; {allowed} "
-                f"(or null for the official default {default_hint_exits(K)})")
+                f"(or null for the official default {default_hint_exits(K)})"
+            )
         if i in seen:
             raise SdtoolError(f"sd.hint_exits: exit {i} is listed twice; list each shallow exit once")
         seen.append(i)
@@ -108,13 +109,24 @@ class SelfDistillLoss(nn.Module):
     ((1-alpha)*sum CE in self_distill, sum CE in deep_supervision), kd (alpha*sum softCE), hint.
     """
 
-    def __init__(self, mode: str, feature_dims: list[int], alpha: float = 0.3, beta: float = 0.03,
-                 temperature: float = 3.0, teacher: str = "deepest",
-                 hint_exits: list[int] | None = None, label_smoothing: float = 0.0,
-                 ensemble: str = "logits"):
+    def __init__(
+        self,
+        mode: str,
+        feature_dims: list[int],
+        alpha: float = 0.3,
+        beta: float = 0.03,
+        temperature: float = 3.0,
+        teacher: str = "deepest",
+        hint_exits: list[int] | None = None,
+        label_smoothing: float = 0.0,
+        ensemble: str = "logits",
+    ):
         super().__init__()
-        for name, value, allowed in (("mode", mode, MODES), ("teacher", teacher, TEACHERS),
-                                     ("ensemble", ensemble, ENSEMBLES)):
+        for name, value, allowed in (
+            ("mode", mode, MODES),
+            ("teacher", teacher, TEACHERS),
+            ("ensemble", ensemble, ENSEMBLES),
+        ):
             if value not in allowed:
                 raise SdtoolError(f"sd.{name}: {value!r} is not allowed; use one of {', '.join(allowed)}")
         if temperature <= 0:
@@ -130,20 +142,28 @@ class SelfDistillLoss(nn.Module):
         hints = resolve_hint_exits(K, hint_exits) if mode == "self_distill" else []
         self.hint_exits = hints if beta != 0 else []
         self.adapters = nn.ModuleDict(
-            {str(i): nn.Linear(self.feature_dims[i - 1], self.feature_dims[-1]) for i in self.hint_exits})
+            {str(i): nn.Linear(self.feature_dims[i - 1], self.feature_dims[-1]) for i in self.hint_exits}
+        )
 
     @classmethod
     def from_recipe(cls, sd: Any, feature_dims: list[int], label_smoothing: float = 0.0) -> "SelfDistillLoss":
         """Build from a recipe's `sd` section (an `SdConfig`) and the model's exit feature widths."""
-        return cls(sd.mode, feature_dims, alpha=sd.alpha, beta=sd.beta, temperature=sd.temperature,
-                   teacher=sd.teacher, hint_exits=sd.hint_exits, label_smoothing=label_smoothing,
-                   ensemble=sd.ensemble)
+        return cls(
+            sd.mode,
+            feature_dims,
+            alpha=sd.alpha,
+            beta=sd.beta,
+            temperature=sd.temperature,
+            teacher=sd.teacher,
+            hint_exits=sd.hint_exits,
+            label_smoothing=label_smoothing,
+            ensemble=sd.ensemble,
+        )
 
     def _ce(self, z: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(z.float(), y, label_smoothing=self.label_smoothing)
 
-    def forward(self, logits: list[Tensor], features: list[Tensor], target: Tensor
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, logits: list[Tensor], features: list[Tensor], target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         K = len(self.feature_dims)
         zK = logits[-1]
         if self.mode == "plain":
@@ -244,8 +264,7 @@ class ATLoss(nn.Module):
         a_s = attention_map(student_feature, self.p)
         a_t = attention_map(teacher_feature.detach(), self.p)
         if a_s.shape[-2:] != a_t.shape[-2:]:
-            a_s = F.interpolate(a_s.unsqueeze(1), size=a_t.shape[-2:], mode="bilinear",
-                                align_corners=False).squeeze(1)
+            a_s = F.interpolate(a_s.unsqueeze(1), size=a_t.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
         a_s = F.normalize(a_s.flatten(1), dim=1)
         a_t = F.normalize(a_t.flatten(1), dim=1)
         return (a_s - a_t).pow(2).mean()

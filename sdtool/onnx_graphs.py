@@ -78,18 +78,29 @@ def export_proto(model: nn.Module, size: int, channels: int = 3):
     names = [n for k in range(k_all - 1) for n in (h_name(k), logits_name(k))] + [logits_name(k_all - 1)]
     wrapper = _AllOutputs(model).eval()
     x = torch.randn(2, channels, size, size)
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), \
-            contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):  # the exporter prints progress lines
         warnings.simplefilter("ignore")
         f = Path(tmp) / "all.onnx"
         try:
-            torch.onnx.export(wrapper, (x,), str(f), dynamo=True, input_names=[INPUT], output_names=names,
-                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
-                              external_data=False)
+            torch.onnx.export(
+                wrapper,
+                (x,),
+                str(f),
+                dynamo=True,
+                input_names=[INPUT],
+                output_names=names,
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
+                external_data=False,
+            )
         except Exception as e:  # noqa: BLE001 - an exporter failure is a limitation to report in one line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise SdtoolError(f"ONNX export failed ({type(e).__name__}: {first}); use the torch engine, or "
-                              "report this model") from None
+            raise SdtoolError(
+                f"ONNX export failed ({type(e).__name__}: {first}); use the torch engine, or report this model"
+            ) from None
         proto = onnx.load(str(f))
     if has_external_data(proto):
         raise SdtoolError("the exported graph references external data; export a smaller model or report this")

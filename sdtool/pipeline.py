@@ -32,8 +32,14 @@ def _costs(path: Path) -> dict:
 
 def _step(name: str, path: Path | None, top1: float | None, note: str = "", costs: dict | None = None) -> dict:
     costs = costs or (_costs(path) if path else {})
-    return {"step": name, "checkpoint": str(path) if path else None, "params": costs.get("params"),
-            "macs": costs.get("macs"), "top1": top1, "note": note}
+    return {
+        "step": name,
+        "checkpoint": str(path) if path else None,
+        "params": costs.get("params"),
+        "macs": costs.get("macs"),
+        "top1": top1,
+        "note": note,
+    }
 
 
 def _deepest(rep: dict | None) -> float | None:
@@ -50,8 +56,10 @@ def run_pipeline(recipe: Recipe, out: str | Path, recipe_path: str | None = None
     from sdtool.prune import PruneOptions, prune_checkpoint
 
     if from_env().enabled:
-        raise SdtoolError("sdtool pipeline runs in one process; for several GPUs run its steps as commands "
-                          "(torchrun ... sdtool train, then sdtool prune, sdtool train --init ...)")
+        raise SdtoolError(
+            "sdtool pipeline runs in one process; for several GPUs run its steps as commands "
+            "(torchrun ... sdtool train, then sdtool prune, sdtool train --init ...)"
+        )
     log = report.make_logger(quiet)
     out = Path(out)
     p, ev = recipe.prune, recipe.eval
@@ -64,8 +72,9 @@ def run_pipeline(recipe: Recipe, out: str | Path, recipe_path: str | None = None
         if recipe.sd.mode == "plain":
             raise SdtoolError("eval.early_exit needs several exits but sd.mode is plain; use self_distill")
         if not recipe.data.val_size:
-            raise SdtoolError("eval.early_exit fits thresholds on a validation split, never on test; "
-                              "set data.val_size (e.g. 0.1)")
+            raise SdtoolError(
+                "eval.early_exit fits thresholds on a validation split, never on test; set data.val_size (e.g. 0.1)"
+            )
     if (out / "pipeline.json").exists():
         raise SdtoolError(f"{out} already holds a pipeline run; choose a new --out folder")
 
@@ -79,27 +88,56 @@ def run_pipeline(recipe: Recipe, out: str | Path, recipe_path: str | None = None
         log("pipeline: prune")
         pruned = out / "pruned.safetensors"
         pr = prune_checkpoint(ckpt, pruned, opts, evaluate=True, device=recipe.train.device)
-        steps.append(_step("prune", pruned, _deepest(pr["accuracy"]["after"]), costs=pr["after"]["full"],
-                           note=f"{opts.criterion}: {pr['macs_fraction']:.2f} MACs, {pr['params_fraction']:.2f} params"))
+        steps.append(
+            _step(
+                "prune",
+                pruned,
+                _deepest(pr["accuracy"]["after"]),
+                costs=pr["after"]["full"],
+                note=f"{opts.criterion}: {pr['macs_fraction']:.2f} MACs, {pr['params_fraction']:.2f} params",
+            )
+        )
         ckpt = pruned
         if p.finetune_epochs > 0:
             log("pipeline: fine-tune the pruned model")
             ft = from_dict(apply_overrides(recipe.to_dict(), [f"train.epochs={p.finetune_epochs}"]))
             res = fit(ft, out / "finetune", init=str(pruned), quiet=quiet)
             ckpt = res.best or res.last
-            steps.append(_step("fine-tune", ckpt, _deepest(res.test), costs=pr["after"]["full"],
-                               note=f"{ft.sd.mode}, {p.finetune_epochs} ep."))
+            steps.append(
+                _step(
+                    "fine-tune",
+                    ckpt,
+                    _deepest(res.test),
+                    costs=pr["after"]["full"],
+                    note=f"{ft.sd.mode}, {p.finetune_epochs} ep.",
+                )
+            )
 
     if ev.early_exit:
         from sdtool.exit_eval import eval_early_exit
 
         log("pipeline: fit early-exit thresholds")
         final = out / "final.safetensors"
-        ee = eval_early_exit(str(ckpt), fit=True, max_drop=ev.max_drop if ev.budget is None else None,
-                             budget=ev.budget, policy=ev.policy, fallback=ev.fallback, out=str(final),
-                             latency_images=0, quiet=quiet)
-        steps.append(_step("early exit", final, ee["top1"], costs=_costs(final),
-                           note=f"{ee['macs_speedup']:.2f}x fewer MACs vs deepest"))
+        ee = eval_early_exit(
+            str(ckpt),
+            fit=True,
+            max_drop=ev.max_drop if ev.budget is None else None,
+            budget=ev.budget,
+            policy=ev.policy,
+            fallback=ev.fallback,
+            out=str(final),
+            latency_images=0,
+            quiet=quiet,
+        )
+        steps.append(
+            _step(
+                "early exit",
+                final,
+                ee["top1"],
+                costs=_costs(final),
+                note=f"{ee['macs_speedup']:.2f}x fewer MACs vs deepest",
+            )
+        )
         ckpt = final
 
     rep = {"recipe": recipe_path, "out": str(out), "final": str(ckpt), "steps": steps}

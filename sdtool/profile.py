@@ -32,8 +32,10 @@ from torch import nn
 
 from sdtool.errors import SdtoolError
 
-MACS_NOTE = ("fvcore FlopCountAnalysis: one multiply-add = 1 MAC; batch-norm and upsampling included, "
-             "element-wise add/mul/sigmoid not counted")
+MACS_NOTE = (
+    "fvcore FlopCountAnalysis: one multiply-add = 1 MAC; batch-norm and upsampling included, "
+    "element-wise add/mul/sigmoid not counted"
+)
 
 
 @contextlib.contextmanager
@@ -94,20 +96,37 @@ def exit_costs(model: nn.Module, input_size: tuple[int, int]) -> dict:
         stages_macs, stages_params = sum(stage_macs[: s + 1]), sum(stage_params[: s + 1])
         head_sum_macs += head_macs
         head_sum_params += head_params
-        exits.append({"exit": k + 1, "stage": s + 1, "params": stages_params + head_params,
-                      "macs": stages_macs + head_macs, "head_params": head_params, "head_macs": head_macs,
-                      "stages_macs": stages_macs, "cumulative_macs": stages_macs + head_sum_macs,
-                      "cumulative_params": stages_params + head_sum_params})
+        exits.append(
+            {
+                "exit": k + 1,
+                "stage": s + 1,
+                "params": stages_params + head_params,
+                "macs": stages_macs + head_macs,
+                "head_params": head_params,
+                "head_macs": head_macs,
+                "stages_macs": stages_macs,
+                "cumulative_macs": stages_macs + head_sum_macs,
+                "cumulative_params": stages_params + head_sum_params,
+            }
+        )
     ref = exits[-1]
     for e in exits:
         e["share_of_reference"] = e["macs"] / ref["macs"] if ref["macs"] else None
     total_macs, total_params = by.get("", sum(stage_macs) + head_sum_macs), _params(model)
-    full = {"params": total_params, "macs": total_macs,
-            "share_of_reference": total_macs / ref["macs"] if ref["macs"] else None}
-    return {"input_size": list(input_size), "parameters": total_params,
-            "reference": {"exit": ref["exit"], "macs": ref["macs"], "params": ref["params"]},
-            "full": full, "ensemble": dict(full) if len(exits) > 1 else None, "exits": exits,
-            "macs_counter": MACS_NOTE}
+    full = {
+        "params": total_params,
+        "macs": total_macs,
+        "share_of_reference": total_macs / ref["macs"] if ref["macs"] else None,
+    }
+    return {
+        "input_size": list(input_size),
+        "parameters": total_params,
+        "reference": {"exit": ref["exit"], "macs": ref["macs"], "params": ref["params"]},
+        "full": full,
+        "ensemble": dict(full) if len(exits) > 1 else None,
+        "exits": exits,
+        "macs_counter": MACS_NOTE,
+    }
 
 
 def sync(device: torch.device) -> None:
@@ -144,8 +163,9 @@ def _peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     return int(torch.cuda.max_memory_allocated(device))
 
 
-def measure_latency(model: nn.Module, input_size: tuple[int, int], batch: int, device: torch.device,
-                    warmup: int = 3, repeats: int = 10) -> dict:
+def measure_latency(
+    model: nn.Module, input_size: tuple[int, int], batch: int, device: torch.device, warmup: int = 3, repeats: int = 10
+) -> dict:
     """Median latency (ms) of each exit alone (`forward_until`) and of the full net, at batch 1 and `batch`.
 
     Returns {"device", "threads", "warmup", "repeats", "statistic": "median", "batch_sizes",
@@ -153,20 +173,30 @@ def measure_latency(model: nn.Module, input_size: tuple[int, int], batch: int, d
     """
     model.eval()
     sizes = sorted({1, batch})
-    inputs = {b: torch.randn(b, 3, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
-              for b in sizes}
+    inputs = {b: torch.randn(b, 3, *input_size, generator=torch.Generator().manual_seed(0)).to(device) for b in sizes}
     runs = [(f"exit {k + 1}", lambda x, k=k: model.forward_until(x, k)) for k in range(model.num_exits)]
     runs.append(("full", lambda x: model(x)))
     rows = []
     for name, fn in runs:
         lat = {str(b): 1000 * median_seconds(lambda: fn(inputs[b]), device, warmup, repeats) for b in sizes}
-        rows.append({"name": name, "latency_ms": lat, "peak_memory_bytes": _peak_bytes(lambda: fn(inputs[batch]),
-                                                                                        device)})
-    return {"device": str(device), "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats,
-            "statistic": "median", "batch_sizes": sizes,
-            "peak_memory": ("CUDA max_memory_allocated at batch %d, weights included" % batch
-                            if device.type == "cuda" else "not measured on CPU (no allocator statistics)"),
-            "exits": rows[:-1], "full": rows[-1]}
+        rows.append(
+            {"name": name, "latency_ms": lat, "peak_memory_bytes": _peak_bytes(lambda: fn(inputs[batch]), device)}
+        )
+    return {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "warmup": warmup,
+        "repeats": repeats,
+        "statistic": "median",
+        "batch_sizes": sizes,
+        "peak_memory": (
+            "CUDA max_memory_allocated at batch %d, weights included" % batch
+            if device.type == "cuda"
+            else "not measured on CPU (no allocator statistics)"
+        ),
+        "exits": rows[:-1],
+        "full": rows[-1],
+    }
 
 
 def _recipe_model(path: str, overrides: list[str] | None) -> tuple[nn.Module, int, str]:
@@ -205,8 +235,14 @@ def _data_info(cfg) -> tuple[int, int | None, str]:
         return 10, None, f"assumed 10 (data set {cfg.name} not readable here; set model.num_classes)"
 
 
-def measure_latency_ort(model: nn.Module, input_size: tuple[int, int], batch: int, threads: int | None = None,
-                        warmup: int = 3, repeats: int = 10) -> dict:
+def measure_latency_ort(
+    model: nn.Module,
+    input_size: tuple[int, int],
+    batch: int,
+    threads: int | None = None,
+    warmup: int = 3,
+    repeats: int = 10,
+) -> dict:
     """As `measure_latency`, in ONNX Runtime: each exit alone and the full net as graphs cut from one
     export (sdtool.onnx_graphs), every session with the bundle runtime's settings."""
     from sdtool import runtime
@@ -225,17 +261,40 @@ def measure_latency_ort(model: nn.Module, input_size: tuple[int, int], batch: in
     rows = []
     for label, piece in names + [("full", "full")]:
         sess = runtime.make_session(pieces.graphs[piece], so, piece)
-        lat = {str(b): 1000 * median_seconds(lambda s=sess, b=b: s.run(None, {"input": inputs[b]}),
-                                             torch.device("cpu"), warmup, repeats) for b in sizes}
+        lat = {
+            str(b): 1000
+            * median_seconds(
+                lambda s=sess, b=b: s.run(None, {"input": inputs[b]}), torch.device("cpu"), warmup, repeats
+            )
+            for b in sizes
+        }
         rows.append({"name": label, "latency_ms": lat, "peak_memory_bytes": None})
-    return {"device": "cpu", "engine": settings, "threads": settings["intra_op_threads"], "warmup": warmup,
-            "repeats": repeats, "statistic": "median", "batch_sizes": sizes,
-            "peak_memory": "not measured on CPU", "exits": rows[:-1], "full": rows[-1]}
+    return {
+        "device": "cpu",
+        "engine": settings,
+        "threads": settings["intra_op_threads"],
+        "warmup": warmup,
+        "repeats": repeats,
+        "statistic": "median",
+        "batch_sizes": sizes,
+        "peak_memory": "not measured on CPU",
+        "exits": rows[:-1],
+        "full": rows[-1],
+    }
 
 
-def profile(target: str, input_size: tuple[int, int] | None = None, batch: int = 32, device: str = "cpu",
-            latency: bool = True, warmup: int = 3, repeats: int = 10, threads: int | None = None,
-            overrides: list[str] | None = None, engine: str = "torch") -> dict:
+def profile(
+    target: str,
+    input_size: tuple[int, int] | None = None,
+    batch: int = 32,
+    device: str = "cpu",
+    latency: bool = True,
+    warmup: int = 3,
+    repeats: int = 10,
+    threads: int | None = None,
+    overrides: list[str] | None = None,
+    engine: str = "torch",
+) -> dict:
     """`sdtool profile`: costs of a checkpoint (.safetensors) or of the model a recipe (.yaml) builds.
 
     engine: torch (eager; this model as it is) or onnxruntime (its graphs, on the CPU).
@@ -266,8 +325,13 @@ def profile(target: str, input_size: tuple[int, int] | None = None, batch: int =
     if min(size) < 1:
         raise SdtoolError(f"--input-size must be positive, got {size}")
     model.eval()
-    rep = {"target": str(target), **source, "model": model.spec, "num_classes": model.num_classes,
-           **exit_costs(model, size)}
+    rep = {
+        "target": str(target),
+        **source,
+        "model": model.spec,
+        "num_classes": model.num_classes,
+        **exit_costs(model, size),
+    }
     rep["latency"] = None
     if latency and engine == "onnxruntime":
         if device not in ("cpu", "auto"):
@@ -276,6 +340,10 @@ def profile(target: str, input_size: tuple[int, int] | None = None, batch: int =
     elif latency:
         dev = resolve_device(device)
         rep["latency"] = measure_latency(model.to(dev), size, batch, dev, warmup, repeats)
-        rep["latency"]["engine"] = {"engine": "torch", "torch": torch.__version__,
-                                    "threads": torch.get_num_threads(), "batchnorm_folded": False}
+        rep["latency"]["engine"] = {
+            "engine": "torch",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "batchnorm_folded": False,
+        }
     return rep

@@ -67,8 +67,10 @@ class PruneOptions:
         if self.criterion not in CRITERIA:
             raise SdtoolError(f"unknown criterion {self.criterion!r}; valid criteria: {', '.join(CRITERIA)}")
         if (self.ratio is None) == (self.target_macs is None):
-            raise SdtoolError("give exactly one of --ratio R (fraction of channels to remove) or "
-                              "--target-macs F (fraction of MACs to keep)")
+            raise SdtoolError(
+                "give exactly one of --ratio R (fraction of channels to remove) or "
+                "--target-macs F (fraction of MACs to keep)"
+            )
         if self.ratio is not None and not 0 < self.ratio < 1:
             raise SdtoolError(f"--ratio must be in (0, 1) (the fraction of channels to remove), got {self.ratio}")
         if self.target_macs is not None and not 0 < self.target_macs < 1:
@@ -83,9 +85,15 @@ class PruneOptions:
     @classmethod
     def from_recipe(cls, p) -> "PruneOptions":
         """From a recipe's `prune` section: `ratio` when set, otherwise `target_macs`."""
-        return cls(criterion=p.criterion, ratio=p.ratio, target_macs=None if p.ratio is not None else p.target_macs,
-                   global_pruning=p.global_pruning, iterative_steps=p.iterative_steps, round_to=p.round_to,
-                   protect_exits=p.protect_exits)
+        return cls(
+            criterion=p.criterion,
+            ratio=p.ratio,
+            target_macs=None if p.ratio is not None else p.target_macs,
+            global_pruning=p.global_pruning,
+            iterative_steps=p.iterative_steps,
+            round_to=p.round_to,
+            protect_exits=p.protect_exits,
+        )
 
 
 def _logits(out):
@@ -104,19 +112,25 @@ def _plan(model: nn.Module, example: torch.Tensor, opts: PruneOptions) -> tuple[
     """
     ignored: list[nn.Module] = list(model.classifiers)
     try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, output_transform=_logits,
-                                                   customized_pruners=CUSTOM_PRUNERS)
+        dg = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example, output_transform=_logits, customized_pruners=CUSTOM_PRUNERS
+        )
     except Exception as e:  # e.g. a channel shuffle (view + transpose) that the graph cannot map
         name = getattr(model, "spec", {}).get("name", type(model).__name__)
-        raise SdtoolError(f"Torch-Pruning cannot trace the channel dependencies of {name} "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else 'no message'}); "
-                          "sdtool prune does not support this architecture") from None
+        raise SdtoolError(
+            f"Torch-Pruning cannot trace the channel dependencies of {name} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else 'no message'}); "
+            "sdtool prune does not support this architecture"
+        ) from None
     names = {m: n for n, m in model.named_modules()}
     q = opts.round_to or 1
     channels = []
     for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=_ROOTS):
-        outs = [dep.target.module for dep, _ in group
-                if dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names]
+        outs = [
+            dep.target.module
+            for dep, _ in group
+            if dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names
+        ]
         if any(isinstance(dep.target.module, ChannelShuffle) for dep, _ in group):
             ignored.extend(outs)
             continue
@@ -127,8 +141,10 @@ def _plan(model: nn.Module, example: torch.Tensor, opts: PruneOptions) -> tuple[
         if c is not None and c > q:
             channels.append(c)
     if not channels:
-        raise SdtoolError("this model has no prunable channel groups left at these options; "
-                          "try --no-protect-exits or a smaller --round-to")
+        raise SdtoolError(
+            "this model has no prunable channel groups left at these options; "
+            "try --no-protect-exits or a smaller --round-to"
+        )
     return [names[m] for m in ignored], min(0.95, 1.0 - q / min(channels) - 1e-9)
 
 
@@ -165,10 +181,17 @@ def _taylor_grads(model: nn.Module, batches: list, loss_fn: Callable, threads: i
             p.grad = torch.zeros_like(p)
 
 
-def prune_once(model: nn.Module, example: torch.Tensor, opts: PruneOptions, ratio: float,
-               batches: list | None = None, loss_fn: Callable | None = None,
-               ignored: list[str] | None = None, threads: int | None = None,
-               grads: dict[str, torch.Tensor] | None = None) -> nn.Module:
+def prune_once(
+    model: nn.Module,
+    example: torch.Tensor,
+    opts: PruneOptions,
+    ratio: float,
+    batches: list | None = None,
+    loss_fn: Callable | None = None,
+    ignored: list[str] | None = None,
+    threads: int | None = None,
+    grads: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
     """Prune `model` in place with channel ratio `ratio` (in `opts.iterative_steps` steps); returns it.
 
     ignored: names of layers whose output channels stay (default: from `_plan`). threads: torch
@@ -177,8 +200,10 @@ def prune_once(model: nn.Module, example: torch.Tensor, opts: PruneOptions, rati
     step instead of running the batches again (the target search prunes many copies of one model).
     """
     if opts.criterion == "taylor" and not batches:
-        raise SdtoolError("criterion taylor needs data batches for the gradients; give the checkpoint's "
-                          "data (recorded in it) or --data")
+        raise SdtoolError(
+            "criterion taylor needs data batches for the gradients; give the checkpoint's "
+            "data (recorded in it) or --data"
+        )
     if ignored is None:
         ignored = _plan(model, example, opts)[0]
     modules = dict(model.named_modules())
@@ -186,10 +211,17 @@ def prune_once(model: nn.Module, example: torch.Tensor, opts: PruneOptions, rati
     with torch.random.fork_rng(), torch.enable_grad(), _threads(1):
         torch.manual_seed(opts.seed)  # the random criterion and the tie-break draw numbers
         pruner = tp.pruner.BasePruner(
-            model, example, importance=TieBreak(make_importance(opts.criterion)), pruning_ratio=ratio,
-            global_pruning=opts.global_pruning, iterative_steps=opts.iterative_steps,
-            ignored_layers=[modules[n] for n in ignored], round_to=opts.round_to, output_transform=_logits,
-            customized_pruners=CUSTOM_PRUNERS)
+            model,
+            example,
+            importance=TieBreak(make_importance(opts.criterion)),
+            pruning_ratio=ratio,
+            global_pruning=opts.global_pruning,
+            iterative_steps=opts.iterative_steps,
+            ignored_layers=[modules[n] for n in ignored],
+            round_to=opts.round_to,
+            output_transform=_logits,
+            customized_pruners=CUSTOM_PRUNERS,
+        )
         for step in range(opts.iterative_steps):
             if opts.criterion == "taylor" and step == 0 and grads is not None:
                 for n, p in model.named_parameters():  # the unpruned network's, computed once
@@ -219,8 +251,14 @@ def full_macs(model: nn.Module, size: int) -> int:
     return module_macs(model, (size, size))[""]
 
 
-def prune_model(model: nn.Module, opts: PruneOptions, size: int, batches: list | None = None,
-                loss_fn: Callable | None = None, log: Callable[[str], None] = lambda s: None) -> tuple[nn.Module, dict]:
+def prune_model(
+    model: nn.Module,
+    opts: PruneOptions,
+    size: int,
+    batches: list | None = None,
+    loss_fn: Callable | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> tuple[nn.Module, dict]:
     """Prune a copy of `model` per `opts` (the original keeps its weights; it is put in eval mode).
 
     size: square input side. batches: [(x, y)] prepared inputs for taylor. Returns (pruned model in eval
@@ -254,8 +292,13 @@ def prune_model(model: nn.Module, opts: PruneOptions, size: int, batches: list |
         else:
             pruned, ratio, frac = _bisect(probe, opts.target_macs, r_max, opts.protect_exits)
         check_pruned(pruned, example, num_classes)
-        info = {"ratio": ratio, "macs_before": base, "macs_after": round(frac * base), "macs_fraction": frac,
-                "search": search}
+        info = {
+            "ratio": ratio,
+            "macs_before": base,
+            "macs_after": round(frac * base),
+            "macs_fraction": frac,
+            "search": search,
+        }
         return pruned, info
 
 
@@ -274,7 +317,7 @@ def _bisect(probe, target: float, r_max: float, protected: bool) -> tuple[nn.Mod
     lo, hi = 0.0, r_max
     seen: list[tuple[float, float]] = [(0.0, 1.0)]  # (ratio, fraction) probed so far
     best, stale = None, 0
-    r = min(max(1.0 - target ** 0.5, 1e-3), r_max)
+    r = min(max(1.0 - target**0.5, 1e-3), r_max)
     for _ in range(24):
         m, f = probe(r)
         if best is None or abs(f - target) < best[0]:
@@ -291,12 +334,16 @@ def _bisect(probe, target: float, r_max: float, protected: bool) -> tuple[nn.Mod
     _, m, r, f = best
     lowest = min(f0 for _, f0 in seen)
     if lowest > target:
-        raise SdtoolError(f"--target-macs {target} is unreachable: the most this model can be pruned keeps "
-                          f"{lowest:.3f} of its MACs; ask for at least {lowest + 0.005:.2f}"
-                          + (" or use --no-protect-exits" if protected else ""))
-    raise SdtoolError(f"--target-macs {target} could not be reached within {100 * TOLERANCE:.0f}%: the closest "
-                      f"is {f:.3f} (ratio {r:.3f}); channel counts move in steps here; try --global, a smaller "
-                      "--round-to or a nearby target")
+        raise SdtoolError(
+            f"--target-macs {target} is unreachable: the most this model can be pruned keeps "
+            f"{lowest:.3f} of its MACs; ask for at least {lowest + 0.005:.2f}"
+            + (" or use --no-protect-exits" if protected else "")
+        )
+    raise SdtoolError(
+        f"--target-macs {target} could not be reached within {100 * TOLERANCE:.0f}%: the closest "
+        f"is {f:.3f} (ratio {r:.3f}); channel counts move in steps here; try --global, a smaller "
+        "--round-to or a nearby target"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -313,9 +360,15 @@ def taylor_loss(meta: dict, num_exits: int) -> Callable:
     if num_exits == 1:
         crit = SelfDistillLoss("plain", [1])
     else:
-        crit = SelfDistillLoss("self_distill", [1] * num_exits, alpha=sd.get("alpha", 0.3), beta=0.0,
-                               temperature=sd.get("temperature", 3.0), teacher=sd.get("teacher", "deepest"),
-                               ensemble=sd.get("ensemble", "logits"))
+        crit = SelfDistillLoss(
+            "self_distill",
+            [1] * num_exits,
+            alpha=sd.get("alpha", 0.3),
+            beta=0.0,
+            temperature=sd.get("temperature", 3.0),
+            teacher=sd.get("teacher", "deepest"),
+            ensemble=sd.get("ensemble", "logits"),
+        )
     return lambda logits, feats, y: crit(logits, feats, y)[0]
 
 
@@ -328,8 +381,15 @@ def _first_batches(loader, prepare, n: int) -> list:
     return out
 
 
-def prune_checkpoint(path: str | Path, out: str | Path, opts: PruneOptions, evaluate: bool = False,
-                     data: str | None = None, overrides: list[str] | None = None, device: str = "auto") -> dict:
+def prune_checkpoint(
+    path: str | Path,
+    out: str | Path,
+    opts: PruneOptions,
+    evaluate: bool = False,
+    data: str | None = None,
+    overrides: list[str] | None = None,
+    device: str = "auto",
+) -> dict:
     """`sdtool prune`: prune the checkpoint at `path` and write the pruned one to `out` (atomically).
 
     Nothing is written unless every step succeeds, and nothing is printed: a failure is one line.
@@ -358,8 +418,10 @@ def prune_checkpoint(path: str | Path, out: str | Path, opts: PruneOptions, eval
         cfg = data_for_checkpoint(meta, data, overrides)
         bundle = build_data(cfg, train=opts.criterion == "taylor")
         if bundle.num_classes != meta["num_classes"]:
-            raise SdtoolError(f"{path} predicts {meta['num_classes']} classes but data set {cfg.name} has "
-                              f"{bundle.num_classes}; use a matching data set")
+            raise SdtoolError(
+                f"{path} predicts {meta['num_classes']} classes but data set {cfg.name} has "
+                f"{bundle.num_classes}; use a matching data set"
+            )
         if opts.criterion == "taylor":
             loader = bundle.loader("train", cfg.batch_size, shuffle=True, seed=opts.seed, workers=cfg.workers)
             batches = _first_batches(loader, bundle.prepare, opts.taylor_batches)
@@ -376,28 +438,46 @@ def prune_checkpoint(path: str | Path, out: str | Path, opts: PruneOptions, eval
         after = exit_costs(pruned, (size, size))
     acc_after = ev(pruned) if ev else None
 
-    metrics = {"before": _brief(before, acc_before), "after": _brief(after, acc_after),
-               "macs_fraction": round(info["macs_fraction"], 4),
-               "params_fraction": round(after["parameters"] / before["parameters"], 4), "seconds": round(seconds, 2)}
+    metrics = {
+        "before": _brief(before, acc_before),
+        "after": _brief(after, acc_after),
+        "macs_fraction": round(info["macs_fraction"], 4),
+        "params_fraction": round(after["parameters"] / before["parameters"], 4),
+        "seconds": round(seconds, 2),
+    }
     options = asdict(opts)
-    entry = checkpoint.lineage_entry("prune", None, path, started, metrics, options=options,
-                                     ratio_used=info["ratio"], argv=sys.argv[1:])
+    entry = checkpoint.lineage_entry(
+        "prune", None, path, started, metrics, options=options, ratio_used=info["ratio"], argv=sys.argv[1:]
+    )
     new_meta = checkpoint.derived_meta(meta)
-    new_meta.update(metrics=metrics, lineage=list(meta.get("lineage") or []) + [entry],
-                    thresholds=None)  # early-exit thresholds were fitted on the unpruned model
+    new_meta.update(
+        metrics=metrics, lineage=list(meta.get("lineage") or []) + [entry], thresholds=None
+    )  # early-exit thresholds were fitted on the unpruned model
     checkpoint.save(out, pruned, new_meta)
-    return {"checkpoint": str(path), "out": str(out), "sha256": checkpoint.sha256(out), "options": options,
-            "ratio": info["ratio"], "macs_fraction": info["macs_fraction"],
-            "params_fraction": after["parameters"] / before["parameters"], "seconds": seconds, "search": info["search"],
-            "before": before, "after": after,
-            "accuracy": {"split": "test", "data": ev.data, "before": acc_before, "after": acc_after} if ev else None,
-            "pruned_modules": len(checkpoint.read_meta(out).get("shapes") or {})}
+    return {
+        "checkpoint": str(path),
+        "out": str(out),
+        "sha256": checkpoint.sha256(out),
+        "options": options,
+        "ratio": info["ratio"],
+        "macs_fraction": info["macs_fraction"],
+        "params_fraction": after["parameters"] / before["parameters"],
+        "seconds": seconds,
+        "search": info["search"],
+        "before": before,
+        "after": after,
+        "accuracy": {"split": "test", "data": ev.data, "before": acc_before, "after": acc_after} if ev else None,
+        "pruned_modules": len(checkpoint.read_meta(out).get("shapes") or {}),
+    }
 
 
 def _brief(costs: dict, acc: dict | None) -> dict:
     """What the lineage keeps of a cost report: totals and per-exit params/MACs (and accuracy)."""
-    d = {"params": costs["full"]["params"], "macs": costs["full"]["macs"],
-         "exits": [{"exit": e["exit"], "params": e["params"], "macs": e["macs"]} for e in costs["exits"]]}
+    d = {
+        "params": costs["full"]["params"],
+        "macs": costs["full"]["macs"],
+        "exits": [{"exit": e["exit"], "params": e["params"], "macs": e["macs"]} for e in costs["exits"]],
+    }
     if acc is not None:
         d["test"] = acc
     return d

@@ -33,27 +33,38 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("resnet18", "Backbone registry name (`sdtool models` lists them), or `torchvision:ARCH` for a "
-                   "torchvision model wrapped with exits (see `exits_after`).")
+    name: str = _f(
+        "resnet18",
+        "Backbone registry name (`sdtool models` lists them), or `torchvision:ARCH` for a "
+        "torchvision model wrapped with exits (see `exits_after`).",
+    )
     num_classes: Optional[int] = _f(None, "Classes; null takes the data set's count.")
     stem: Literal["cifar", "imagenet"] = _f(
-        "cifar", "`cifar`: 3x3 stride-1 conv, no max-pool (32x32 inputs); `imagenet`: 7x7/2 conv + max-pool.")
+        "cifar", "`cifar`: 3x3 stride-1 conv, no max-pool (32x32 inputs); `imagenet`: 7x7/2 conv + max-pool."
+    )
     width: Optional[int] = _f(
-        None, "Base channel width; null = the model's standard (ResNet18-152 and VGG: 64, CIFAR ResNets and WRN: 16, "
-        "resnet8x4/32x4: 64). 16 makes a ResNet18 small and CPU-friendly.")
-    width_mult: Optional[float] = _f(
-        None, "mobilenet_v2 / shufflenet_v2_x1_0 width multiplier; null = 1.0.")
+        None,
+        "Base channel width; null = the model's standard (ResNet18-152 and VGG: 64, CIFAR ResNets and WRN: 16, "
+        "resnet8x4/32x4: 64). 16 makes a ResNet18 small and CPU-friendly.",
+    )
+    width_mult: Optional[float] = _f(None, "mobilenet_v2 / shufflenet_v2_x1_0 width multiplier; null = 1.0.")
     head: Literal["byot", "light", "pool"] = _f(
-        "byot", "Shallow-exit head: `byot` (official SepConv stack), `light` (one SepConv), `pool` (GAP + Linear).")
+        "byot", "Shallow-exit head: `byot` (official SepConv stack), `light` (one SepConv), `pool` (GAP + Linear)."
+    )
     attention: bool = _f(True, "Attention module before each shallow head (official: on).")
     exits: Optional[list[int]] = _f(
-        None, "Stages (1-based) followed by an exit; null = after every stage. The last stage always has one.")
+        None, "Stages (1-based) followed by an exit; null = after every stage. The last stage always has one."
+    )
     exits_after: Optional[list[str]] = _f(
-        None, "torchvision:ARCH models: names of the modules after which exits go, e.g. [layer1, layer2, layer3] "
-        "(null = the family's default, where known); `exits` then picks among these stages.")
+        None,
+        "torchvision:ARCH models: names of the modules after which exits go, e.g. [layer1, layer2, layer3] "
+        "(null = the family's default, where known); `exits` then picks among these stages.",
+    )
     split_layer1: Optional[bool] = _f(
-        None, "ResNet family (resnet18 ... resnext50_32x4d): true cuts layer1 after its first block, giving 5 "
-        "stages and an exit inside the full-resolution layer1 (`exits` picks among them); null = no cut.")
+        None,
+        "ResNet family (resnet18 ... resnext50_32x4d): true cuts layer1 after its first block, giving 5 "
+        "stages and an exit inside the full-resolution layer1 (`exits` picks among them); null = no cut.",
+    )
 
 
 @dataclass
@@ -64,7 +75,8 @@ class AugmentConfig:
     flip: bool = _f(True, "Random horizontal flip (training only).")
     autoaugment: bool = _f(False, "AutoAugment with torchvision's CIFAR10 policy, per image (training only).")
     autoaugment_policy: Optional[Literal["cifar10", "imagenet", "svhn"]] = _f(
-        None, "AutoAugment policy; null = cifar10 for in-memory data sets, imagenet for imagefolder.")
+        None, "AutoAugment policy; null = cifar10 for in-memory data sets, imagenet for imagefolder."
+    )
     cutout: int = _f(0, "Cutout square side in pixels, one hole, on the [0,1] tensor; 0 = off (official: 16).")
     mean: Optional[list[float]] = _f(None, "Normalize mean per channel; null = the data set's default.")
     std: Optional[list[float]] = _f(None, "Normalize std per channel; null = the data set's default.")
@@ -73,20 +85,25 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     name: str = _f("digits", "Data set: digits, npz, fake, cifar10, cifar100, imagefolder.")
-    root: str = _f("data", "Folder holding the data set's files (relative paths are relative to the working directory).")
+    root: str = _f(
+        "data", "Folder holding the data set's files (relative paths are relative to the working directory)."
+    )
     train_file: Optional[str] = _f(None, "npz: training arrays file (x uint8 NxHxWxC, y int), relative to `root`.")
     test_file: Optional[str] = _f(None, "npz: test arrays file, relative to `root`.")
     download: bool = _f(False, "cifar10/cifar100: download when the files are missing (needs network access).")
     input_size: Optional[int] = _f(None, "Square input side in pixels; null = the data set's default.")
-    val_size: float = _f(
-        0, "Validation split held out of the training split: a fraction (<1) or a count; 0 = none.")
+    val_size: float = _f(0, "Validation split held out of the training split: a fraction (<1) or a count; 0 = none.")
     val_seed: int = _f(0, "Seed of the validation split (recorded in the checkpoint).")
     batch_size: int = _f(128, "Training batch size (per process).")
     eval_batch_size: int = _f(256, "Evaluation batch size.")
     workers: int = _f(0, "DataLoader worker processes (0 = in the main process).")
     limit_train: Optional[int] = _f(
-        None, "Use only N training images (after the validation split): a fixed class-stratified sample, the same in every run.")
-    limit_test: Optional[int] = _f(None, "Use only N test images: a fixed class-stratified sample, the same in every run.")
+        None,
+        "Use only N training images (after the validation split): a fixed class-stratified sample, the same in every run.",
+    )
+    limit_test: Optional[int] = _f(
+        None, "Use only N test images: a fixed class-stratified sample, the same in every run."
+    )
     fake_size: int = _f(256, "fake: number of training images (tests only).")
     augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "Training augmentation."})
 
@@ -101,7 +118,8 @@ class TrainConfig:
     weight_decay: float = _f(5e-4, "Weight decay (adaptation layers included, as the official code).")
     schedule: Literal["step", "cosine", "onecycle", "constant"] = _f("step", "Learning-rate schedule.")
     milestones: Optional[list[int]] = _f(
-        None, "step: epochs at which lr is multiplied by `gamma`; null = official E//3, 2E//3, E-10.")
+        None, "step: epochs at which lr is multiplied by `gamma`; null = official E//3, 2E//3, E-10."
+    )
     gamma: float = _f(0.1, "step: lr factor at each milestone.")
     warmup_epochs: float = _f(0, "Linear warm-up from 0 over this many epochs (fractions allowed).")
     label_smoothing: float = _f(0.0, "Label smoothing of the hard-label cross-entropy terms.")
@@ -109,9 +127,11 @@ class TrainConfig:
     device: str = _f("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
     amp: bool = _f(True, "Mixed precision on CUDA (bf16 where supported, else fp16 with a scaler); ignored on CPU.")
     channels_last: Literal["auto", True, False] = _f(
-        "auto", "channels_last memory format. `auto`: on for CUDA and the CPU (faster there for plain and "
+        "auto",
+        "channels_last memory format. `auto`: on for CUDA and the CPU (faster there for plain and "
         "self-distillation training: `benchmarks/train_step.py --memory-format both`), off for MPS; true/false: "
-        "on/off on any device. The choice is recorded in the run's `run.json` and kept by --resume.")
+        "on/off on any device. The choice is recorded in the run's `run.json` and kept by --resume.",
+    )
     compile: bool = _f(False, "torch.compile the model.")
     threads: Optional[int] = _f(None, "CPU threads for torch (null = torch's default).")
     sync_bn: bool = _f(False, "Multi-process runs: synchronise batch-norm statistics across processes (SyncBatchNorm).")
@@ -125,20 +145,26 @@ class SdConfig:
     mode: Literal["self_distill", "deep_supervision", "plain"] = _f(
         "self_distill",
         "self_distill: deepest exit teaches the rest; deep_supervision: CE on every exit; "
-        "plain: the backbone with its own classifier, no exits.")
+        "plain: the backbone with its own classifier, no exits.",
+    )
     alpha: float = _f(0.3, "Weight of the soft (distillation) term for shallow exits; 1-alpha on their CE.")
     beta: float = _f(0.03, "Weight of the feature-hint term.")
     temperature: float = _f(3.0, "Softmax temperature of the distillation term (no T^2 factor, as official).")
     teacher: Literal["deepest", "ensemble"] = _f("deepest", "Which logits teach the shallow exits.")
     hint_exits: Optional[list[int]] = _f(
-        None, "Shallow exits (1-based, shallow to deep) that get the feature hint; null = official: all but exit K-1.")
-    ensemble: Literal["logits", "softmax"] = _f("logits", "Ensemble prediction: mean of logits (official) or of softmax.")
+        None, "Shallow exits (1-based, shallow to deep) that get the feature hint; null = official: all but exit K-1."
+    )
+    ensemble: Literal["logits", "softmax"] = _f(
+        "logits", "Ensemble prediction: mean of logits (official) or of softmax."
+    )
 
 
 @dataclass
 class DistillConfig:
     teacher: Optional[str] = _f(None, "Teacher: an sdtool checkpoint path or `torchvision:NAME`.")
-    teacher_weights: Optional[str] = _f(None, "torchvision teacher: local weights file (.safetensors or .pth state dict).")
+    teacher_weights: Optional[str] = _f(
+        None, "torchvision teacher: local weights file (.safetensors or .pth state dict)."
+    )
     teacher_output: Literal["deepest", "ensemble"] = _f("deepest", "sdtool teacher: which of its outputs teaches.")
     temperature: float = _f(4.0, "KD softmax temperature.")
     alpha: float = _f(0.9, "Weight of the KD term (the student's own loss keeps weight 1).")
@@ -156,7 +182,9 @@ class PruneConfig:
     global_pruning: bool = _f(False, "Rank channels across layers instead of per layer.")
     iterative_steps: int = _f(1, "Prune in this many steps.")
     round_to: Optional[int] = _f(None, "Keep channel counts multiples of this.")
-    protect_exits: bool = _f(True, "Keep the shallow exits' own widths (heads, attention); classifiers always keep their outputs.")
+    protect_exits: bool = _f(
+        True, "Keep the shallow exits' own widths (heads, attention); classifiers always keep their outputs."
+    )
     finetune_epochs: int = _f(10, "Fine-tuning epochs after pruning (pipeline recipes).")
 
 
@@ -256,8 +284,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else (
-                f"; valid keys: {', '.join(names)}")
+            hint = (
+                f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+                if close
+                else (f"; valid keys: {', '.join(names)}")
+            )
             raise SdtoolError(f"unknown key {dotted}{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -282,8 +313,10 @@ def _check_values(r: Recipe) -> None:
         (0 <= r.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
         (r.prune.ratio is None or 0 < r.prune.ratio < 1, "prune.ratio must be in (0, 1)"),
         (r.prune.target_macs is None or 0 < r.prune.target_macs < 1, "prune.target_macs must be in (0, 1)"),
-        (r.data.val_size < 1 or float(r.data.val_size).is_integer(),
-         "data.val_size must be a fraction below 1 or a whole count"),
+        (
+            r.data.val_size < 1 or float(r.data.val_size).is_integer(),
+            "data.val_size must be a fraction below 1 or a whole count",
+        ),
         (r.data.eval_batch_size >= 1, "data.eval_batch_size must be at least 1"),
         (r.data.workers >= 0, "data.workers must be >= 0"),
         (r.data.input_size is None or r.data.input_size >= 1, "data.input_size must be at least 1"),
@@ -298,8 +331,10 @@ def _check_values(r: Recipe) -> None:
         (r.train.gamma > 0, "train.gamma must be positive"),
         (r.train.grad_clip is None or r.train.grad_clip > 0, "train.grad_clip must be positive"),
         (r.train.threads is None or r.train.threads >= 1, "train.threads must be at least 1"),
-        (r.train.milestones is None or list(r.train.milestones) == sorted(set(r.train.milestones)),
-         "train.milestones must be increasing epochs"),
+        (
+            r.train.milestones is None or list(r.train.milestones) == sorted(set(r.train.milestones)),
+            "train.milestones must be increasing epochs",
+        ),
         (r.distill.temperature > 0, "distill.temperature must be positive"),
         (r.distill.alpha >= 0, "distill.alpha must be >= 0"),
         (r.distill.feature_weight >= 0, "distill.feature_weight must be >= 0"),
@@ -388,7 +423,9 @@ def reference_markdown() -> str:
                 nested.append((f, tp))
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{yaml.safe_dump(default).strip().removesuffix('...').strip()}` | {f.metadata.get('help', '')} |")
+            rows.append(
+                f"| `{prefix}{f.name}` | {_type_name(tp)} | `{yaml.safe_dump(default).strip().removesuffix('...').strip()}` | {f.metadata.get('help', '')} |"
+            )
         if rows:
             out.append(f"\n### `{prefix.rstrip('.') or 'recipe'}`\n")
             out.append("| key | type | default | meaning |\n|---|---|---|---|")

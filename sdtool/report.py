@@ -50,34 +50,46 @@ def epoch_progress(epoch: int, epochs: int, steps: int, quiet: bool) -> Iterator
         yield _Bar(None, None)
         return
     progress = Progress(
-        TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn(f"epoch {epoch + 1}/{epochs}"),
+        BarColumn(),
+        MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2f}%  {task.fields[ips]:.0f} img/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True)
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
     with progress:
         task = progress.add_task("train", total=steps, loss=0.0, acc=0.0, ips=0.0)
         yield _Bar(progress, task)
 
 
-def run_header(recipe, model, bundle, device, adt, steps: int, eval_split: str, n_val: int, runtime: dict,
-               world: int = 1) -> str:
+def run_header(
+    recipe, model, bundle, device, adt, steps: int, eval_split: str, n_val: int, runtime: dict, world: int = 1
+) -> str:
     """The start line of a run; `runtime` is FitResult.runtime (memory format, threads, OpenMP wait policy)."""
     from sdtool.cpu import describe
 
     n_params = sum(p.numel() for p in model.parameters())
     amp = {None: "off"}.get(adt, str(adt).replace("torch.", ""))
-    return (f"{recipe.model.name} ({n_params / 1e6:.3f} M params, {model.num_exits} exits, mode {recipe.sd.mode}) "
-            f"on {recipe.data.name}: {len(bundle.train)} train / {n_val} val / {len(bundle.test)} test images, "
-            f"{steps} steps per epoch; device {device}, {describe(runtime)}, {runtime['memory_format']}, amp {amp}"
-            f"{f', {world} processes' if world > 1 else ''}; "
-            f"evaluating on {eval_split}")
+    return (
+        f"{recipe.model.name} ({n_params / 1e6:.3f} M params, {model.num_exits} exits, mode {recipe.sd.mode}) "
+        f"on {recipe.data.name}: {len(bundle.train)} train / {n_val} val / {len(bundle.test)} test images, "
+        f"{steps} steps per epoch; device {device}, {describe(runtime)}, {runtime['memory_format']}, amp {amp}"
+        f"{f', {world} processes' if world > 1 else ''}; "
+        f"evaluating on {eval_split}"
+    )
 
 
 def epoch_line(row: dict) -> str:
-    return (f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, train acc {row['train_top1']:.2f}%, "
-            f"{row['images_per_s']:.0f} img/s ({row['threads']} threads"
-            + (f", OMP {row['omp_wait_policy']}" if row.get("omp_wait_policy") else "")
-            + (f", {row['memory_format']}" if row.get("memory_format") else "") + f"), lr {row['lr']:.4g}"
-            + teacher_cost(row))
+    return (
+        f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, train acc {row['train_top1']:.2f}%, "
+        f"{row['images_per_s']:.0f} img/s ({row['threads']} threads"
+        + (f", OMP {row['omp_wait_policy']}" if row.get("omp_wait_policy") else "")
+        + (f", {row['memory_format']}" if row.get("memory_format") else "")
+        + f"), lr {row['lr']:.4g}"
+        + teacher_cost(row)
+    )
 
 
 def teacher_cost(row: dict) -> str:
@@ -85,8 +97,10 @@ def teacher_cost(row: dict) -> str:
     seconds = row.get("teacher_seconds")
     if seconds is None or not row.get("train_seconds"):
         return ""
-    return (f", teacher {seconds:.1f} s ({100 * seconds / row['train_seconds']:.0f}% of training, "
-            f"{row.get('teacher_ms_per_step', 0):.1f} ms/step)")
+    return (
+        f", teacher {seconds:.1f} s ({100 * seconds / row['train_seconds']:.0f}% of training, "
+        f"{row.get('teacher_ms_per_step', 0):.1f} ms/step)"
+    )
 
 
 def accuracy_table(rep: dict, title: str | None = None) -> Table:
@@ -105,16 +119,19 @@ def accuracy_table(rep: dict, title: str | None = None) -> Table:
 def epoch_table(row: dict) -> Table | None:
     if "eval" not in row:
         return None
-    return accuracy_table(row["eval"], title=f"epoch {row['epoch']} on {row['eval_split']} "
-                                              f"({row['eval']['n']} images)")
+    return accuracy_table(row["eval"], title=f"epoch {row['epoch']} on {row['eval_split']} ({row['eval']['n']} images)")
 
 
 def fit_summary(result) -> None:
     if result.test is not None:
-        out.print(accuracy_table(result.test, title=f"test split, {result.test['checkpoint']} "
-                                                    f"({result.test['n']} images)"))
-    out.print(f"run folder: {result.run_dir}  (last: {result.last.name}"
-              f"{', best: ' + result.best.name if result.best else ''})", highlight=False)
+        out.print(
+            accuracy_table(result.test, title=f"test split, {result.test['checkpoint']} ({result.test['n']} images)")
+        )
+    out.print(
+        f"run folder: {result.run_dir}  (last: {result.last.name}"
+        f"{', best: ' + result.best.name if result.best else ''})",
+        highlight=False,
+    )
 
 
 def inspect_view(path: str, meta: dict, size: int, n_params: int) -> None:
@@ -126,8 +143,11 @@ def inspect_view(path: str, meta: dict, size: int, n_params: int) -> None:
     table.add_row("model", f"{spec['name']}({args})")
     table.add_row("parameters", f"{n_params:,}")
     table.add_row("pruned modules", str(len(meta.get("shapes") or {})))
-    table.add_row("classes", f"{meta['num_classes']}: {', '.join(map(str, (meta.get('class_names') or [])[:10]))}"
-                  + (" ..." if len(meta.get("class_names") or []) > 10 else ""))
+    table.add_row(
+        "classes",
+        f"{meta['num_classes']}: {', '.join(map(str, (meta.get('class_names') or [])[:10]))}"
+        + (" ..." if len(meta.get("class_names") or []) > 10 else ""),
+    )
     inp = meta.get("input") or {}
     table.add_row("input", f"{inp.get('size')}x{inp.get('size')}, mean {inp.get('mean')}, std {inp.get('std')}")
     table.add_row("validation split", json.dumps(meta.get("val_split")))
@@ -144,8 +164,14 @@ def inspect_view(path: str, meta: dict, size: int, n_params: int) -> None:
         for split in ("val", "test"):
             if isinstance(m.get(split), dict) and m[split].get("exits"):
                 short[f"{split} deepest top-1"] = round(m[split]["exits"][-1]["top1"], 2)
-        lin.add_row(str(i + 1), e.get("command", ""), (e.get("parent_sha256") or "-")[:12],
-                    e.get("started", ""), e.get("ended", ""), json.dumps(short))
+        lin.add_row(
+            str(i + 1),
+            e.get("command", ""),
+            (e.get("parent_sha256") or "-")[:12],
+            e.get("started", ""),
+            e.get("ended", ""),
+            json.dumps(short),
+        )
     out.print(lin)
 
 
@@ -174,63 +200,117 @@ def profile_view(rep: dict) -> None:
         return [f"{r['latency_ms'][b]:.2f}" for b in sizes] if r else []
 
     for e in rep["exits"]:
-        table.add_row(str(e["exit"]), str(e["stage"]), f"{e['params'] / 1e6:.3f} M", _m(e["macs"]),
-                      f"{e['share_of_reference']:.3f}", _m(e["cumulative_macs"]), *lat_cells(f"exit {e['exit']}"))
+        table.add_row(
+            str(e["exit"]),
+            str(e["stage"]),
+            f"{e['params'] / 1e6:.3f} M",
+            _m(e["macs"]),
+            f"{e['share_of_reference']:.3f}",
+            _m(e["cumulative_macs"]),
+            *lat_cells(f"exit {e['exit']}"),
+        )
     if rep.get("ensemble"):
         en = rep["ensemble"]
-        table.add_row("ensemble", "all", f"{en['params'] / 1e6:.3f} M", _m(en["macs"]),
-                      f"{en['share_of_reference']:.3f}", "", *[""] * len(sizes))
+        table.add_row(
+            "ensemble",
+            "all",
+            f"{en['params'] / 1e6:.3f} M",
+            _m(en["macs"]),
+            f"{en['share_of_reference']:.3f}",
+            "",
+            *[""] * len(sizes),
+        )
     f = rep["full"]
-    table.add_row("full net", "all", f"{f['params'] / 1e6:.3f} M", _m(f["macs"]), f"{f['share_of_reference']:.3f}",
-                  "", *lat_cells("full"))
+    table.add_row(
+        "full net",
+        "all",
+        f"{f['params'] / 1e6:.3f} M",
+        _m(f["macs"]),
+        f"{f['share_of_reference']:.3f}",
+        "",
+        *lat_cells("full"),
+    )
     out.print(table)
-    out.print(f"reference cost = exit {rep['reference']['exit']} alone ({_m(rep['reference']['macs'])} MACs); "
-              f"{rep['parameters']:,} parameters in all. MACs: {rep['macs_counter']}.", highlight=False)
+    out.print(
+        f"reference cost = exit {rep['reference']['exit']} alone ({_m(rep['reference']['macs'])} MACs); "
+        f"{rep['parameters']:,} parameters in all. MACs: {rep['macs_counter']}.",
+        highlight=False,
+    )
     if lat:
         peak = [r for r in lat["exits"] + [lat["full"]] if r.get("peak_memory_bytes") is not None]
-        mem = ("; peak memory " + ", ".join(f"{r['name']} {r['peak_memory_bytes'] / 2**20:.1f} MiB" for r in peak)
-               if peak else f"; peak memory {lat['peak_memory']}")
-        out.print(f"latency: median of {lat['repeats']} runs after {lat['warmup']} warm-up, device {lat['device']}, "
-                  f"{lat['threads']} {(lat.get('engine') or {}).get('engine', 'torch')} threads{mem}", highlight=False)
+        mem = (
+            "; peak memory " + ", ".join(f"{r['name']} {r['peak_memory_bytes'] / 2**20:.1f} MiB" for r in peak)
+            if peak
+            else f"; peak memory {lat['peak_memory']}"
+        )
+        out.print(
+            f"latency: median of {lat['repeats']} runs after {lat['warmup']} warm-up, device {lat['device']}, "
+            f"{lat['threads']} {(lat.get('engine') or {}).get('engine', 'torch')} threads{mem}",
+            highlight=False,
+        )
 
 
 def early_exit_view(rep: dict) -> None:
     """`sdtool eval --early-exit`: exit histogram, accuracy, expected MACs, speed-ups, fit summary."""
-    table = Table(title=f"early exit ({rep['policy']}, fallback {rep['fallback']}) on {rep['data']} "
-                        f"{rep['split']} ({rep['n']} images)")
+    table = Table(
+        title=f"early exit ({rep['policy']}, fallback {rep['fallback']}) on {rep['data']} "
+        f"{rep['split']} ({rep['n']} images)"
+    )
     for col in ("exit", "threshold", "answers %", "top-1 % there", "MACs per sample"):
         table.add_column(col, justify="right")
     for e in rep["exits"]:
         thr = "-" if e["threshold"] is None else f"{e['threshold']:.4f}"
         name = str(e["exit"]) + (" (ensemble)" if e["answered_by"] == "ensemble" else "")
-        table.add_row(name, thr if e["exit"] < len(rep["exits"]) else "rest", f"{100 * e['fraction']:.1f}",
-                      "-" if e["top1"] is None else f"{e['top1']:.2f}", _m(e["leave_macs"]))
+        table.add_row(
+            name,
+            thr if e["exit"] < len(rep["exits"]) else "rest",
+            f"{100 * e['fraction']:.1f}",
+            "-" if e["top1"] is None else f"{e['top1']:.2f}",
+            _m(e["leave_macs"]),
+        )
     out.print(table)
     t = rep["timing"]
     s = rep["wall_clock_speedup"]
-    lines = [f"top-1 {rep['top1']:.2f}% (deepest exit alone {rep['deepest_top1']:.2f}%, drop "
-             f"{rep['accuracy_drop']:+.2f} points)",
-             f"expected MACs {_m(rep['expected_macs'])} = {rep['macs_fraction']:.3f} of the reference "
-             f"({_m(rep['reference_macs'])}): {rep['macs_speedup']:.2f}x fewer",
-             (f"expected time {rep['expected_ms']:.3f} ms/image at batch {t['batch_n']['batch_size']}: predicted "
-              f"{rep['predicted_speedup']:.2f}x" if rep.get("expected_ms") is not None else ""),
-             f"wall-clock speed-up vs the deepest exit alone ({rep.get('engine', 'torch')}, {t['device']}, "
-             f"{t['threads']} threads): "
-             f"batch {t['batch_n']['batch_size']}: {s['batch_n']:.2f}x"
-             + (f", batch 1: {s['batch_1']:.2f}x ({t['batch_1']['early_exit_ms_per_image']:.2f} vs "
-                f"{t['batch_1']['deepest_ms_per_image']:.2f} ms/image, {t['batch_1']['images']} images)"
-                if s.get("batch_1") is not None else "")]
+    lines = [
+        f"top-1 {rep['top1']:.2f}% (deepest exit alone {rep['deepest_top1']:.2f}%, drop "
+        f"{rep['accuracy_drop']:+.2f} points)",
+        f"expected MACs {_m(rep['expected_macs'])} = {rep['macs_fraction']:.3f} of the reference "
+        f"({_m(rep['reference_macs'])}): {rep['macs_speedup']:.2f}x fewer",
+        (
+            f"expected time {rep['expected_ms']:.3f} ms/image at batch {t['batch_n']['batch_size']}: predicted "
+            f"{rep['predicted_speedup']:.2f}x"
+            if rep.get("expected_ms") is not None
+            else ""
+        ),
+        f"wall-clock speed-up vs the deepest exit alone ({rep.get('engine', 'torch')}, {t['device']}, "
+        f"{t['threads']} threads): "
+        f"batch {t['batch_n']['batch_size']}: {s['batch_n']:.2f}x"
+        + (
+            f", batch 1: {s['batch_1']:.2f}x ({t['batch_1']['early_exit_ms_per_image']:.2f} vs "
+            f"{t['batch_1']['deepest_ms_per_image']:.2f} ms/image, {t['batch_1']['images']} images)"
+            if s.get("batch_1") is not None
+            else ""
+        ),
+    ]
     f = rep.get("fit")
     if f:
-        goal = (f"max drop {f['max_drop']} points" if f["objective"] == "max_drop"
-                else f"budget {f['budget']} of the reference")
-        lines.append(f"fitted on val ({f['n']} images, {goal}): top-1 {f['top1']:.2f}% vs deepest "
-                     f"{f['deepest_top1']:.2f}%, {f['macs_speedup']:.2f}x fewer MACs"
-                     + ("" if f["feasible"] else " (constraint NOT met)"))
+        goal = (
+            f"max drop {f['max_drop']} points"
+            if f["objective"] == "max_drop"
+            else f"budget {f['budget']} of the reference"
+        )
+        lines.append(
+            f"fitted on val ({f['n']} images, {goal}): top-1 {f['top1']:.2f}% vs deepest "
+            f"{f['deepest_top1']:.2f}%, {f['macs_speedup']:.2f}x fewer MACs"
+            + ("" if f["feasible"] else " (constraint NOT met)")
+        )
     if rep.get("sweep"):
         lines.append(f"sweep written to {rep['sweep']['dir']}: {', '.join(rep['sweep']['files'])}")
-    lines.append(f"thresholds written to {rep['written']}" if rep.get("written")
-                 else ("thresholds not saved (add --out PATH to write a checkpoint with them)" if f else ""))
+    lines.append(
+        f"thresholds written to {rep['written']}"
+        if rep.get("written")
+        else ("thresholds not saved (add --out PATH to write a checkpoint with them)" if f else "")
+    )
     for line in lines:
         if line:
             out.print(line, highlight=False)
@@ -257,8 +337,15 @@ def write_sweep(sweep: dict, folder) -> list[str]:
         for p in sweep["shared"]:
             wr.writerow(["shared", p["threshold"], "", f"{p['top1']:.4f}", f"{p['macs_fraction']:.6f}"])
         for p in sweep["fitted"]:
-            wr.writerow(["fitted", f"{p['budget']:.6f}", json.dumps(p["values"]), f"{p['top1']:.4f}",
-                         f"{p['macs_fraction']:.6f}"])
+            wr.writerow(
+                [
+                    "fitted",
+                    f"{p['budget']:.6f}",
+                    json.dumps(p["values"]),
+                    f"{p['top1']:.4f}",
+                    f"{p['macs_fraction']:.6f}",
+                ]
+            )
         for p in sweep["exits_alone"]:
             wr.writerow([f"exit {p['exit']} alone", "", "", f"{p['top1']:.4f}", f"{p['macs_fraction']:.6f}"])
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
@@ -266,15 +353,22 @@ def write_sweep(sweep: dict, folder) -> list[str]:
         pts = sorted((p["macs_fraction"], p["top1"]) for p in sweep[key])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=3, label=label)
     alone = sweep["exits_alone"]
-    ax.scatter([p["macs_fraction"] for p in alone], [p["top1"] for p in alone], marker="s", c="k", zorder=3,
-               label="each exit alone")
+    ax.scatter(
+        [p["macs_fraction"] for p in alone],
+        [p["top1"] for p in alone],
+        marker="s",
+        c="k",
+        zorder=3,
+        label="each exit alone",
+    )
     ch = sweep.get("chosen")
     if ch:
         ax.scatter([ch["macs_fraction"]], [ch["top1"]], marker="*", s=160, c="tab:red", zorder=4, label="fitted")
     ax.set_xlabel("expected MACs / reference (deepest exit alone)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"early exit on the fitting split ({sweep['policy']}, fallback {sweep['fallback']}, n={sweep['n']})",
-                 fontsize=9)
+    ax.set_title(
+        f"early exit on the fitting split ({sweep['policy']}, fallback {sweep['fallback']}, n={sweep['n']})", fontsize=9
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -286,32 +380,49 @@ def write_sweep(sweep: dict, folder) -> list[str]:
 def export_view(rep: dict) -> None:
     """`sdtool export`: what was written and how closely it reproduces the PyTorch model."""
     what = f"exit {rep['exit']} alone" if rep.get("exit") else f"all {rep['exits']} exits"
-    out.print(f"wrote {rep['out']} ({rep['format']}, {what}, {rep['parameters']:,} parameters, "
-              f"{rep['file_size'] / 1e6:.2f} MB)", highlight=False)
+    out.print(
+        f"wrote {rep['out']} ({rep['format']}, {what}, {rep['parameters']:,} parameters, "
+        f"{rep['file_size'] / 1e6:.2f} MB)",
+        highlight=False,
+    )
     c = rep.get("check")
     if c:
-        out.print(f"checked: {c['runtime']} output vs PyTorch on {c['inputs']} random inputs, max |diff| "
-                  f"{c['max_abs_diff']:.2e}, same predictions: {c['same_argmax']}", highlight=False)
+        out.print(
+            f"checked: {c['runtime']} output vs PyTorch on {c['inputs']} random inputs, max |diff| "
+            f"{c['max_abs_diff']:.2e}, same predictions: {c['same_argmax']}",
+            highlight=False,
+        )
 
 
 def bundle_view(rep: dict) -> None:
     """`sdtool export --early-exit`: the bundle written, its policy and its check."""
     pol = rep["policy"]
     thr = ", ".join("-" if v is None else f"{v:.4f}" for v in pol["values"]) or "none (one exit)"
-    out.print(f"wrote early-exit bundle {rep['out']} ({rep['exits']} exits, {len(rep['files'])} files, "
-              f"{rep['bundle_size'] / 1e6:.2f} MB)", highlight=False)
+    out.print(
+        f"wrote early-exit bundle {rep['out']} ({rep['exits']} exits, {len(rep['files'])} files, "
+        f"{rep['bundle_size'] / 1e6:.2f} MB)",
+        highlight=False,
+    )
     out.print(f"policy {pol['policy']}, fallback {pol['fallback']}, thresholds {thr}", highlight=False)
     c = rep["check"]
-    out.print(f"checked: {c['runtime']} vs PyTorch on {c['inputs']} random inputs, every exit: max |diff| "
-              f"{c['max_abs_diff']:.2e}", highlight=False)
+    out.print(
+        f"checked: {c['runtime']} vs PyTorch on {c['inputs']} random inputs, every exit: max |diff| "
+        f"{c['max_abs_diff']:.2e}",
+        highlight=False,
+    )
     f = rep.get("fit")
     if f:
-        out.print(f"fitted on val ({f['n']} images): top-1 {f['top1']:.2f}% vs deepest {f['deepest_top1']:.2f}%, "
-                  f"{f['macs_speedup']:.2f}x fewer MACs"
-                  + (f", predicted {f['predicted_speedup']:.2f}x faster" if f.get("predicted_speedup") else ""),
-                  highlight=False)
-    out.print(f"run it: sdtool predict {rep['out']} IMAGE...  (or, without sdtool: python -c 'from sdtool_runtime "
-              "import EarlyExitSession' inside the folder; docs/deploy.md)", highlight=False)
+        out.print(
+            f"fitted on val ({f['n']} images): top-1 {f['top1']:.2f}% vs deepest {f['deepest_top1']:.2f}%, "
+            f"{f['macs_speedup']:.2f}x fewer MACs"
+            + (f", predicted {f['predicted_speedup']:.2f}x faster" if f.get("predicted_speedup") else ""),
+            highlight=False,
+        )
+    out.print(
+        f"run it: sdtool predict {rep['out']} IMAGE...  (or, without sdtool: python -c 'from sdtool_runtime "
+        "import EarlyExitSession' inside the folder; docs/deploy.md)",
+        highlight=False,
+    )
     for w in rep.get("warnings", []):
         err.print(f"warning: {w}", highlight=False)
 
@@ -342,21 +453,39 @@ def prune_view(rep: dict) -> None:
         table.add_column(col, justify="right")
     rows = list(zip(rep["before"]["exits"], rep["after"]["exits"]))
     for k, (b, a) in enumerate(rows):
-        cells = [str(b["exit"]), f"{b['params']:,}", f"{a['params']:,}", _m(b["macs"]), _m(a["macs"]),
-                 f"{a['macs'] / b['macs']:.3f}"]
+        cells = [
+            str(b["exit"]),
+            f"{b['params']:,}",
+            f"{a['params']:,}",
+            _m(b["macs"]),
+            _m(a["macs"]),
+            f"{a['macs'] / b['macs']:.3f}",
+        ]
         if ab:
             cells += [f"{ab['exits'][k]['top1']:.2f}", f"{aa['exits'][k]['top1']:.2f}"]
         table.add_row(*cells)
     b, a = rep["before"]["full"], rep["after"]["full"]
-    cells = ["full net", f"{b['params']:,}", f"{a['params']:,}", _m(b["macs"]), _m(a["macs"]), f"{a['macs'] / b['macs']:.3f}"]
+    cells = [
+        "full net",
+        f"{b['params']:,}",
+        f"{a['params']:,}",
+        _m(b["macs"]),
+        _m(a["macs"]),
+        f"{a['macs'] / b['macs']:.3f}",
+    ]
     if ab:
         ens_b, ens_a = ab.get("ensemble"), aa.get("ensemble")
         cells += [f"{ens_b['top1']:.2f}" if ens_b else "", f"{ens_a['top1']:.2f}" if ens_a else ""]
     table.add_row(*cells)
     out.print(table)
-    note = f"; accuracy on the {acc.get('split', 'test')} split ({ab['n']} images, full-net row: ensemble)" if ab else ""
-    out.print(f"channel ratio {rep['ratio']:.4f} ({len(rep['search'])} pruning run(s), {rep['seconds']:.2f} s); "
-              f"{rep['pruned_modules']} modules resized; sha256 {rep['sha256'][:12]}{note}", highlight=False)
+    note = (
+        f"; accuracy on the {acc.get('split', 'test')} split ({ab['n']} images, full-net row: ensemble)" if ab else ""
+    )
+    out.print(
+        f"channel ratio {rep['ratio']:.4f} ({len(rep['search'])} pruning run(s), {rep['seconds']:.2f} s); "
+        f"{rep['pruned_modules']} modules resized; sha256 {rep['sha256'][:12]}{note}",
+        highlight=False,
+    )
 
 
 def pipeline_view(rep: dict) -> None:
@@ -365,8 +494,13 @@ def pipeline_view(rep: dict) -> None:
     for col in ("step", "checkpoint", "params", "MACs (full net)", "deepest top-1 %", "note"):
         table.add_column(col)
     for s in rep["steps"]:
-        table.add_row(s["step"], s["checkpoint"] or "", f"{s['params']:,}" if s.get("params") else "",
-                      _m(s["macs"]) if s.get("macs") else "",
-                      f"{s['top1']:.2f}" if s.get("top1") is not None else "", s.get("note", ""))
+        table.add_row(
+            s["step"],
+            s["checkpoint"] or "",
+            f"{s['params']:,}" if s.get("params") else "",
+            _m(s["macs"]) if s.get("macs") else "",
+            f"{s['top1']:.2f}" if s.get("top1") is not None else "",
+            s.get("note", ""),
+        )
     out.print(table)
     out.print(f"final checkpoint: {rep['final']}", highlight=False)

@@ -110,50 +110,87 @@ def _require(cond: bool, where: str, what: str) -> None:
 
 def check_manifest(m: object, where: str) -> dict:
     """Validate the fields the runtime relies on (types and consistency), before any graph is loaded."""
-    _require(isinstance(m, dict) and m.get("format") == BUNDLE_FORMAT, where,
-             f"not an sdtool early-exit bundle manifest (format is not {BUNDLE_FORMAT!r})")
+    _require(
+        isinstance(m, dict) and m.get("format") == BUNDLE_FORMAT,
+        where,
+        f"not an sdtool early-exit bundle manifest (format is not {BUNDLE_FORMAT!r})",
+    )
     v = m.get("format_version")
     _require(isinstance(v, int), where, "the manifest has no format_version")
     if v > BUNDLE_VERSION:
-        raise BundleError(f"{where} was written by a newer sdtool (bundle format {v}, this runtime reads up to "
-                          f"{BUNDLE_VERSION}); upgrade sdtool or use the sdtool_runtime.py shipped in the bundle")
+        raise BundleError(
+            f"{where} was written by a newer sdtool (bundle format {v}, this runtime reads up to "
+            f"{BUNDLE_VERSION}); upgrade sdtool or use the sdtool_runtime.py shipped in the bundle"
+        )
     pol = m.get("policy")
-    _require(isinstance(pol, dict) and pol.get("policy") in POLICIES and pol.get("fallback") in FALLBACKS
-             and pol.get("ensemble", "logits") in ENSEMBLES, where, "the manifest's policy is malformed")
+    _require(
+        isinstance(pol, dict)
+        and pol.get("policy") in POLICIES
+        and pol.get("fallback") in FALLBACKS
+        and pol.get("ensemble", "logits") in ENSEMBLES,
+        where,
+        "the manifest's policy is malformed",
+    )
     inp = m.get("input")
 
     def numbers(v) -> bool:
         return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
 
-    _require(isinstance(inp, dict) and isinstance(inp.get("size"), int) and inp["size"] > 0
-             and isinstance(inp.get("channels"), int) and numbers(inp.get("mean")) and numbers(inp.get("std"))
-             and len(inp["mean"]) == inp["channels"] == len(inp["std"]) and all(s > 0 for s in inp["std"]),
-             where, "the manifest's input spec (size, channels, mean, std) is malformed")
+    _require(
+        isinstance(inp, dict)
+        and isinstance(inp.get("size"), int)
+        and inp["size"] > 0
+        and isinstance(inp.get("channels"), int)
+        and numbers(inp.get("mean"))
+        and numbers(inp.get("std"))
+        and len(inp["mean"]) == inp["channels"] == len(inp["std"])
+        and all(s > 0 for s in inp["std"]),
+        where,
+        "the manifest's input spec (size, channels, mean, std) is malformed",
+    )
     steps = m.get("steps")
     _require(isinstance(steps, list) and len(steps) >= 1, where, "the manifest lists no graphs")
     k_all = len(steps)
     vals = pol.get("values")
-    _require(isinstance(vals, list) and len(vals) == k_all - 1
-             and all(x is None or isinstance(x, (int, float)) for x in vals), where,
-             f"the policy needs {k_all - 1} thresholds (one per shallow exit)")
+    _require(
+        isinstance(vals, list)
+        and len(vals) == k_all - 1
+        and all(x is None or isinstance(x, (int, float)) for x in vals),
+        where,
+        f"the policy needs {k_all - 1} thresholds (one per shallow exit)",
+    )
     _require(isinstance(m.get("num_classes"), int) and m["num_classes"] > 0, where, "num_classes is missing")
     names = m.get("class_names")
-    _require(names is None or (isinstance(names, list) and len(names) == m["num_classes"]
-                               and all(isinstance(n, str) for n in names)), where,
-             "class_names must be a list of num_classes strings (or null)")
+    _require(
+        names is None
+        or (isinstance(names, list) and len(names) == m["num_classes"] and all(isinstance(n, str) for n in names)),
+        where,
+        "class_names must be a list of num_classes strings (or null)",
+    )
     _require(isinstance(m.get("source", {}), dict), where, "source must be an object")
     for k, s in enumerate(steps):
-        ok = (isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("sha256"), str)
-              and isinstance(s.get("input"), str) and (s.get("h") is None or isinstance(s["h"], str))
-              and (s.get("logits") is None or isinstance(s["logits"], str)))
+        ok = (
+            isinstance(s, dict)
+            and isinstance(s.get("file"), str)
+            and isinstance(s.get("sha256"), str)
+            and isinstance(s.get("input"), str)
+            and (s.get("h") is None or isinstance(s["h"], str))
+            and (s.get("logits") is None or isinstance(s["logits"], str))
+        )
         _require(ok, where, f"step {k + 1} is malformed")
         name = s["file"]
-        _require("/" not in name and "\\" not in name and name not in ("", ".", "..") and name.endswith(".onnx"),
-                 where, f"step {k + 1} names {name!r}, which is not a graph file inside the bundle")
+        _require(
+            "/" not in name and "\\" not in name and name not in ("", ".", "..") and name.endswith(".onnx"),
+            where,
+            f"step {k + 1} names {name!r}, which is not a graph file inside the bundle",
+        )
         last = k == k_all - 1
         _require(last or s.get("h") is not None, where, f"step {k + 1} does not pass its stage output on")
-        _require(s.get("logits") is not None or (not last and vals[k] is None and pol["fallback"] == "deepest"),
-                 where, f"step {k + 1} has no exit logits but its exit is used")
+        _require(
+            s.get("logits") is not None or (not last and vals[k] is None and pol["fallback"] == "deepest"),
+            where,
+            f"step {k + 1} has no exit logits but its exit is used",
+        )
     return m
 
 
@@ -163,8 +200,10 @@ def read_manifest(bundle: str | os.PathLike) -> tuple[Path, dict]:
         raise BundleError(f"{root} is not a folder; pass the folder that sdtool export --early-exit wrote")
     f = root / MANIFEST
     if not f.is_file():
-        raise BundleError(f"{root} is not an early-exit bundle ({MANIFEST} is missing); pass the folder "
-                          "that sdtool export --early-exit wrote")
+        raise BundleError(
+            f"{root} is not an early-exit bundle ({MANIFEST} is missing); pass the folder "
+            "that sdtool export --early-exit wrote"
+        )
     try:
         m = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -195,9 +234,16 @@ def session_options(threads: int | None):
     # point ONNX Runtime at an empty folder instead (the second guard; make_session scans the graph first).
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", _empty_folder())
     so.log_severity_level = 3
-    settings = {"engine": "onnxruntime", "onnxruntime": ort.__version__, "intra_op_threads": n,
-                "inter_op_threads": 1, "allow_spinning": False, "execution_mode": "sequential",
-                "graph_optimization": "all", "providers": ["CPUExecutionProvider"]}
+    settings = {
+        "engine": "onnxruntime",
+        "onnxruntime": ort.__version__,
+        "intra_op_threads": n,
+        "inter_op_threads": 1,
+        "allow_spinning": False,
+        "execution_mode": "sequential",
+        "graph_optimization": "all",
+        "providers": ["CPUExecutionProvider"],
+    }
     return so, settings
 
 
@@ -209,8 +255,14 @@ _FUNCTION = {7: "node"}
 _NODE = {5: "attribute"}
 _ATTRIBUTE = {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"}
 _SPARSE = {1: "tensor", 2: "tensor"}
-_SCHEMA = {"model": _MODEL, "graph": _GRAPH, "function": _FUNCTION, "node": _NODE, "attribute": _ATTRIBUTE,
-           "sparse": _SPARSE}
+_SCHEMA = {
+    "model": _MODEL,
+    "graph": _GRAPH,
+    "function": _FUNCTION,
+    "node": _NODE,
+    "attribute": _ATTRIBUTE,
+    "sparse": _SPARSE,
+}
 _TENSOR_LOCATION, _EXTERNAL = 14, 1
 
 
@@ -298,20 +350,26 @@ def make_session(data: bytes, so, where: str):
     try:
         external = has_external_data(data)
     except (IndexError, ValueError):
-        raise BundleError(f"{where} is not a readable ONNX graph (malformed protobuf); the bundle is damaged, "
-                          "export it again") from None
+        raise BundleError(
+            f"{where} is not a readable ONNX graph (malformed protobuf); the bundle is damaged, export it again"
+        ) from None
     if external:
-        raise BundleError(f"{where} references external data files; bundles must hold every weight inside "
-                          "their graphs (export again with sdtool export --early-exit)")
+        raise BundleError(
+            f"{where} references external data files; bundles must hold every weight inside "
+            "their graphs (export again with sdtool export --early-exit)"
+        )
     try:
         return ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - any load failure is a damaged or foreign graph
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if "external" in msg.lower() or "model_path" in msg.lower():
-            raise BundleError(f"{where} references external data files; bundles must hold every weight inside "
-                              "their graphs (export again with sdtool export --early-exit)") from None
-        raise BundleError(f"{where} is not a loadable ONNX graph ({msg[:160]}); the bundle is damaged, "
-                          "export it again") from None
+            raise BundleError(
+                f"{where} references external data files; bundles must hold every weight inside "
+                "their graphs (export again with sdtool export --early-exit)"
+            ) from None
+        raise BundleError(
+            f"{where} is not a loadable ONNX graph ({msg[:160]}); the bundle is damaged, export it again"
+        ) from None
 
 
 class EarlyExitSession:
@@ -352,8 +410,9 @@ class EarlyExitSession:
             name = f"{where}/{s['file']}"
             data = graphs[s["file"]]
             if sha256_bytes(data) != s["sha256"]:
-                raise BundleError(f"{name} does not match its sha256 in the manifest (tampered or damaged); "
-                                  "export the bundle again")
+                raise BundleError(
+                    f"{name} does not match its sha256 in the manifest (tampered or damaged); export the bundle again"
+                )
             sess = make_session(data, so, name)
             ident = sess.get_modelmeta().custom_metadata_map.get("sdtool_bundle_step")
             try:
@@ -361,18 +420,24 @@ class EarlyExitSession:
             except json.JSONDecodeError:
                 ident = {}
             if not isinstance(ident, dict) or ident.get("source_sha256") != src or ident.get("step") != k + 1:
-                raise BundleError(f"{name} is not step {k + 1} of the model this manifest describes (a graph from "
-                                  "another model or bundle); export the bundle again")
+                raise BundleError(
+                    f"{name} is not step {k + 1} of the model this manifest describes (a graph from "
+                    "another model or bundle); export the bundle again"
+                )
             ins = [i.name for i in sess.get_inputs()]
             outs = {o.name for o in sess.get_outputs()}
             want = {x for x in (s.get("h"), s.get("logits")) if x}
             if ins != [s["input"]] or not want <= outs:
-                raise BundleError(f"{name} has inputs {ins} and outputs {sorted(outs)}, not what the manifest "
-                                  "says; the bundle is damaged, export it again")
+                raise BundleError(
+                    f"{name} has inputs {ins} and outputs {sorted(outs)}, not what the manifest "
+                    "says; the bundle is damaged, export it again"
+                )
             width = {o.name: o.shape for o in sess.get_outputs()}.get(s.get("logits"))
             if width is not None and width[-1] != m["num_classes"]:
-                raise BundleError(f"{name} gives {width[-1]} logits but the manifest says {m['num_classes']} classes; "
-                                  "the bundle is damaged, export it again")
+                raise BundleError(
+                    f"{name} gives {width[-1]} logits but the manifest says {m['num_classes']} classes; "
+                    "the bundle is damaged, export it again"
+                )
             self.sessions.append(sess)
         self._wanted = [[n for n in (s.get("h"), s.get("logits")) if n] for s in self.steps]
         self._wanted_h = [[s["h"]] if s.get("h") else [] for s in self.steps]
@@ -396,8 +461,10 @@ class EarlyExitSession:
             raise BundleError(f"{k_all - 1} thresholds are needed (one per shallow exit), got {len(values)}")
         for k, v in enumerate(values):
             if v is not None and self.steps[k].get("logits") is None:
-                raise BundleError(f"exit {k + 1} has no head in this bundle (it was exported as never answering); "
-                                  "export again with a threshold for it")
+                raise BundleError(
+                    f"exit {k + 1} has no head in this bundle (it was exported as never answering); "
+                    "export again with a threshold for it"
+                )
         self.values = list(values)
         self._thr = score_thresholds(self.policy, self.values)
 
@@ -412,8 +479,10 @@ class EarlyExitSession:
             if a.ndim == 3:
                 a = a[None]
             if a.ndim != 4 or a.shape[1:3] != (s, s) or a.shape[3] != c:
-                raise BundleError(f"uint8 images must be (N, {s}, {s}, {c}) (height, width, channels), got "
-                                  f"{tuple(np.asarray(images).shape)}; resize them to {s}x{s} with {c} channels")
+                raise BundleError(
+                    f"uint8 images must be (N, {s}, {s}, {c}) (height, width, channels), got "
+                    f"{tuple(np.asarray(images).shape)}; resize them to {s}x{s} with {c} channels"
+                )
             x = a.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
             return np.ascontiguousarray((x - self._mean) / self._std, dtype=np.float32)
         if a.dtype in (np.float32, np.float64):
@@ -499,9 +568,15 @@ class EarlyExitSession:
         for i in range(len(logits)):
             order = np.argsort(-p[i])[:top]
             c = int(order[0])
-            rows.append({"class": c, "name": self.class_names[c] if self.class_names else str(c),
-                         "confidence": float(p[i, c]), "exit": int(exit_at[i]) + 1,
-                         "top": [{"class": int(j), "confidence": float(p[i, j])} for j in order]})
+            rows.append(
+                {
+                    "class": c,
+                    "name": self.class_names[c] if self.class_names else str(c),
+                    "confidence": float(p[i, c]),
+                    "exit": int(exit_at[i]) + 1,
+                    "top": [{"class": int(j), "confidence": float(p[i, j])} for j in order],
+                }
+            )
         return rows
 
 
@@ -529,14 +604,17 @@ def load_images(paths: list[str | os.PathLike], size: int, channels: int = 3, re
                     raise ValueError("not an npz archive")
                 with d:
                     if "x" not in d.files:
-                        raise BundleError(f"{p} has no array 'x' (it has {', '.join(d.files) or 'none'}); save the "
-                                          f"images as x, uint8 (N, {size}, {size}, {channels})")
+                        raise BundleError(
+                            f"{p} has no array 'x' (it has {', '.join(d.files) or 'none'}); save the "
+                            f"images as x, uint8 (N, {size}, {size}, {channels})"
+                        )
                     x = d["x"]
             except (ValueError, OSError, zipfile.BadZipFile) as e:
                 raise BundleError(f"{p} is not a readable npz file of plain arrays ({str(e)[:100]})") from None
             if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (size, size, channels):
-                raise BundleError(f"{p}: x must be uint8 (N, {size}, {size}, {channels}), got {x.dtype} "
-                                  f"{tuple(x.shape)}")
+                raise BundleError(
+                    f"{p}: x must be uint8 (N, {size}, {size}, {channels}), got {x.dtype} {tuple(x.shape)}"
+                )
             arrays.append(x)
             continue
         try:
@@ -548,8 +626,10 @@ def load_images(paths: list[str | os.PathLike], size: int, channels: int = 3, re
                 im = im.convert("RGB" if channels == 3 else "L")
                 if im.size != (size, size):
                     if not resize:
-                        raise BundleError(f"{p} is {im.size[0]}x{im.size[1]} but the model takes {size}x{size}; "
-                                          "resize it, or pass --resize (shorter side to size, centre crop)")
+                        raise BundleError(
+                            f"{p} is {im.size[0]}x{im.size[1]} but the model takes {size}x{size}; "
+                            "resize it, or pass --resize (shorter side to size, centre crop)"
+                        )
                     im = _resize_crop(im, size)
                 a = np.asarray(im, dtype=np.uint8)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:

@@ -16,8 +16,9 @@ def official_milestones(epochs: int) -> list[int]:
     return sorted({m for m in (epochs // 3, 2 * epochs // 3, epochs - 10) if 0 < m < epochs})
 
 
-def lr_factor(t: float, epochs: int, schedule: str, milestones: list[int] | None = None, gamma: float = 0.1,
-              warmup: float = 0.0) -> float:
+def lr_factor(
+    t: float, epochs: int, schedule: str, milestones: list[int] | None = None, gamma: float = 0.1, warmup: float = 0.0
+) -> float:
     """Multiplier of the peak lr at fractional epoch t in [0, epochs)."""
     if schedule == "step":
         ms = official_milestones(epochs) if milestones is None else milestones

@@ -77,8 +77,16 @@ class ExitTable:
         return self.stages_ms, self.head_ms, float(self.reference_ms)
 
 
-def make_table(logits: list[torch.Tensor], y: torch.Tensor, costs: dict, policy: str, fallback: str,
-               ensemble: str, times: dict | None = None, cost: str = "macs") -> ExitTable:
+def make_table(
+    logits: list[torch.Tensor],
+    y: torch.Tensor,
+    costs: dict,
+    policy: str,
+    fallback: str,
+    ensemble: str,
+    times: dict | None = None,
+    cost: str = "macs",
+) -> ExitTable:
     """`costs`: profile.exit_costs; `times`: an engine's piece_times (cumulative stages are summed here)."""
     if cost not in COSTS:
         raise SdtoolError(f"unknown cost {cost!r}; use one of {', '.join(COSTS)}")
@@ -88,10 +96,15 @@ def make_table(logits: list[torch.Tensor], y: torch.Tensor, costs: dict, policy:
     correct = [(z.argmax(1) == y).numpy() for z in logits]
     correct.append((ensemble_logits(logits, ensemble).argmax(1) == y).numpy())
     ex = costs["exits"]
-    t = ExitTable(scores=scores, correct=np.stack(correct), fallback=fallback, cost=cost,
-                  stages_macs=np.array([e["stages_macs"] for e in ex], dtype=np.float64),
-                  head_macs=np.array([e["head_macs"] for e in ex], dtype=np.float64),
-                  reference_macs=float(costs["reference"]["macs"]))
+    t = ExitTable(
+        scores=scores,
+        correct=np.stack(correct),
+        fallback=fallback,
+        cost=cost,
+        stages_macs=np.array([e["stages_macs"] for e in ex], dtype=np.float64),
+        head_macs=np.array([e["head_macs"] for e in ex], dtype=np.float64),
+        reference_macs=float(costs["reference"]["macs"]),
+    )
     if times is not None:
         if len(times["stages_ms"]) != t.num_exits or len(times["head_ms"]) != t.num_exits:
             raise SdtoolError("the measured piece times do not match the model's exits")
@@ -113,7 +126,7 @@ def simulate(t: ExitTable, thr: np.ndarray, cost: str | None = None) -> tuple[np
     exit_at = np.full((c, n), k_all - 1, dtype=np.int64)
     undecided = np.ones((c, n), dtype=bool)
     for k in range(k_all - 1):
-        leave = undecided & (t.scores[k][None, :] >= thr[:, k:k + 1])
+        leave = undecided & (t.scores[k][None, :] >= thr[:, k : k + 1])
         exit_at[leave] = k
         undecided &= ~leave
     last = t.correct[k_all] if t.fallback == "ensemble" else t.correct[k_all - 1]
@@ -148,8 +161,9 @@ def _best(keys: list[np.ndarray]) -> int:
     return int(np.lexsort(keys[::-1])[0])
 
 
-def _descend(t: ExitTable, thr: np.ndarray, cands: list[np.ndarray], objective: str, limit: float,
-             max_rounds: int = 50) -> tuple[np.ndarray, tuple]:
+def _descend(
+    t: ExitTable, thr: np.ndarray, cands: list[np.ndarray], objective: str, limit: float, max_rounds: int = 50
+) -> tuple[np.ndarray, tuple]:
     acc, macs, _ = simulate(t, thr[None])
     key = tuple(float(k[0]) for k in _keys(objective, limit, acc, macs))
     for _ in range(max_rounds):
@@ -198,15 +212,30 @@ def fit(t: ExitTable, policy: str, max_drop: float | None = None, budget: float 
     acc, _, exit_at = simulate(t, thr[None])
     macs = float(expected_cost(t, thr[None], exit_at, "macs")[0])
     counts = np.bincount(exit_at[0], minlength=t.num_exits)
-    res = {"objective": objective, "max_drop": max_drop, "budget": budget, "cost": t.cost, "n": t.n,
-           "deepest_top1": deepest, "top1": float(acc[0]), "accuracy_drop": deepest - float(acc[0]),
-           "expected_macs": macs, "macs_fraction": macs / t.reference_macs,
-           "macs_speedup": t.reference_macs / macs, "feasible": key[0] == 0.0,
-           "exit_fractions": (counts / t.n).tolist(), "values": values_from_scores(policy, thr.tolist())}
+    res = {
+        "objective": objective,
+        "max_drop": max_drop,
+        "budget": budget,
+        "cost": t.cost,
+        "n": t.n,
+        "deepest_top1": deepest,
+        "top1": float(acc[0]),
+        "accuracy_drop": deepest - float(acc[0]),
+        "expected_macs": macs,
+        "macs_fraction": macs / t.reference_macs,
+        "macs_speedup": t.reference_macs / macs,
+        "feasible": key[0] == 0.0,
+        "exit_fractions": (counts / t.n).tolist(),
+        "values": values_from_scores(policy, thr.tolist()),
+    }
     if t.stages_ms is not None:
         ms = float(expected_cost(t, thr[None], exit_at, "latency")[0])
-        res.update(expected_ms=ms, reference_ms=t.reference_ms, time_fraction=ms / t.reference_ms,
-                   predicted_speedup=t.reference_ms / ms)
+        res.update(
+            expected_ms=ms,
+            reference_ms=t.reference_ms,
+            time_fraction=ms / t.reference_ms,
+            predicted_speedup=t.reference_ms / ms,
+        )
     if objective == "max_drop":
         res["target_top1"] = limit
     else:
@@ -223,15 +252,43 @@ def sweep(t: ExitTable, policy: str, n_budgets: int = 16) -> dict:
         t = dataclasses.replace(t, cost="macs")
     ref = t.reference_macs
     levels, acc, macs = shared_sweep(t)
-    shared = [{"threshold": values_from_scores(policy, [float(v)])[0], "top1": float(a),
-               "expected_macs": float(m), "macs_fraction": float(m) / ref} for v, a, m in zip(levels, acc, macs)]
+    shared = [
+        {
+            "threshold": values_from_scores(policy, [float(v)])[0],
+            "top1": float(a),
+            "expected_macs": float(m),
+            "macs_fraction": float(m) / ref,
+        }
+        for v, a, m in zip(levels, acc, macs)
+    ]
     cheapest = float(macs.min()) / ref
     fitted = []
     for b in np.linspace(cheapest, 1.0, n_budgets):
         r = fit(t, policy, budget=float(b))
-        fitted.append({"budget": float(b), "values": r["values"], "top1": r["top1"],
-                       "expected_macs": r["expected_macs"], "macs_fraction": r["macs_fraction"]})
-    alone = [{"exit": k + 1, "top1": 100.0 * float(t.correct[k].mean()),
-              "macs_fraction": float(t.stages_macs[k] + t.head_macs[k]) / ref} for k in range(t.num_exits)]
-    return {"policy": policy, "fallback": t.fallback, "n": t.n, "reference_macs": ref,
-            "deepest_top1": alone[-1]["top1"], "shared": shared, "fitted": fitted, "exits_alone": alone}
+        fitted.append(
+            {
+                "budget": float(b),
+                "values": r["values"],
+                "top1": r["top1"],
+                "expected_macs": r["expected_macs"],
+                "macs_fraction": r["macs_fraction"],
+            }
+        )
+    alone = [
+        {
+            "exit": k + 1,
+            "top1": 100.0 * float(t.correct[k].mean()),
+            "macs_fraction": float(t.stages_macs[k] + t.head_macs[k]) / ref,
+        }
+        for k in range(t.num_exits)
+    ]
+    return {
+        "policy": policy,
+        "fallback": t.fallback,
+        "n": t.n,
+        "reference_macs": ref,
+        "deepest_top1": alone[-1]["top1"],
+        "shared": shared,
+        "fitted": fitted,
+        "exits_alone": alone,
+    }

@@ -76,8 +76,9 @@ def _trainable(extra) -> dict[str, torch.Tensor]:
     return {} if extra is None else {n: p for n, p in extra.named_parameters() if p.requires_grad}
 
 
-def save_state(run_dir: Path, model, optimizer, loss_module, scaler, rng: dict[str, torch.Tensor],
-               scalars: dict, extra=None) -> None:
+def save_state(
+    run_dir: Path, model, optimizer, loss_module, scaler, rng: dict[str, torch.Tensor], scalars: dict, extra=None
+) -> None:
     """One self-contained file: the model weights are stored here too, so a crash between writing
     `last.safetensors` and this file can never pair weights and optimizer state of different epochs."""
     opt_tensors, opt_json = _split_optimizer(optimizer.state_dict())
@@ -99,8 +100,10 @@ def read_scalars(run_dir: Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             return json.loads((f.metadata() or {}).get("sdtool", "{}"))["scalars"]
     except Exception:  # noqa: BLE001 - any unreadable state is the same problem for the user
-        raise SdtoolError(f"{path} is unreadable (damaged?); the run cannot be resumed exactly, "
-                          f"start it again or use --init {run_dir / 'last.safetensors'}") from None
+        raise SdtoolError(
+            f"{path} is unreadable (damaged?); the run cannot be resumed exactly, "
+            f"start it again or use --init {run_dir / 'last.safetensors'}"
+        ) from None
 
 
 def load_state(run_dir: Path, model, optimizer, loss_module, scaler, rank: int = 0, extra=None) -> dict:

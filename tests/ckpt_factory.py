@@ -10,8 +10,16 @@ from sdtool.models import create_model
 from sdtool.recipe import from_dict
 
 
-def make_ckpt(path: Path, val_size: float = 100, seed: int = 0, width: int = 4, sharpen: float = 1.0,
-              size: int = 16, val_split: dict | None = None, **model_args) -> Path:
+def make_ckpt(
+    path: Path,
+    val_size: float = 100,
+    seed: int = 0,
+    width: int = 4,
+    sharpen: float = 1.0,
+    size: int = 16,
+    val_split: dict | None = None,
+    **model_args,
+) -> Path:
     """An untrained width-4 resnet18 on the built-in `fake` data (400 train / 100 test images, 16x16).
 
     The lineage entry carries the resolved recipe, so `sdtool eval` rebuilds the data exactly as
@@ -24,15 +32,21 @@ def make_ckpt(path: Path, val_size: float = 100, seed: int = 0, width: int = 4, 
     with torch.no_grad():
         for fc in model.classifiers:
             fc.weight.mul_(sharpen)
-    r = from_dict({"data": {"name": "fake", "fake_size": 400, "val_size": val_size, "input_size": size,
-                            "eval_batch_size": 64}})
+    r = from_dict(
+        {"data": {"name": "fake", "fake_size": 400, "val_size": val_size, "input_size": size, "eval_batch_size": 64}}
+    )
     recipe = r.to_dict()
     if val_split is None:
         val_split = build_data(r.data, train=False).val_info
-    meta = {"num_classes": 10, "class_names": [str(i) for i in range(10)],
-            "input": {"size": size, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3},
-            "data": {"name": "fake"}, "val_split": val_split,
-            "ensemble": "logits", "mode": "self_distill",
-            "lineage": [checkpoint.lineage_entry("train", recipe, None, checkpoint.now())]}
+    meta = {
+        "num_classes": 10,
+        "class_names": [str(i) for i in range(10)],
+        "input": {"size": size, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3},
+        "data": {"name": "fake"},
+        "val_split": val_split,
+        "ensemble": "logits",
+        "mode": "self_distill",
+        "lineage": [checkpoint.lineage_entry("train", recipe, None, checkpoint.now())],
+    }
     checkpoint.save(path, model, meta)
     return Path(path)

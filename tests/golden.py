@@ -22,12 +22,40 @@ from pathlib import Path
 REFERENCE = Path(__file__).resolve().parent / "data" / "golden.json"
 
 # Fields that name the time, the place or the invocation of a run, not its result.
-VOLATILE = {"started", "ended", "parent", "parent_sha256", "argv", "sdtool_version", "seconds", "time_s",
-            "images_per_s", "epoch_seconds", "elapsed_s", "path", "file", "out", "sha256", "run_dir"}
+VOLATILE = {
+    "started",
+    "ended",
+    "parent",
+    "parent_sha256",
+    "argv",
+    "sdtool_version",
+    "seconds",
+    "time_s",
+    "images_per_s",
+    "epoch_seconds",
+    "elapsed_s",
+    "path",
+    "file",
+    "out",
+    "sha256",
+    "run_dir",
+}
 
-DATA = ["data.name=fake", "data.fake_size=96", "data.input_size=16", "data.val_size=32", "data.batch_size=16",
-        "data.eval_batch_size=64", "data.workers=0", "model.width=4", "train.epochs=1", "train.limit_batches=2",
-        "train.threads=1", "train.seed=0", "train.channels_last=false"]
+DATA = [
+    "data.name=fake",
+    "data.fake_size=96",
+    "data.input_size=16",
+    "data.val_size=32",
+    "data.batch_size=16",
+    "data.eval_batch_size=64",
+    "data.workers=0",
+    "model.width=4",
+    "train.epochs=1",
+    "train.limit_batches=2",
+    "train.threads=1",
+    "train.seed=0",
+    "train.channels_last=false",
+]
 
 
 def platform() -> dict:
@@ -39,8 +67,11 @@ def platform() -> dict:
 def _scrub(obj):
     """The metadata with volatile fields removed and timings dropped (floats rounded to 6 digits)."""
     if isinstance(obj, dict):
-        return {k: _scrub(v) for k, v in sorted(obj.items()) if k not in VOLATILE and "latency" not in k
-                and not k.endswith("_ms") and "throughput" not in k}
+        return {
+            k: _scrub(v)
+            for k, v in sorted(obj.items())
+            if k not in VOLATILE and "latency" not in k and not k.endswith("_ms") and "throughput" not in k
+        }
     if isinstance(obj, list):
         return [_scrub(v) for v in obj]
     if isinstance(obj, float):
@@ -61,8 +92,12 @@ def digest_checkpoint(path: Path) -> dict:
             tensors.update(t.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
             sums[k] = float(t.double().sum())
     meta = _scrub(checkpoint.read_meta(path))
-    return {"tensors_sha256": tensors.hexdigest(), "sums": sums,
-            "meta_sha256": hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest(), "meta": meta}
+    return {
+        "tensors_sha256": tensors.hexdigest(),
+        "sums": sums,
+        "meta_sha256": hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest(),
+        "meta": meta,
+    }
 
 
 def digest_onnx(path: Path) -> dict:
@@ -75,9 +110,12 @@ def digest_onnx(path: Path) -> dict:
         a = numpy_helper.to_array(t)
         inits.update(t.name.encode() + a.tobytes())
         sums[t.name] = float(a.astype("float64").sum())
-    return {"tensors_sha256": inits.hexdigest(), "sums": sums,
-            "ops": [n.op_type for n in m.graph.node],
-            "outputs": [o.name for o in m.graph.output]}
+    return {
+        "tensors_sha256": inits.hexdigest(),
+        "sums": sums,
+        "ops": [n.op_type for n in m.graph.node],
+        "outputs": [o.name for o in m.graph.output],
+    }
 
 
 def _cli(*args: str) -> None:
@@ -100,19 +138,47 @@ def run_chain(work: Path) -> dict:
     sets = [x for s in DATA for x in ("--set", s)]
     _cli("train", recipe, "--out", str(work / "train"), *sets, "--json")
     trained = work / "train" / "best.safetensors"
-    _cli("prune", str(trained), "--out", str(work / "pruned.safetensors"), "--criterion", "taylor",
-         "--target-macs", "0.6", "--taylor-batches", "2", "--json")
+    _cli(
+        "prune",
+        str(trained),
+        "--out",
+        str(work / "pruned.safetensors"),
+        "--criterion",
+        "taylor",
+        "--target-macs",
+        "0.6",
+        "--taylor-batches",
+        "2",
+        "--json",
+    )
     _cli("train", recipe, "--init", str(work / "pruned.safetensors"), "--out", str(work / "ft"), *sets, "--json")
     ft = work / "ft" / "best.safetensors"
-    _cli("eval", str(ft), "--early-exit", "--fit-thresholds", "--max-drop", "1.0", "--latency-images", "0",
-         "--out", str(work / "final.safetensors"), "--json")
-    _cli("export", str(work / "final.safetensors"), "--exit", "2", "--out", str(work / "exit2.safetensors"),
-         "--json")
+    _cli(
+        "eval",
+        str(ft),
+        "--early-exit",
+        "--fit-thresholds",
+        "--max-drop",
+        "1.0",
+        "--latency-images",
+        "0",
+        "--out",
+        str(work / "final.safetensors"),
+        "--json",
+    )
+    _cli("export", str(work / "final.safetensors"), "--exit", "2", "--out", str(work / "exit2.safetensors"), "--json")
     _cli("export", str(work / "final.safetensors"), "--format", "onnx", "--out", str(work / "final.onnx"), "--json")
-    out = {name: digest_checkpoint(work / f) for name, f in [
-        ("train", "train/best.safetensors"), ("train_last", "train/last.safetensors"),
-        ("pruned", "pruned.safetensors"), ("finetune", "ft/best.safetensors"),
-        ("thresholds", "final.safetensors"), ("exit2", "exit2.safetensors")]}
+    out = {
+        name: digest_checkpoint(work / f)
+        for name, f in [
+            ("train", "train/best.safetensors"),
+            ("train_last", "train/last.safetensors"),
+            ("pruned", "pruned.safetensors"),
+            ("finetune", "ft/best.safetensors"),
+            ("thresholds", "final.safetensors"),
+            ("exit2", "exit2.safetensors"),
+        ]
+    }
     out["onnx"] = digest_onnx(work / "final.onnx")
     return out
 

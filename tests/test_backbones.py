@@ -15,9 +15,14 @@ from sdtool.models.registry import _REGISTRY
 
 TINY = {  # arguments that make a network small enough for a CPU test (and valid)
     "resnext50_32x4d": {"width": 16},  # 32 groups: narrower widths round to zero channels
-    "resnet101": {"width": 2}, "resnet152": {"width": 2}, "wide_resnet50_2": {"width": 2},
-    "resnet110": {"width": 2}, "wrn_28_10": {"width": 1}, "wrn_40_2": {"width": 2},
-    "resnet8x4": {"width": 8}, "resnet32x4": {"width": 8},
+    "resnet101": {"width": 2},
+    "resnet152": {"width": 2},
+    "wide_resnet50_2": {"width": 2},
+    "resnet110": {"width": 2},
+    "wrn_28_10": {"width": 1},
+    "wrn_40_2": {"width": 2},
+    "resnet8x4": {"width": 8},
+    "resnet32x4": {"width": 8},
     "torchvision_wrapped": {"arch": "resnet18", "exits_after": ["layer1", "layer2", "layer3"]},
 }
 VARIANTS = {  # built-ins in a non-default layout, tested like backbones of their own: (registry name, args)
@@ -80,12 +85,22 @@ def test_backbone_trains_profiles_prunes_and_reloads(name, tmp_path):
 
 # Plain backbones (no exits) at CIFAR-100 size against the parameter counts of the reference code
 # bases: CRD/RepDistiller (resnet8x4 1.23 M, resnet32x4 7.43 M, wrn_40_2 2.26 M, ...), torchvision.
-@pytest.mark.parametrize("name,stem,count", [
-    ("resnet20", None, 278_324), ("resnet32", None, 472_756), ("resnet56", None, 861_620),
-    ("resnet110", None, 1_736_564), ("resnet8x4", None, 1_233_540), ("resnet32x4", None, 7_433_860),
-    ("wrn_16_2", None, 703_284), ("wrn_40_2", None, 2_255_156), ("wrn_28_10", None, 36_536_884),
-    ("mobilenet_v2", "imagenet", 3_504_872), ("shufflenet_v2_x1_0", "imagenet", 2_278_604),
-])
+@pytest.mark.parametrize(
+    "name,stem,count",
+    [
+        ("resnet20", None, 278_324),
+        ("resnet32", None, 472_756),
+        ("resnet56", None, 861_620),
+        ("resnet110", None, 1_736_564),
+        ("resnet8x4", None, 1_233_540),
+        ("resnet32x4", None, 7_433_860),
+        ("wrn_16_2", None, 703_284),
+        ("wrn_40_2", None, 2_255_156),
+        ("wrn_28_10", None, 36_536_884),
+        ("mobilenet_v2", "imagenet", 3_504_872),
+        ("shufflenet_v2_x1_0", "imagenet", 2_278_604),
+    ],
+)
 def test_plain_parameter_counts(name, stem, count):
     kw = {"stem": stem, "num_classes": 1000} if stem else {"num_classes": 100}
     with torch.device("meta"):
@@ -101,8 +116,12 @@ def test_imagenet_stems_are_torchvision_layouts():
     ref = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
     m = create_model("mobilenet_v2", num_classes=10, stem="imagenet", width_mult=0.25, exits=[]).eval()
     cuts = [0, 4, 7, 14, 19]
-    state = {f"stages.{s}.{i - a}.{k}": v for s, (a, b) in enumerate(zip(cuts, cuts[1:])) for i in range(a, b)
-             for k, v in ref.features[i].state_dict().items()}
+    state = {
+        f"stages.{s}.{i - a}.{k}": v
+        for s, (a, b) in enumerate(zip(cuts, cuts[1:]))
+        for i in range(a, b)
+        for k, v in ref.features[i].state_dict().items()
+    }
     state.update({"classifiers.0.weight": ref.classifier[1].weight, "classifiers.0.bias": ref.classifier[1].bias})
     m.load_state_dict(state)
     x = torch.randn(2, 3, 64, 64)
@@ -119,11 +138,16 @@ def test_shufflenet_imagenet_stem_is_torchvision_with_a_prunable_shuffle():
     torch.manual_seed(0)
     ref = torchvision.models.shufflenet_v2_x1_0(num_classes=10).eval()
     m = create_model("shufflenet_v2_x1_0", num_classes=10, stem="imagenet", exits=[], attention=False).eval()
-    places = [("conv1", None), *((f"stage2.{i}", f"0.{2 + i}") for i in range(4)),  # 0.1 is the max-pool
-              *((f"stage3.{i}", f"{1 + i // 4}.{i % 4}") for i in range(8)),  # stage3 is cut in two
-              *((f"stage4.{i}", f"3.{i}") for i in range(4)), ("conv5", "3.4")]
-    state = {f"stages.{dst or '0.0'}.{k}": v for src, dst in places
-             for k, v in ref.get_submodule(src).state_dict().items()}
+    places = [
+        ("conv1", None),
+        *((f"stage2.{i}", f"0.{2 + i}") for i in range(4)),  # 0.1 is the max-pool
+        *((f"stage3.{i}", f"{1 + i // 4}.{i % 4}") for i in range(8)),  # stage3 is cut in two
+        *((f"stage4.{i}", f"3.{i}") for i in range(4)),
+        ("conv5", "3.4"),
+    ]
+    state = {
+        f"stages.{dst or '0.0'}.{k}": v for src, dst in places for k, v in ref.get_submodule(src).state_dict().items()
+    }
     state.update({"classifiers.0.weight": ref.fc.weight, "classifiers.0.bias": ref.fc.bias})
     m.load_state_dict(state)
     x = torch.randn(2, 3, 64, 64)
@@ -140,10 +164,16 @@ def test_shufflenet_imagenet_stem_is_torchvision_with_a_prunable_shuffle():
     assert after["stages.0.0.0"].out_channels < before["stages.0.0.0"].out_channels  # the stem
 
 
-@pytest.mark.parametrize("name,sides", [
-    ("resnet56", [32, 32, 16, 8]), ("wrn_16_2", [32, 32, 16, 8]), ("vgg16_bn", [16, 8, 4, 4]),
-    ("mobilenet_v2", [32, 16, 8, 4]), ("shufflenet_v2_x1_0", [16, 8, 8, 4]),
-])
+@pytest.mark.parametrize(
+    "name,sides",
+    [
+        ("resnet56", [32, 32, 16, 8]),
+        ("wrn_16_2", [32, 32, 16, 8]),
+        ("vgg16_bn", [16, 8, 4, 4]),
+        ("mobilenet_v2", [32, 16, 8, 4]),
+        ("shufflenet_v2_x1_0", [16, 8, 8, 4]),
+    ],
+)
 def test_exit_points_and_stride_one_heads(name, sides):
     """Four exits; where a stage does not downsample, the byot head does not either, so every exit's
     head ends at the resolution of the final stage (as the official heads do for ResNet18)."""
@@ -175,12 +205,19 @@ def test_engine_model_args_skip_keys_a_builder_lacks():
     with pytest.raises(SdtoolError, match="no argument 'stem'"):
         create_model("resnet20", **model_args(load_recipe(None, ["model.name=resnet20", "model.stem=imagenet"]), 10))
     r = load_recipe(None, ["model.name=mobilenet_v2", "model.width_mult=0.5", "sd.mode=plain"])
-    assert model_args(r, 10) == {"num_classes": 10, "stem": "cifar", "width_mult": 0.5, "head": "byot",
-                                 "attention": False, "exits": []}
+    assert model_args(r, 10) == {
+        "num_classes": 10,
+        "stem": "cifar",
+        "width_mult": 0.5,
+        "head": "byot",
+        "attention": False,
+        "exits": [],
+    }
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if n not in ("truncated", "torchvision_wrapped")]
-                         + list(VARIANTS))
+@pytest.mark.parametrize(
+    "name", [n for n in list_models() if n not in ("truncated", "torchvision_wrapped")] + list(VARIANTS)
+)
 def test_backbones_are_what_wrapping_their_stages_gives(name):
     """A built-in backbone is a preset of the exits-on-any-model mechanism: wrapping its stages (chained
     as one plain nn.Sequential, exits after each but the last) finds the same widths and strides by a
@@ -194,8 +231,9 @@ def test_backbones_are_what_wrapping_their_stages_gives(name):
     model = tiny(name)
     n = len(model.stages)
     chain = nn.Sequential(*copy.deepcopy(list(model.stages)))
-    wrapped = wrap_model(chain, [str(i) for i in range(n - 1)], num_classes=10, input_size=32,
-                         exits=[s + 1 for s in model.exit_stages])
+    wrapped = wrap_model(
+        chain, [str(i) for i in range(n - 1)], num_classes=10, input_size=32, exits=[s + 1 for s in model.exit_stages]
+    )
     assert wrapped.strides == model.strides
     assert wrapped.feature_dims == model.feature_dims
     assert n_params(wrapped) == n_params(model)

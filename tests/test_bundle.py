@@ -31,10 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR_TEST = REPO.parent / "shared" / "data" / "cifar10" / "test.npz"
 X = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(5))
 # Python code run first in a subprocess: `import torch` (and anything below it) fails there.
-NO_TORCH = ("import sys\nclass _Block:\n    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'torch' or name.startswith('torch.'):\n"
-            "            raise ImportError('torch is blocked in this test')\n"
-            "sys.meta_path.insert(0, _Block())\n")
+NO_TORCH = (
+    "import sys\nclass _Block:\n    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'torch' or name.startswith('torch.'):\n"
+    "            raise ImportError('torch is blocked in this test')\n"
+    "sys.meta_path.insert(0, _Block())\n"
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,8 +73,9 @@ def ckpt(tmp_path_factory):
 def bundle(ckpt, tmp_path_factory):
     """A bundle with thresholds fitted on the validation split (its rep, its folder)."""
     out = tmp_path_factory.mktemp("b") / "bundle"
-    rep = export_bundle(str(ckpt), str(out), FitOptions(fit=True, max_drop=50.0), threads=1, latency_batch=8,
-                        repeats=1, quiet=True)
+    rep = export_bundle(
+        str(ckpt), str(out), FitOptions(fit=True, max_drop=50.0), threads=1, latency_batch=8, repeats=1, quiet=True
+    )
     return rep, out
 
 
@@ -148,7 +151,7 @@ def test_runtime_exit_choices_equal_torch(model_and_pieces, policy, fallback):
         else:
             assert np.abs(z_o[i] - z_t[i].numpy()).max() <= 1e-4
     for i in range(len(X)):  # batch 1 gives the same answers
-        z1, e1 = sess.predict(X[i:i + 1].numpy())
+        z1, e1 = sess.predict(X[i : i + 1].numpy())
         assert int(e1[0]) == int(e_o[i]) and np.abs(z1[0] - z_o[i]).max() <= 1e-4
 
 
@@ -171,7 +174,8 @@ def test_runtime_needs_no_torch(bundle, tmp_path):
         "import numpy as np\nfrom sdtool_runtime import EarlyExitSession\n"
         f"s = EarlyExitSession({str(out)!r}, threads=1)\n"
         "z, e = s.predict(np.zeros((3, 16, 16, 3), np.uint8))\n"
-        "print(z.shape, e.tolist(), 'torch' in sys.modules)\n")
+        "print(z.shape, e.tolist(), 'torch' in sys.modules)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("(3, 10)")[1].strip().endswith("False")
@@ -183,8 +187,10 @@ def test_runtime_needs_no_torch(bundle, tmp_path):
 def test_onnxruntime_missing_is_one_line(bundle, tmp_path):
     _, out = bundle
     block = NO_TORCH.replace("name == 'torch' or name.startswith('torch.')", "name == 'onnxruntime'")
-    code = block + ("from sdtool.runtime import EarlyExitSession, BundleError\n"
-                    f"try:\n    EarlyExitSession({str(out)!r})\nexcept BundleError as e:\n    print(e)\n")
+    code = block + (
+        "from sdtool.runtime import EarlyExitSession, BundleError\n"
+        f"try:\n    EarlyExitSession({str(out)!r})\nexcept BundleError as e:\n    print(e)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0 and "pip install onnxruntime" in r.stdout, r.stderr
 
@@ -218,12 +224,19 @@ def test_damaged_bundles_are_refused(bundle, tmp_path, ckpt):
     _edit_manifest(b, lambda m: m.update(format="something else"))
     _refused(b, "not an sdtool early-exit bundle manifest")
     shutil.rmtree(b)
-    for field, value, match in [("input", {"size": 16, "channels": 3, "mean": ["a"] * 3, "std": [1] * 3}, "input spec"),
-                                ("class_names", ["0"], "class_names"), ("source", "x", "source"),
-                                ("num_classes", 7, "gives 10 logits but the manifest says 7")]:
+    for field, value, match in [
+        ("input", {"size": 16, "channels": 3, "mean": ["a"] * 3, "std": [1] * 3}, "input spec"),
+        ("class_names", ["0"], "class_names"),
+        ("source", "x", "source"),
+        ("num_classes", 7, "gives 10 logits but the manifest says 7"),
+    ]:
         b = _copy(out, tmp_path)
-        _edit_manifest(b, lambda m, f=field, v=value: m.update({f: v}) if f != "num_classes"
-                       else m.update(num_classes=v, class_names=None))
+        _edit_manifest(
+            b,
+            lambda m, f=field, v=value: (
+                m.update({f: v}) if f != "num_classes" else m.update(num_classes=v, class_names=None)
+            ),
+        )
         _refused(b, match)
         shutil.rmtree(b)
     b = _copy(out, tmp_path)
@@ -279,10 +292,12 @@ def test_external_data_is_refused(bundle, tmp_path, monkeypatch):
 def test_wrong_inputs_are_refused(bundle, model_and_pieces):
     _, out = bundle
     sess = runtime.EarlyExitSession(out, threads=1)
-    for bad, match in [(np.zeros((2, 32, 32, 3), np.uint8), r"must be \(N, 16, 16, 3\)"),
-                       (np.zeros((2, 16, 16, 1), np.uint8), r"must be \(N, 16, 16, 3\)"),
-                       (np.zeros((2, 1, 16, 16), np.float32), "float input must be normalized"),
-                       (np.zeros((2, 16, 16, 3), np.int32), "must be uint8")]:
+    for bad, match in [
+        (np.zeros((2, 32, 32, 3), np.uint8), r"must be \(N, 16, 16, 3\)"),
+        (np.zeros((2, 16, 16, 1), np.uint8), r"must be \(N, 16, 16, 3\)"),
+        (np.zeros((2, 1, 16, 16), np.float32), "float input must be normalized"),
+        (np.zeros((2, 16, 16, 3), np.int32), "must be uint8"),
+    ]:
         with pytest.raises(SdtoolError, match=match):
             sess.predict(bad)
     skipping = _session(model_and_pieces, ExitPolicy("max_softmax", [0.5, None, 0.5], "deepest"))
@@ -355,8 +370,11 @@ def test_pruned_and_one_exit_models_bundle(ckpt, tmp_path):
     ee = tmp_path / "ee.safetensors"
     model, meta = checkpoint.load(pruned)
     meta = checkpoint.derived_meta(meta)
-    meta["thresholds"] = {"policy": "max_softmax", "values": _median_thresholds(model, "max_softmax"),
-                          "fallback": "deepest"}
+    meta["thresholds"] = {
+        "policy": "max_softmax",
+        "values": _median_thresholds(model, "max_softmax"),
+        "fallback": "deepest",
+    }
     checkpoint.save(ee, model, meta)
     rep = export_bundle(str(ee), str(tmp_path / "pb"), threads=1, repeats=0, quiet=True)
     assert rep["check"]["max_abs_diff"] <= 1e-4
@@ -387,9 +405,12 @@ def test_eval_engines_agree(bundle, ckpt):
     meta = checkpoint.derived_meta(meta)
     meta["thresholds"] = {"policy": "max_softmax", "values": m["policy"]["values"], "fallback": "deepest"}
     checkpoint.save(ee, model, meta)
-    reps = {e: eval_early_exit(str(ee), device="cpu", latency_images=4, repeats=1, quiet=True, engine=e, threads=1,
-                               batch_size=25)
-            for e in ("torch", "onnxruntime")}
+    reps = {
+        e: eval_early_exit(
+            str(ee), device="cpu", latency_images=4, repeats=1, quiet=True, engine=e, threads=1, batch_size=25
+        )
+        for e in ("torch", "onnxruntime")
+    }
     assert abs(reps["torch"]["top1"] - reps["onnxruntime"]["top1"]) <= 0.05 * 100 / reps["torch"]["n"] + 1e-9
     for e, rep in reps.items():
         assert rep["engine"] == e and rep["timing"]["engine"]["engine"] == e
@@ -451,8 +472,14 @@ def test_latency_costs_change_the_fit():
         return z
 
     logits = [exit_logits(60), exit_logits(80), exit_logits(90)]
-    costs = {"exits": [{"stages_macs": 10, "head_macs": 2}, {"stages_macs": 20, "head_macs": 2},
-                       {"stages_macs": 40, "head_macs": 0}], "reference": {"macs": 40}}
+    costs = {
+        "exits": [
+            {"stages_macs": 10, "head_macs": 2},
+            {"stages_macs": 20, "head_macs": 2},
+            {"stages_macs": 40, "head_macs": 0},
+        ],
+        "reference": {"macs": 40},
+    }
     times = {"stages_ms": [1.0, 1.0, 2.0], "head_ms": [10.0, 0.1, 0.0], "deepest_ms": 4.0}
     fits = {}
     for cost in ("macs", "latency"):

@@ -12,8 +12,11 @@ from safetensors.torch import save_file
 from sdtool import SdtoolError, checkpoint
 from sdtool.models import create_model
 
-META = {"num_classes": 3, "class_names": ["a", "b", "c"],
-        "input": {"size": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}}
+META = {
+    "num_classes": 3,
+    "class_names": ["a", "b", "c"],
+    "input": {"size": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3},
+}
 
 
 @pytest.fixture
@@ -52,9 +55,11 @@ def test_pruned_shapes_are_recorded_and_rebuilt(tmp_path, model):
     """A structural change (here by hand: stage-1 conv narrowed) survives a save/load without pickle."""
     from sdtool.models.shapes import apply_shapes, shape_changes
 
-    shapes = {"stages.0.1.0.conv1": {"type": "conv2d", "in_channels": 4, "out_channels": 2, "groups": 1},
-              "stages.0.1.0.bn1": {"type": "batchnorm2d", "num_features": 2},
-              "stages.0.1.0.conv2": {"type": "conv2d", "in_channels": 2, "out_channels": 4, "groups": 1}}
+    shapes = {
+        "stages.0.1.0.conv1": {"type": "conv2d", "in_channels": 4, "out_channels": 2, "groups": 1},
+        "stages.0.1.0.bn1": {"type": "batchnorm2d", "num_features": 2},
+        "stages.0.1.0.conv2": {"type": "conv2d", "in_channels": 2, "out_channels": 4, "groups": 1},
+    }
     apply_shapes(model, shapes)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)

@@ -12,8 +12,20 @@ from sdtool.cli import app
 
 runner = CliRunner()
 
-TINY = ["--set", "model.width=4", "--set", "data.name=fake", "--set", "data.fake_size=64",
-        "--set", "data.batch_size=16", "--set", "train.epochs=1", "--set", "data.val_size=16"]
+TINY = [
+    "--set",
+    "model.width=4",
+    "--set",
+    "data.name=fake",
+    "--set",
+    "data.fake_size=64",
+    "--set",
+    "data.batch_size=16",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "data.val_size=16",
+]
 
 
 def sdtool(*args):
@@ -53,15 +65,20 @@ def test_train_eval_inspect_json(tmp_path):
     assert r.exit_code == 0 and "lineage" in r.output
 
 
-@pytest.mark.parametrize("args,message", [
-    (["train", "recipes/quickstart.yaml", "--set", "train.epoch=3"],
-     "error: unknown key train.epoch; did you mean train.epochs?"),
-    (["train", "missing.yaml"], "error: recipe missing.yaml not found"),
-    (["train", "recipes/quickstart.yaml", "--set", "model.name=resnet81"], "error: unknown model 'resnet81'"),
-    (["eval", "README.md"], "error: README.md is not a readable safetensors file"),
-    (["eval", "nope.safetensors"], "error: checkpoint nope.safetensors not found"),
-    (["train", "recipes/quickstart.yaml", "--resume", "runs/x"], "error: --resume continues a run exactly"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["train", "recipes/quickstart.yaml", "--set", "train.epoch=3"],
+            "error: unknown key train.epoch; did you mean train.epochs?",
+        ),
+        (["train", "missing.yaml"], "error: recipe missing.yaml not found"),
+        (["train", "recipes/quickstart.yaml", "--set", "model.name=resnet81"], "error: unknown model 'resnet81'"),
+        (["eval", "README.md"], "error: README.md is not a readable safetensors file"),
+        (["eval", "nope.safetensors"], "error: checkpoint nope.safetensors not found"),
+        (["train", "recipes/quickstart.yaml", "--resume", "runs/x"], "error: --resume continues a run exactly"),
+    ],
+)
 def test_user_errors_are_one_line_exit_1(args, message):
     r = sdtool(*args)
     assert r.returncode == 1
@@ -82,6 +99,16 @@ def test_wrong_class_count_on_eval(tmp_path):
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "te.npz", x=rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8), y=np.arange(8) % 4)
-    r = sdtool("eval", str(out / "last.safetensors"), "--data", "npz", "--set", f"data.root={tmp_path}",
-               "--set", "data.test_file=te.npz", "--set", "data.train_file=te.npz")
+    r = sdtool(
+        "eval",
+        str(out / "last.safetensors"),
+        "--data",
+        "npz",
+        "--set",
+        f"data.root={tmp_path}",
+        "--set",
+        "data.test_file=te.npz",
+        "--set",
+        "data.train_file=te.npz",
+    )
     assert r.returncode == 1 and "predicts 10 classes but data set npz has 4" in r.stderr

@@ -17,13 +17,30 @@ import pytest
 from sdtool import cpu
 
 CLEAN = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "KMP_"))}
-TINY = ["--set", "model.width=4", "--set", "data.name=fake", "--set", "data.fake_size=32",
-        "--set", "data.batch_size=16", "--set", "data.eval_batch_size=32", "--set", "train.epochs=1"]
+TINY = [
+    "--set",
+    "model.width=4",
+    "--set",
+    "data.name=fake",
+    "--set",
+    "data.fake_size=32",
+    "--set",
+    "data.batch_size=16",
+    "--set",
+    "data.eval_batch_size=32",
+    "--set",
+    "train.epochs=1",
+]
 
 
 def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, check=True,
-                          env={**CLEAN, "OMP_DISPLAY_ENV": "VERBOSE", "OMP_NUM_THREADS": "1", **env})
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**CLEAN, "OMP_DISPLAY_ENV": "VERBOSE", "OMP_NUM_THREADS": "1", **env},
+    )
 
 
 def spin_count(stderr: str) -> int:
@@ -34,12 +51,28 @@ def spin_count(stderr: str) -> int:
 
 
 def test_train_sets_a_passive_wait_policy_before_torch_loads(tmp_path):
-    r = run([sys.executable, "-m", "sdtool", "train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run"),
-             "--json", *TINY])
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "sdtool",
+            "train",
+            "recipes/quickstart.yaml",
+            "--out",
+            str(tmp_path / "run"),
+            "--json",
+            *TINY,
+        ]
+    )
     assert spin_count(r.stderr) == 0  # PASSIVE reached the OpenMP runtime: it sleeps instead of spinning
     runtime = json.loads(r.stdout)["runtime"]
-    assert runtime == {"device": "cpu", "memory_format": "channels_last", "threads": 1,
-                       "omp_wait_policy": "PASSIVE", "omp_wait_policy_source": "default"}
+    assert runtime == {
+        "device": "cpu",
+        "memory_format": "channels_last",
+        "threads": 1,
+        "omp_wait_policy": "PASSIVE",
+        "omp_wait_policy_source": "default",
+    }
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])  # the epoch line's source
     assert row["omp_wait_policy"] == "PASSIVE" and row["memory_format"] == "channels_last"
 
@@ -64,8 +97,11 @@ def test_configure_after_torch_changes_nothing(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert cpu.runtime_settings()["omp_wait_policy_source"] == "openmp"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert cpu.runtime_settings() == {"threads": 1, "omp_wait_policy": "ACTIVE",
-                                      "omp_wait_policy_source": "environment"}
+    assert cpu.runtime_settings() == {
+        "threads": 1,
+        "omp_wait_policy": "ACTIVE",
+        "omp_wait_policy_source": "environment",
+    }
 
 
 def test_configure_before_torch(monkeypatch):

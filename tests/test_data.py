@@ -25,8 +25,9 @@ from sdtool.errors import SdtoolError
 from sdtool.recipe import AugmentConfig, DataConfig
 
 CIFAR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
-needs_cifar = pytest.mark.skipif(not (CIFAR_DIR / "test.npz").is_file(),
-                                 reason=f"real CIFAR-10 copy not found at {CIFAR_DIR} (see the data README)")
+needs_cifar = pytest.mark.skipif(
+    not (CIFAR_DIR / "test.npz").is_file(), reason=f"real CIFAR-10 copy not found at {CIFAR_DIR} (see the data README)"
+)
 
 
 def cfg(**kw) -> DataConfig:
@@ -185,7 +186,7 @@ def matching_windows(out: torch.Tensor, img: torch.Tensor, pad: int, fill: int) 
     hits = []
     for dy in range(2 * pad + 1):
         for dx in range(2 * pad + 1):
-            win = padded[:, dy:dy + h, dx:dx + w]
+            win = padded[:, dy : dy + h, dx : dx + w]
             hits += [(dy, dx, f) for f, cand in ((False, win), (True, win.flip(-1))) if torch.equal(out, cand)]
     return hits
 
@@ -276,8 +277,10 @@ def test_autoaugment_runs_per_image_in_the_dataset():
     x, _ = next(iter(b.loader("train", 8, shuffle=False, seed=0)))
     assert x.dtype == torch.uint8 and x.shape == (8, 3, 32, 32)
     assert torch.equal(b.prepare(x, train=True), b.prepare(x, train=False))
-    assert b.val is None and build_data(cfg(name="fake", fake_size=64, val_size=10,
-                                            augment={"autoaugment": True})).val.transform is None
+    assert (
+        b.val is None
+        and build_data(cfg(name="fake", fake_size=64, val_size=10, augment={"autoaugment": True})).val.transform is None
+    )
 
 
 # ----------------------------------------------------------------------------------------- splits
@@ -338,8 +341,7 @@ def _cifar_files(folder: Path, names: list[str], meta: str, label_key: str, old_
     rows = {}
     for name in names:
         rows[name] = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
-        data = pickle.dumps({b"data": rows[name], label_key.encode(): [0, 1, 2, 9], b"batch_label": b"x"},
-                            protocol=2)
+        data = pickle.dumps({b"data": rows[name], label_key.encode(): [0, 1, 2, 9], b"batch_label": b"x"}, protocol=2)
         if old_numpy:  # the archive's files name numpy 1's module
             data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
         (folder / name).write_bytes(data)
@@ -349,8 +351,13 @@ def _cifar_files(folder: Path, names: list[str], meta: str, label_key: str, old_
 
 
 def test_cifar10_loads_python_batches_into_memory(tmp_path):
-    rows = _cifar_files(tmp_path / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
-                        "batches.meta", "labels", old_numpy=True)
+    rows = _cifar_files(
+        tmp_path / "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+        "batches.meta",
+        "labels",
+        old_numpy=True,
+    )
     b = build_data(cfg(name="cifar10", root=str(tmp_path)))
     assert (len(b.train), len(b.test), b.num_classes, b.class_names[9]) == (20, 4, 10, "c9")
     assert torch.equal(b.test.x[2], torch.from_numpy(rows["test_batch"][2].reshape(3, 32, 32)))
@@ -368,8 +375,12 @@ def test_cifar_batch_that_names_other_code_is_refused_before_it_runs(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'ran'}",))
 
-    _cifar_files(tmp_path / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
-                 "batches.meta", "labels")
+    _cifar_files(
+        tmp_path / "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+        "batches.meta",
+        "labels",
+    )
     bad = tmp_path / "cifar-10-batches-py" / "test_batch"
     bad.write_bytes(pickle.dumps({b"data": Payload()}, protocol=2))
     msg = one_line_error(build_data, cfg(name="cifar10", root=str(tmp_path)))
@@ -466,8 +477,9 @@ def test_imagefolder_splits_and_transforms(image_tree):
     # Eval: Resize(32 * 256/224 = 36) + CenterCrop(32) + ToTensor + Normalize, deterministic.
     x, label = b.test[3]
     path, _ = b.test.samples[3]
-    ref = TF.normalize(TF.to_tensor(TF.center_crop(TF.resize(Image.open(path).convert("RGB"), 36), 32)),
-                       list(b.mean), list(b.std))
+    ref = TF.normalize(
+        TF.to_tensor(TF.center_crop(TF.resize(Image.open(path).convert("RGB"), 36), 32)), list(b.mean), list(b.std)
+    )
     assert label == 1 and x.dtype == torch.float32 and x.shape == (3, 32, 32)
     assert torch.allclose(x, ref, atol=1e-5)
     assert torch.equal(b.val[0][0], b.val[0][0])  # the validation split uses eval transforms

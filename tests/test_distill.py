@@ -17,7 +17,6 @@ from sdtool.recipe import DistillConfig, from_dict
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
 
-
 def bundle(classes=10, size=32, mean=MEAN, std=STD):
     return SimpleNamespace(num_classes=classes, input_size=size, mean=tuple(mean), std=tuple(std))
 
@@ -33,8 +32,7 @@ def teacher_ckpt(tmp_path_factory):
                 mod.running_var.uniform_(0.5, 2.0)
         m.classifiers[-1].weight.mul_(300)  # confident teacher: a KD term far from zero
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    checkpoint.save(path, m, {"num_classes": 10, "input": {"size": 32, "mean": MEAN, "std": STD},
-                              "ensemble": "logits"})
+    checkpoint.save(path, m, {"num_classes": 10, "input": {"size": 32, "mean": MEAN, "std": STD}, "ensemble": "logits"})
     return path
 
 
@@ -121,8 +119,12 @@ def test_torchvision_teacher_from_a_local_weights_file(tmp_path, suffix):
     extra = DistillExtra(DistillConfig(feature="fitnet"), "torchvision:resnet18", str(path))
     student = create_model("resnet8x4", num_classes=10, width=8)
     extra.bind(student, bundle())
-    assert [(fl.adapter.in_channels, fl.adapter.out_channels) for fl in extra.feature_losses] == \
-        [(4, 64), (8, 128), (16, 256), (32, 512)]
+    assert [(fl.adapter.in_channels, fl.adapter.out_channels) for fl in extra.feature_losses] == [
+        (4, 64),
+        (8, 128),
+        (16, 256),
+        (32, 512),
+    ]
     logits, feats = student(x)
     loss, parts = extra(x, logits, feats, torch.tensor([1, 2]))
     loss.backward()
@@ -149,10 +151,14 @@ def test_teacher_errors_are_one_line(tmp_path, teacher_ckpt):
 
 
 def test_distill_run_records_the_teacher_in_the_lineage(tmp_path, teacher_ckpt):
-    r = from_dict({"model": {"name": "resnet8x4", "width": 8},
-                   "data": {"name": "fake", "fake_size": 32, "batch_size": 16, "eval_batch_size": 64},
-                   "train": {"epochs": 1, "limit_batches": 2, "threads": 1},
-                   "distill": {"targets": "all", "feature": "at"}})
+    r = from_dict(
+        {
+            "model": {"name": "resnet8x4", "width": 8},
+            "data": {"name": "fake", "fake_size": 32, "batch_size": 16, "eval_batch_size": 64},
+            "train": {"epochs": 1, "limit_batches": 2, "threads": 1},
+            "distill": {"targets": "all", "feature": "at"},
+        }
+    )
     res = distill(r, tmp_path / "run", teacher=str(teacher_ckpt), quiet=True)
     meta = checkpoint.read_meta(res.last)
     entry = meta["lineage"][-1]
@@ -171,26 +177,40 @@ def test_cli_distill_mismatch_is_one_line(tmp_path, teacher_ckpt):
     from sdtool.cli import app
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: {name: resnet20, width: 4}\ndata: {name: fake, fake_size: 16, input_size: 40}\n"
-                      "train: {epochs: 1, limit_batches: 1}\n")
-    res = CliRunner().invoke(app, ["distill", str(recipe), "--teacher", str(teacher_ckpt), "--out", str(tmp_path / "o")])
+    recipe.write_text(
+        "model: {name: resnet20, width: 4}\ndata: {name: fake, fake_size: 16, input_size: 40}\n"
+        "train: {epochs: 1, limit_batches: 1}\n"
+    )
+    res = CliRunner().invoke(
+        app, ["distill", str(recipe), "--teacher", str(teacher_ckpt), "--out", str(tmp_path / "o")]
+    )
     assert res.exit_code == 1
     assert res.output.strip().count("\n") == 0 and "32x32 inputs" in res.output
 
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = ["data.name=fake", "data.fake_size=32", "data.val_size=0", "data.batch_size=16", "train.epochs=1",
-            "train.limit_batches=1", "train.threads=1"]
+TINY_RUN = [
+    "data.name=fake",
+    "data.fake_size=32",
+    "data.val_size=0",
+    "data.batch_size=16",
+    "train.epochs=1",
+    "train.limit_batches=1",
+    "train.threads=1",
+]
 
 
-@pytest.mark.parametrize("name,tiny,teacher", [
-    ("cifar100_resnet50_to_resnet18_sd_kd", ["model.width=4"], True),
-    ("cifar100_mobilenet_v2_sd", ["model.width_mult=0.25"], False),
-    ("cifar100_shufflenet_v2_sd", ["model.width_mult=0.25"], False),
-    ("cifar100_resnet32x4_plain", ["model.width=8"], False),
-    ("cifar100_resnet32x4_to_resnet8x4_kd", ["model.width=8"], True),
-    ("cifar100_resnet32x4_to_resnet8x4_sd_kd", ["model.width=8"], True),
-])
+@pytest.mark.parametrize(
+    "name,tiny,teacher",
+    [
+        ("cifar100_resnet50_to_resnet18_sd_kd", ["model.width=4"], True),
+        ("cifar100_mobilenet_v2_sd", ["model.width_mult=0.25"], False),
+        ("cifar100_shufflenet_v2_sd", ["model.width_mult=0.25"], False),
+        ("cifar100_resnet32x4_plain", ["model.width=8"], False),
+        ("cifar100_resnet32x4_to_resnet8x4_kd", ["model.width=8"], True),
+        ("cifar100_resnet32x4_to_resnet8x4_sd_kd", ["model.width=8"], True),
+    ],
+)
 def test_recipes_run_tiny_on_fake_data(tmp_path, teacher_ckpt, name, tiny, teacher):
     from sdtool.engine import fit
     from sdtool.recipe import load_recipe
@@ -199,8 +219,11 @@ def test_recipes_run_tiny_on_fake_data(tmp_path, teacher_ckpt, name, tiny, teach
     command = path.read_text().splitlines()[0]
     assert command.startswith(f"# sdtool {'distill' if teacher else 'train'} recipes/{name}.yaml")
     r = load_recipe(path, TINY_RUN + tiny)
-    res = (distill(r, tmp_path / "run", teacher=str(teacher_ckpt), quiet=True) if teacher
-           else fit(r, tmp_path / "run", quiet=True))
+    res = (
+        distill(r, tmp_path / "run", teacher=str(teacher_ckpt), quiet=True)
+        if teacher
+        else fit(r, tmp_path / "run", quiet=True)
+    )
     meta = checkpoint.read_meta(res.last)
     assert meta["model"]["name"] == r.model.name
     assert len(res.test["exits"]) == (1 if r.sd.mode == "plain" else 4)
@@ -208,10 +231,12 @@ def test_recipes_run_tiny_on_fake_data(tmp_path, teacher_ckpt, name, tiny, teach
 
 def test_distill_resume_restores_feature_adapters_exactly(tmp_path, teacher_ckpt):
     """Two epochs in one go, or one epoch and `--resume` for the second: the same weights and adapters."""
-    base = {"model": {"name": "resnet8x4", "width": 8},
-            "data": {"name": "fake", "fake_size": 32, "batch_size": 16, "eval_batch_size": 64},
-            "train": {"epochs": 2, "limit_batches": 2, "threads": 1, "lr": 0.05},
-            "distill": {"feature": "fitnet"}}
+    base = {
+        "model": {"name": "resnet8x4", "width": 8},
+        "data": {"name": "fake", "fake_size": 32, "batch_size": 16, "eval_batch_size": 64},
+        "train": {"epochs": 2, "limit_batches": 2, "threads": 1, "lr": 0.05},
+        "distill": {"feature": "fitnet"},
+    }
     full = distill(from_dict(base), tmp_path / "full", teacher=str(teacher_ckpt), quiet=True)
     cut = json.loads(json.dumps(base))
     cut["train"]["epochs"] = 1

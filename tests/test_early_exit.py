@@ -19,7 +19,6 @@ from sdtool.profile import exit_costs
 runner = CliRunner()
 
 
-
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
@@ -55,13 +54,12 @@ def test_early_exit_equals_all_exits_forward(net, policy, fallback):
     expected = torch.stack([final[i] if k == 3 else logits[k][i] for i, k in enumerate(exit_at.tolist())])
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     # The exit each sample takes is the first whose score passes: the same as simulating on all logits.
-    table = th.make_table(logits, torch.zeros(len(x), dtype=torch.long), costs, policy,
-                          fallback, "logits")
+    table = th.make_table(logits, torch.zeros(len(x), dtype=torch.long), costs, policy, fallback, "logits")
     _, _, sim_exit = th.simulate(table, np.array([pol.score_thresholds()]))
     assert sim_exit[0].tolist() == exit_at.tolist()
     # Batch 1 takes the same path and gives the same numbers.
     for i in (0, 5, 17):
-        o1, e1 = early_exit_forward(model, x[i:i + 1], pol)
+        o1, e1 = early_exit_forward(model, x[i : i + 1], pol)
         assert int(e1) == int(exit_at[i])
         torch.testing.assert_close(o1[0], out[i], rtol=1e-4, atol=1e-5)
 
@@ -70,8 +68,10 @@ def test_rows_that_leave_skip_the_later_stages(net):
     """The deeper stages see only the samples still undecided; a never-answering exit's head is skipped."""
     model, x, logits, costs = net
     seen = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.setdefault(name, []).append(inp[0].shape[0]))
-             for name, m in [("stage4", model.stages[3]), ("head2", model.heads[1]), ("head3", model.heads[2])]]
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: seen.setdefault(name, []).append(inp[0].shape[0]))
+        for name, m in [("stage4", model.stages[3]), ("head2", model.heads[1]), ("head3", model.heads[2])]
+    ]
     try:
         thr = _midpoint_thresholds(logits, "max_softmax")
         pol = ExitPolicy("max_softmax", [thr[0], None, thr[2]], "deepest")
@@ -87,8 +87,10 @@ def test_rows_that_leave_skip_the_later_stages(net):
             h.remove()
 
 
-COSTS = {"reference": {"macs": 400.0},  # made-up costs: 4 stages of 100 MACs, heads of 10 each
-         "exits": [{"stages_macs": 100.0 * (k + 1), "head_macs": 10.0 if k < 3 else 0.0} for k in range(4)]}
+COSTS = {
+    "reference": {"macs": 400.0},  # made-up costs: 4 stages of 100 MACs, heads of 10 each
+    "exits": [{"stages_macs": 100.0 * (k + 1), "head_macs": 10.0 if k < 3 else 0.0} for k in range(4)],
+}
 
 
 def _synthetic_table(fallback="deepest", n=3000, seed=0):
@@ -182,8 +184,19 @@ def test_cli_fit_writes_nothing_without_out(ckpt, tmp_path):
 
 def test_cli_fit_out_then_reuse_stored_thresholds(ckpt, tmp_path):
     out, sweep = tmp_path / "ee.safetensors", tmp_path / "sweep"
-    rep = _eval(ckpt, "--early-exit", "--fit-thresholds", "--budget", "0.6", "--policy", "entropy",
-                "--out", out, "--sweep-out", sweep)
+    rep = _eval(
+        ckpt,
+        "--early-exit",
+        "--fit-thresholds",
+        "--budget",
+        "0.6",
+        "--policy",
+        "entropy",
+        "--out",
+        out,
+        "--sweep-out",
+        sweep,
+    )
     assert rep["written"] == str(out) and rep["split"] == "test"
     meta = checkpoint.read_meta(out)
     thr = meta["thresholds"]
@@ -202,10 +215,12 @@ def test_cli_fit_out_then_reuse_stored_thresholds(ckpt, tmp_path):
 
 def test_cli_errors_are_one_line(ckpt, tmp_path):
     no_val = make_ckpt(tmp_path / "noval.safetensors", val_size=0)
-    for args in (["eval", str(no_val), "--early-exit", "--fit-thresholds"],  # no validation split
-                 ["eval", str(ckpt), "--early-exit"],  # no stored thresholds
-                 ["eval", str(ckpt), "--fit-thresholds"],  # fitting without --early-exit
-                 ["eval", str(ckpt), "--early-exit", "--fit-thresholds", "--max-drop", "1", "--budget", "0.5"]):
+    for args in (
+        ["eval", str(no_val), "--early-exit", "--fit-thresholds"],  # no validation split
+        ["eval", str(ckpt), "--early-exit"],  # no stored thresholds
+        ["eval", str(ckpt), "--fit-thresholds"],  # fitting without --early-exit
+        ["eval", str(ckpt), "--early-exit", "--fit-thresholds", "--max-drop", "1", "--budget", "0.5"],
+    ):
         r = runner.invoke(app, args)
         assert r.exit_code == 1 and r.output.count("\n") == 1 and r.output.startswith("error:"), r.output
     r = runner.invoke(app, ["eval", str(no_val), "--early-exit", "--fit-thresholds"])

@@ -124,8 +124,12 @@ def _spy_memory_format(monkeypatch) -> list[tuple[bool, bool]]:
 
     def spy(self, x, y):
         w = next(p for p in self.model.parameters() if p.dim() == 4)
-        seen.append((x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
-                     w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()))
+        seen.append(
+            (
+                x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+                w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous(),
+            )
+        )
         return real(self, x, y)
 
     monkeypatch.setattr(engine.TrainStep, "forward", spy)
@@ -202,8 +206,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(_train_cmd(tmp_path / "full", str(rfile)), check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen(_train_cmd(tmp_path / "cut", str(rfile)), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(tmp_path / "cut", str(rfile)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     metrics = tmp_path / "cut" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 1):
@@ -212,13 +217,19 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     proc.wait()
     done = len(metrics.read_text().splitlines())
     assert 1 <= done < 4, "the run must be cut before its end"
-    subprocess.run([sys.executable, "-m", "sdtool", "train", "--resume", str(tmp_path / "cut"), "--json"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "sdtool", "train", "--resume", str(tmp_path / "cut"), "--json"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     a, b = weights(tmp_path / "full" / "last.safetensors"), weights(tmp_path / "cut" / "last.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert weights(tmp_path / "full" / "best.safetensors").keys() == weights(tmp_path / "cut" / "best.safetensors").keys()
+    assert (
+        weights(tmp_path / "full" / "best.safetensors").keys() == weights(tmp_path / "cut" / "best.safetensors").keys()
+    )
     # What was just shown bit-exact was channels_last training: `auto` on the CPU, recorded and reused.
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["channels_last"] is True
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]

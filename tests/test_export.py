@@ -60,9 +60,14 @@ def test_pruned_exit_keeps_its_shapes(tmp_path):
 
     src = make_ckpt(tmp_path / "src.safetensors")
     model, meta = checkpoint.load(src)
-    apply_shapes(model, {"stages.0.1.0.conv1": {"type": "conv2d", "in_channels": 4, "out_channels": 2, "groups": 1},
-                         "stages.0.1.0.bn1": {"type": "batchnorm2d", "num_features": 2},
-                         "stages.0.1.0.conv2": {"type": "conv2d", "in_channels": 2, "out_channels": 4, "groups": 1}})
+    apply_shapes(
+        model,
+        {
+            "stages.0.1.0.conv1": {"type": "conv2d", "in_channels": 4, "out_channels": 2, "groups": 1},
+            "stages.0.1.0.bn1": {"type": "batchnorm2d", "num_features": 2},
+            "stages.0.1.0.conv2": {"type": "conv2d", "in_channels": 2, "out_channels": 4, "groups": 1},
+        },
+    )
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
     model.eval()

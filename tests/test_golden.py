@@ -41,5 +41,8 @@ def test_golden_chain_is_unchanged(tmp_path):
         else:
             # Another CPU or torch may round differently: tensors within a tolerance, metadata too.
             _close(have["sums"], want["sums"], f"{name}.sums")
-            _close({k: v for k, v in have.items() if k not in ("sums", "tensors_sha256", "meta_sha256")},
-                   {k: v for k, v in want.items() if k not in ("sums", "tensors_sha256", "meta_sha256")}, name)
+            _close(
+                {k: v for k, v in have.items() if k not in ("sums", "tensors_sha256", "meta_sha256")},
+                {k: v for k, v in want.items() if k not in ("sums", "tensors_sha256", "meta_sha256")},
+                name,
+            )

@@ -12,8 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from sdtool.errors import SdtoolError
-from sdtool.losses import (ATLoss, FitNetLoss, KDLoss, SelfDistillLoss, default_hint_exits,
-                           ensemble_logits, soft_cross_entropy)
+from sdtool.losses import (
+    ATLoss,
+    FitNetLoss,
+    KDLoss,
+    SelfDistillLoss,
+    default_hint_exits,
+    ensemble_logits,
+    soft_cross_entropy,
+)
 
 N, C = 3, 5
 DIMS = [8, 12, 16, 16]
@@ -21,6 +28,7 @@ DIMS = [8, 12, 16, 16]
 
 # ----------------------------------------------------------------------------------------------------
 # The independent reference, on nested Python lists of floats.
+
 
 def rows(t):
     return t.detach().double().tolist()
@@ -73,8 +81,9 @@ def ref_dist(a, b):
     return math.sqrt(sum((a[n][j] - b[n][j]) ** 2 for n in range(len(a)) for j in range(len(a[n]))))
 
 
-def ref_loss(module, logits, feats, y, mode, alpha=0.3, beta=0.03, T=3.0, teacher="deepest", H=(1, 2),
-             ls=0.0, ens="logits"):
+def ref_loss(
+    module, logits, feats, y, mode, alpha=0.3, beta=0.03, T=3.0, teacher="deepest", H=(1, 2), ls=0.0, ens="logits"
+):
     z = [rows(t) for t in logits]
     f = [rows(t) for t in feats]
     y = y.tolist()
@@ -112,8 +121,9 @@ def close(actual, expected):
 CASES = {
     "defaults": dict(kw={}, ref={}),
     "teacher_ensemble": dict(kw=dict(teacher="ensemble"), ref=dict(teacher="ensemble")),
-    "teacher_ensemble_softmax": dict(kw=dict(teacher="ensemble", ensemble="softmax"),
-                                     ref=dict(teacher="ensemble", ens="softmax")),
+    "teacher_ensemble_softmax": dict(
+        kw=dict(teacher="ensemble", ensemble="softmax"), ref=dict(teacher="ensemble", ens="softmax")
+    ),
     "hint_custom": dict(kw=dict(hint_exits=[3, 1]), ref=dict(H=(1, 3))),
     "hint_only_k_minus_1": dict(kw=dict(hint_exits=[3]), ref=dict(H=(3,))),
     "hint_empty": dict(kw=dict(hint_exits=[]), ref=dict(H=())),
@@ -121,8 +131,7 @@ CASES = {
     "alpha_0": dict(kw=dict(alpha=0.0), ref=dict(alpha=0.0)),
     "alpha_1": dict(kw=dict(alpha=1.0), ref=dict(alpha=1.0)),
     "beta_0": dict(kw=dict(beta=0.0), ref=dict(beta=0.0, H=())),
-    "other_weights": dict(kw=dict(alpha=0.5, beta=0.5, temperature=1.5),
-                          ref=dict(alpha=0.5, beta=0.5, T=1.5)),
+    "other_weights": dict(kw=dict(alpha=0.5, beta=0.5, temperature=1.5), ref=dict(alpha=0.5, beta=0.5, T=1.5)),
 }
 
 
@@ -186,6 +195,7 @@ def test_three_exits_golden(batch):
 # ----------------------------------------------------------------------------------------------------
 # Hand-computed anchors.
 
+
 def test_soft_cross_entropy_two_class_anchor():
     # T=1: teacher [ln 3, 0] -> q = (3/4, 1/4); student uniform -> softCE = ln 2 exactly.
     s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3), 0.0]])
@@ -229,6 +239,7 @@ def test_ensemble_logits(batch):
 # ----------------------------------------------------------------------------------------------------
 # Stop-gradient, checked with autograd against explicit gradients.
 
+
 def leaves(batch):
     logits, feats, y = batch
     return [z.clone().requires_grad_() for z in logits], [f.clone().requires_grad_() for f in feats], y
@@ -269,6 +280,7 @@ def test_deepest_features_get_no_gradient_from_hint(batch):
 # ----------------------------------------------------------------------------------------------------
 # Hint exits and adapters.
 
+
 def test_default_hint_exits():
     assert default_hint_exits(4) == [1, 2]
     assert default_hint_exits(3) == [1]
@@ -304,8 +316,9 @@ def test_invalid_hint_exit(bad):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("kw", [dict(mode="distill"), dict(teacher="best"), dict(ensemble="max"),
-                                dict(temperature=0.0)])
+@pytest.mark.parametrize(
+    "kw", [dict(mode="distill"), dict(teacher="best"), dict(ensemble="max"), dict(temperature=0.0)]
+)
 def test_invalid_options(kw):
     args = dict(mode="self_distill") | kw
     with pytest.raises(SdtoolError) as e:
@@ -315,6 +328,7 @@ def test_invalid_options(kw):
 
 def test_from_recipe():
     from sdtool.recipe import SdConfig
+
     sd = SdConfig(teacher="ensemble", hint_exits=[2], alpha=0.4)
     loss_fn = SelfDistillLoss.from_recipe(sd, DIMS, label_smoothing=0.1)
     assert (loss_fn.teacher, loss_fn.hint_exits, loss_fn.alpha, loss_fn.label_smoothing) == ("ensemble", [2], 0.4, 0.1)
@@ -328,6 +342,7 @@ def test_wrong_exit_count_is_a_bug(batch):
 
 # ----------------------------------------------------------------------------------------------------
 # Feature distillation.
+
 
 def test_fitnet_golden_and_shapes():
     g = torch.Generator().manual_seed(2)

@@ -32,8 +32,15 @@ def test_plain_resnet18_is_the_backbone_alone():
     assert n_params(m) == 11_220_132  # torchvision's resnet18 with a 3x3 stem and 100 classes
 
 
-@pytest.mark.parametrize("name,count", [("resnet50", 25_557_032), ("wide_resnet50_2", 68_883_240),
-                                        ("resnext50_32x4d", 25_028_904), ("resnet34", 21_797_672)])
+@pytest.mark.parametrize(
+    "name,count",
+    [
+        ("resnet50", 25_557_032),
+        ("wide_resnet50_2", 68_883_240),
+        ("resnext50_32x4d", 25_028_904),
+        ("resnet34", 21_797_672),
+    ],
+)
 def test_imagenet_stem_plain_matches_torchvision(name, count):
     with torch.device("meta"):
         m = create_model(name, num_classes=1000, stem="imagenet", exits=[])
@@ -62,7 +69,9 @@ def test_attention_feeds_only_its_head():
     assert not torch.allclose(a(x)[0][0], b(x)[0][0])
 
 
-@pytest.mark.parametrize("head,dims", [("byot", [32, 32, 32, 32]), ("light", [32, 32, 32, 32]), ("pool", [4, 8, 16, 32])])
+@pytest.mark.parametrize(
+    "head,dims", [("byot", [32, 32, 32, 32]), ("light", [32, 32, 32, 32]), ("pool", [4, 8, 16, 32])]
+)
 def test_heads(head, dims):
     m = create_model("resnet18", num_classes=3, width=4, head=head)
     assert m.feature_dims == dims
@@ -103,8 +112,11 @@ def test_split_layer1_adds_an_exit_inside_layer1():
     m = create_model("resnet18", num_classes=7, width=8, split_layer1=True).eval()
     assert len(m.stages) == 5 and m.num_exits == 5 and m.exit_stages == [0, 1, 2, 3, 4]
     assert m.strides == [1, 1, 2, 2, 2]
-    assert m.spec == {"name": "resnet18", "args": {"num_classes": 7, "width": 8, "split_layer1": True},
-                      "stages": ["stem+layer1[:1]", "layer1[1:]", "layer2", "layer3", "layer4"]}
+    assert m.spec == {
+        "name": "resnet18",
+        "args": {"num_classes": 7, "width": 8, "split_layer1": True},
+        "stages": ["stem+layer1[:1]", "layer1[1:]", "layer2", "layer3", "layer4"],
+    }
     assert len(m.stages[0][1]) == 1 and len(m.stages[1]) == 1  # one BasicBlock on each side of the cut
     h, sides, widths = torch.randn(1, 3, 32, 32), [], []
     for stage in m.stages:
@@ -125,8 +137,9 @@ def test_split_layer1_exit_placement_and_names():
     m = create_model("resnet18", num_classes=3, width=4, split_layer1=True, exits=[1, 3, 4])
     assert m.exit_stages == [0, 2, 3, 4]  # the last stage always has an exit
     assert m.heads[0][0][0].stride == (1, 1) and len(m.heads[0]) == 5  # 4 SepConvs + pooling
-    t = create_model("truncated", base="resnet18", exit=1,
-                     base_args={"num_classes": 3, "width": 4, "split_layer1": True})  # exit 1 standing alone
+    t = create_model(
+        "truncated", base="resnet18", exit=1, base_args={"num_classes": 3, "width": 4, "split_layer1": True}
+    )  # exit 1 standing alone
     assert len(t.stages) == 1 and n_params(t) == exit_params(m, 0)
     with pytest.raises(SdtoolError, match="between 1 and 5"):
         create_model("resnet18", split_layer1=True, exits=[6])
@@ -140,8 +153,11 @@ def test_split_layer1_exit_placement_and_names():
     # ResNet50: layer1 has 3 Bottlenecks, cut after 1 (split_point, as the CIFAR ResNets).
     with torch.device("meta"):
         r50 = create_model("resnet50", num_classes=10, width=4, split_layer1=True)
-    assert len(r50.stages[0][1]) == 1 and len(r50.stages[1]) == 2 and r50.spec["stages"][:2] == [
-        "stem+layer1[:1]", "layer1[1:]"]
+    assert (
+        len(r50.stages[0][1]) == 1
+        and len(r50.stages[1]) == 2
+        and r50.spec["stages"][:2] == ["stem+layer1[:1]", "layer1[1:]"]
+    )
 
 
 def test_split_layer1_exit_1_costs_less_default_unchanged():

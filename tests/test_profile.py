@@ -15,7 +15,6 @@ from sdtool.profile import exit_costs
 runner = CliRunner()
 
 
-
 def test_parity_resnet18_cifar100_byot_attention():
     """DESIGN.md's figures for the official CIFAR-100 ResNet18 at 32x32 (fvcore, within about 1 %)."""
     model = create_model("resnet18", num_classes=100, stem="cifar", head="byot", attention=True)
@@ -37,7 +36,7 @@ def test_parity_resnet18_cifar100_byot_attention():
 
 
 def test_exit_alone_costs_equal_the_truncated_model():
-    """"Alone" is exactly what a standalone export of that exit costs."""
+    """ "Alone" is exactly what a standalone export of that exit costs."""
     model = create_model("resnet18", num_classes=10, width=4).eval()
     c = exit_costs(model, (16, 16))
     for k, e in enumerate(c["exits"]):
@@ -47,8 +46,9 @@ def test_exit_alone_costs_equal_the_truncated_model():
 
 def test_cli_profile_checkpoint_with_latency(tmp_path):
     ckpt = make_ckpt(tmp_path / "m.safetensors")
-    r = runner.invoke(app, ["profile", str(ckpt), "--batch", "4", "--warmup", "1", "--repeats", "2",
-                            "--threads", "1", "--json"])
+    r = runner.invoke(
+        app, ["profile", str(ckpt), "--batch", "4", "--warmup", "1", "--repeats", "2", "--threads", "1", "--json"]
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["kind"] == "checkpoint" and rep["input_size"] == [16, 16] and rep["num_classes"] == 10
@@ -69,12 +69,14 @@ def test_cli_profile_recipe_takes_the_data_sets_classes(tmp_path):
     rep = json.loads(r.stdout)
     assert rep["kind"] == "recipe" and rep["num_classes"] == 100 and "cifar100" in rep["num_classes_from"]
     assert rep["latency"] is None
-    small = json.loads(runner.invoke(app, ["profile", str(recipe), "--no-latency", "--json",
-                                           "--input-size", "16", "16"]).stdout)
+    small = json.loads(
+        runner.invoke(app, ["profile", str(recipe), "--no-latency", "--json", "--input-size", "16", "16"]).stdout
+    )
     # Convolutions scale with the pixel count; the classifiers do not, hence "about a quarter".
     assert small["full"]["macs"] == pytest.approx(rep["full"]["macs"] / 4, rel=0.05)
-    plain = json.loads(runner.invoke(app, ["profile", str(recipe), "--no-latency", "--json",
-                                           "--set", "sd.mode=plain"]).stdout)
+    plain = json.loads(
+        runner.invoke(app, ["profile", str(recipe), "--no-latency", "--json", "--set", "sd.mode=plain"]).stdout
+    )
     assert len(plain["exits"]) == 1 and plain["ensemble"] is None
 
 
@@ -87,9 +89,14 @@ def test_cli_profile_recipe_sizes_the_model_as_training_does(tmp_path):
     np.savez(tmp_path / "train.npz", x=x, y=np.arange(12) % 3)
     np.savez(tmp_path / "test.npz", x=x[:6], y=np.arange(6) % 3)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"name": "torchvision:resnet18", "exits_after": ["layer2", "layer3"]},
-        "data": {"name": "npz", "root": str(tmp_path), "val_size": 0}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "torchvision:resnet18", "exits_after": ["layer2", "layer3"]},
+                "data": {"name": "npz", "root": str(tmp_path), "val_size": 0},
+            }
+        )
+    )
     r = runner.invoke(app, ["profile", str(recipe), "--no-latency", "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)

@@ -23,10 +23,18 @@ from sdtool.recipe import from_dict, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16
-TINY = {"model": {"name": "resnet18", "width": 8},
-        "data": {"name": "fake", "fake_size": 64, "batch_size": 16, "eval_batch_size": 64, "input_size": SIZE,
-                 "val_size": 16},
-        "train": {"epochs": 1, "limit_batches": 2, "lr": 0.05, "seed": 0, "threads": 1}}
+TINY = {
+    "model": {"name": "resnet18", "width": 8},
+    "data": {
+        "name": "fake",
+        "fake_size": 64,
+        "batch_size": 16,
+        "eval_batch_size": 64,
+        "input_size": SIZE,
+        "val_size": 16,
+    },
+    "train": {"epochs": 1, "limit_batches": 2, "lr": 0.05, "seed": 0, "threads": 1},
+}
 runner = CliRunner()
 
 
@@ -104,8 +112,14 @@ def test_pruning_equals_silencing_the_removed_channels(model, protect):
     x = x_batch(4)
     ignored, _ = _plan(a, x[:1], PruneOptions(ratio=0.4, protect_exits=protect))
     names, mods_a, mods_b = {m: n for n, m in a.named_modules()}, dict(a.named_modules()), dict(b.named_modules())
-    pruner = tp.pruner.BasePruner(a, x[:1], importance=make_importance("l2"), pruning_ratio=0.4,
-                                  ignored_layers=[mods_a[n] for n in ignored], output_transform=_logits)
+    pruner = tp.pruner.BasePruner(
+        a,
+        x[:1],
+        importance=make_importance("l2"),
+        pruning_ratio=0.4,
+        ignored_layers=[mods_a[n] for n in ignored],
+        output_transform=_logits,
+    )
     silenced = 0
     for group in pruner.step(interactive=True):
         for dep, idxs in group:
@@ -139,8 +153,10 @@ def test_target_macs_within_two_percent(model, target, glob):
     pruned, info = prune_model(model, PruneOptions(target_macs=target, global_pruning=glob), SIZE)
     # An independent fvcore count of the whole multi-exit forward.
     x = torch.zeros(1, 3, SIZE, SIZE)
-    counts = [FlopCountAnalysis(m, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
-              for m in (model, pruned)]
+    counts = [
+        FlopCountAnalysis(m, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
+        for m in (model, pruned)
+    ]
     frac = counts[1] / counts[0]
     assert abs(frac - target) <= 0.02 * target
     assert frac == pytest.approx(info["macs_fraction"], rel=1e-9)
@@ -193,11 +209,16 @@ def test_checkpoint_reloads_in_a_fresh_process(trained, model, tmp_path):
     pruned, _ = prune_model(model, opts, SIZE)
     x = x_batch(4)
     save_file({"x": x}, tmp_path / "x.safetensors")
-    code = ("import sys; from safetensors.torch import load_file, save_file; from sdtool import checkpoint\n"
-            "m, _ = checkpoint.load(sys.argv[1]); x = load_file(sys.argv[2])['x']\n"
-            "z, f = m(x); save_file({f'z{k}': t.contiguous() for k, t in enumerate(z)}, sys.argv[3])")
-    subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "x.safetensors"), str(tmp_path / "z.safetensors")],
-                   check=True, cwd=ROOT)
+    code = (
+        "import sys; from safetensors.torch import load_file, save_file; from sdtool import checkpoint\n"
+        "m, _ = checkpoint.load(sys.argv[1]); x = load_file(sys.argv[2])['x']\n"
+        "z, f = m(x); save_file({f'z{k}': t.contiguous() for k, t in enumerate(z)}, sys.argv[3])"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(out), str(tmp_path / "x.safetensors"), str(tmp_path / "z.safetensors")],
+        check=True,
+        cwd=ROOT,
+    )
     from safetensors.torch import load_file
 
     fresh = load_file(tmp_path / "z.safetensors")
@@ -251,10 +272,22 @@ def test_finetune_from_pruned_init_keeps_structure_and_lineage(trained, tmp_path
 def test_pipeline_tiny(tmp_path):
     from sdtool.pipeline import run_pipeline
 
-    sets = [f"{k}={v}" for k, v in {
-        "data.name": "fake", "data.fake_size": 96, "data.input_size": SIZE, "data.val_size": 32,
-        "data.batch_size": 16, "model.width": 8, "train.epochs": 1, "train.limit_batches": 2,
-        "train.threads": 1, "prune.finetune_epochs": 1, "prune.criterion": "taylor"}.items()]
+    sets = [
+        f"{k}={v}"
+        for k, v in {
+            "data.name": "fake",
+            "data.fake_size": 96,
+            "data.input_size": SIZE,
+            "data.val_size": 32,
+            "data.batch_size": 16,
+            "model.width": 8,
+            "train.epochs": 1,
+            "train.limit_batches": 2,
+            "train.threads": 1,
+            "prune.finetune_epochs": 1,
+            "prune.criterion": "taylor",
+        }.items()
+    ]
     r = load_recipe(ROOT / "recipes" / "pipeline_quickstart.yaml", sets)
     rep = run_pipeline(r, tmp_path / "pl", quiet=True)
     assert [s["step"] for s in rep["steps"]] == ["train", "prune", "fine-tune", "early exit"]
@@ -286,8 +319,22 @@ def test_cli_prune_json_and_table(trained, tmp_path):
     assert rep["out"] == str(out) and out.is_file() and rep["accuracy"] is None
     assert rep["after"]["full"]["params"] < rep["before"]["full"]["params"]
     out2 = tmp_path / "d.safetensors"
-    r = runner.invoke(app, ["prune", str(trained), "--out", str(out2), "--target-macs", "0.5", "--eval",
-                            "--criterion", "taylor", "--iterative-steps", "2"])
+    r = runner.invoke(
+        app,
+        [
+            "prune",
+            str(trained),
+            "--out",
+            str(out2),
+            "--target-macs",
+            "0.5",
+            "--eval",
+            "--criterion",
+            "taylor",
+            "--iterative-steps",
+            "2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "full" in r.stdout and "top-1" in r.stdout and "accuracy on the test split" in r.stdout
     assert out2.is_file() and checkpoint.read_meta(out2)["lineage"][-1]["options"]["iterative_steps"] == 2
@@ -299,17 +346,20 @@ def _foreign(tmp_path):
     return p
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--ratio", "1.5"], "--ratio must be in (0, 1)"),
-    (["--ratio", "0"], "--ratio must be in (0, 1)"),
-    (["--target-macs", "0.01"], "unreachable"),
-    (["--target-macs", "1.2"], "--target-macs must be in (0, 1)"),
-    (["--ratio", "0.5", "--criterion", "magic"], "valid criteria: l1, l2, taylor, bn_scale, fpgm, lamp, random"),
-    ([], "exactly one of --ratio"),
-    (["--ratio", "0.5", "--target-macs", "0.5"], "exactly one of --ratio"),
-    (["--ratio", "0.5", "--iterative-steps", "0"], "--iterative-steps"),
-    ("foreign", "not an sdtool checkpoint"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--ratio", "1.5"], "--ratio must be in (0, 1)"),
+        (["--ratio", "0"], "--ratio must be in (0, 1)"),
+        (["--target-macs", "0.01"], "unreachable"),
+        (["--target-macs", "1.2"], "--target-macs must be in (0, 1)"),
+        (["--ratio", "0.5", "--criterion", "magic"], "valid criteria: l1, l2, taylor, bn_scale, fpgm, lamp, random"),
+        ([], "exactly one of --ratio"),
+        (["--ratio", "0.5", "--target-macs", "0.5"], "exactly one of --ratio"),
+        (["--ratio", "0.5", "--iterative-steps", "0"], "--iterative-steps"),
+        ("foreign", "not an sdtool checkpoint"),
+    ],
+)
 def test_cli_bad_input_is_one_line_exit_1_nothing_written(trained, tmp_path, args, message):
     out = tmp_path / "never.safetensors"
     src = trained
@@ -355,8 +405,9 @@ def test_taylor_gradients_computed_once_match_a_fresh_computation(model, trained
     for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(p, q), n
     c = prune_once(copy.deepcopy(model), x, PruneOptions(criterion="l2", ratio=0.4), 0.4)
-    assert any(not torch.equal(p, q) for p, q in zip(a.state_dict().values(), c.state_dict().values())
-               if p.shape == q.shape)  # the gradients changed the choice
+    assert any(
+        not torch.equal(p, q) for p, q in zip(a.state_dict().values(), c.state_dict().values()) if p.shape == q.shape
+    )  # the gradients changed the choice
 
 
 @pytest.mark.parametrize("cmd", ["prune", "pipeline"])
@@ -368,8 +419,11 @@ def test_help_has_an_example(cmd):
 def test_pipeline_recipe_is_valid():
     r = load_recipe(ROOT / "recipes" / "pipeline_quickstart.yaml")
     assert r.prune.enabled and r.prune.criterion == "taylor" and r.eval.early_exit and r.data.val_size > 0
-    assert (ROOT / "recipes" / "pipeline_quickstart.yaml").read_text().startswith(
-        "# sdtool pipeline recipes/pipeline_quickstart.yaml")
+    assert (
+        (ROOT / "recipes" / "pipeline_quickstart.yaml")
+        .read_text()
+        .startswith("# sdtool pipeline recipes/pipeline_quickstart.yaml")
+    )
 
 
 def test_split_layer1_resnet18_prunes_to_a_target_and_reloads(tmp_path):

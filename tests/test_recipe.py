@@ -17,8 +17,18 @@ def test_defaults_follow_the_official_method():
 
 
 def test_overrides_parse_yaml_values():
-    r = from_dict(apply_overrides({}, ["train.epochs=3", "train.lr=0.01", "sd.hint_exits=[1, 3]",
-                                       "model.attention=false", "train.milestones=null"]))
+    r = from_dict(
+        apply_overrides(
+            {},
+            [
+                "train.epochs=3",
+                "train.lr=0.01",
+                "sd.hint_exits=[1, 3]",
+                "model.attention=false",
+                "train.milestones=null",
+            ],
+        )
+    )
     assert r.train.epochs == 3 and r.train.lr == 0.01 and r.sd.hint_exits == [1, 3]
     assert r.model.attention is False and r.train.milestones is None
 
@@ -35,25 +45,31 @@ def test_ints_are_accepted_for_floats():
     assert from_dict({"train": {"lr": 1}}).train.lr == 1.0
 
 
-@pytest.mark.parametrize("data,match", [
-    ({"train": {"epoch": 3}}, "unknown key train.epoch; did you mean train.epochs"),
-    ({"trian": {}}, "unknown key trian; did you mean train"),
-    ({"train": {"epochs": "many"}}, "train.epochs: expected an integer"),
-    ({"train": {"epochs": True}}, "train.epochs: expected an integer"),
-    ({"sd": {"mode": "distill"}}, "sd.mode: 'distill' is not allowed; use one of 'self_distill'"),
-    ({"train": {"optimizer": "adam"}}, "one of 'sgd', 'adamw'"),
-    ({"sd": {"alpha": 2}}, r"sd.alpha must be in \[0, 1\]"),
-    ({"prune": {"ratio": 1.5}}, r"prune.ratio must be in \(0, 1\)"),
-    ({"data": {"val_size": 10.5}}, "whole count"),
-    ({"sd": {"hint_exits": [1, "x"]}}, r"sd.hint_exits\[1\]: expected an integer"),
-    ({"data": "cifar"}, "data: expected a mapping"),
-    ({"train": {"eval_every": 0}}, "train.eval_every must be at least 1"),
-    ({"train": {"milestones": [20, 10]}}, "train.milestones must be increasing"),
-    ({"data": {"workers": -1}}, "data.workers must be >= 0"),
-    ({"eval": {"budget": 0}}, "eval.budget must be a positive fraction"),
-    ({"train": {"channels_last": "yes"}}, "train.channels_last: 'yes' is not allowed; use one of 'auto', true, false"),
-    ({"train": {"channels_last": 1}}, "train.channels_last: 1 is not allowed"),  # 1 == True, but not a boolean
-])
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"train": {"epoch": 3}}, "unknown key train.epoch; did you mean train.epochs"),
+        ({"trian": {}}, "unknown key trian; did you mean train"),
+        ({"train": {"epochs": "many"}}, "train.epochs: expected an integer"),
+        ({"train": {"epochs": True}}, "train.epochs: expected an integer"),
+        ({"sd": {"mode": "distill"}}, "sd.mode: 'distill' is not allowed; use one of 'self_distill'"),
+        ({"train": {"optimizer": "adam"}}, "one of 'sgd', 'adamw'"),
+        ({"sd": {"alpha": 2}}, r"sd.alpha must be in \[0, 1\]"),
+        ({"prune": {"ratio": 1.5}}, r"prune.ratio must be in \(0, 1\)"),
+        ({"data": {"val_size": 10.5}}, "whole count"),
+        ({"sd": {"hint_exits": [1, "x"]}}, r"sd.hint_exits\[1\]: expected an integer"),
+        ({"data": "cifar"}, "data: expected a mapping"),
+        ({"train": {"eval_every": 0}}, "train.eval_every must be at least 1"),
+        ({"train": {"milestones": [20, 10]}}, "train.milestones must be increasing"),
+        ({"data": {"workers": -1}}, "data.workers must be >= 0"),
+        ({"eval": {"budget": 0}}, "eval.budget must be a positive fraction"),
+        (
+            {"train": {"channels_last": "yes"}},
+            "train.channels_last: 'yes' is not allowed; use one of 'auto', true, false",
+        ),
+        ({"train": {"channels_last": 1}}, "train.channels_last: 1 is not allowed"),  # 1 == True, but not a boolean
+    ],
+)
 def test_errors_name_the_key(data, match):
     with pytest.raises(SdtoolError, match=match) as e:
         from_dict(data)

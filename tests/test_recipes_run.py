@@ -10,13 +10,28 @@ from sdtool.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
-TINY = ["model.width=4", "train.epochs=1", "train.limit_batches=2", "data.batch_size=16", "data.val_size=16",
-        "data.eval_batch_size=64", "data.workers=0"]
+TINY = [
+    "model.width=4",
+    "train.epochs=1",
+    "train.limit_batches=2",
+    "data.batch_size=16",
+    "data.val_size=16",
+    "data.eval_batch_size=64",
+    "data.workers=0",
+]
 FAKE = ["data.name=fake", "data.fake_size=48", "data.download=false"]
 
 
-@pytest.mark.parametrize("name", ["cifar100_resnet18_sd", "cifar100_resnet18_ds", "cifar100_resnet18_plain",
-                                  "cifar10_resnet18_sd", "cifar100_resnet50_sd"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "cifar100_resnet18_sd",
+        "cifar100_resnet18_ds",
+        "cifar100_resnet18_plain",
+        "cifar10_resnet18_sd",
+        "cifar100_resnet50_sd",
+    ],
+)
 def test_cifar_recipes_on_fake_data(tmp_path, name):
     """The official settings (AutoAugment per image, Cutout, step schedule) run as written, on fake data."""
     r = load_recipe(ROOT / "recipes" / f"{name}.yaml", TINY + FAKE)

@@ -11,7 +11,6 @@ from sdtool.models.registry import _REGISTRY
 from sdtool.models.wrap import wrap_model
 
 
-
 class UserNet(nn.Module):
     """A user's own CNN: functional residual add and pooling in forward(), a Linear classifier."""
 
@@ -59,8 +58,12 @@ def test_wrap_a_network_the_registry_does_not_know():
 
 
 def test_cuts_that_cannot_work_fail_with_one_line():
-    for names, pattern in [(["block1"], "skip connection crosses it"), (["blok2"], "did you mean block2"),
-                           (["down", "down"], "twice"), (["head"], "outputs shape \\(1, 5\\)")]:
+    for names, pattern in [
+        (["block1"], "skip connection crosses it"),
+        (["blok2"], "did you mean block2"),
+        (["down", "down"], "twice"),
+        (["head"], "outputs shape \\(1, 5\\)"),
+    ]:
         with pytest.raises(SdtoolError, match=pattern):
             wrap_model(UserNet(), names, num_classes=5, input_size=16)
     with pytest.raises(SdtoolError, match="cannot trace Untraceable"):
@@ -99,8 +102,14 @@ def test_torchvision_models_from_a_recipe():
 
     r = load_recipe(None, ["model.name=torchvision:resnet18", "model.exits_after=[layer2,layer3]", "model.exits=[2]"])
     args = model_args(r, 10, 32)
-    assert args == {"num_classes": 10, "head": "byot", "attention": True, "exits": [2],
-                    "exits_after": ["layer2", "layer3"], "input_size": 32}
+    assert args == {
+        "num_classes": 10,
+        "head": "byot",
+        "attention": True,
+        "exits": [2],
+        "exits_after": ["layer2", "layer3"],
+        "input_size": 32,
+    }
     m = create_model(r.model.name, **args)
     assert m.spec["name"] == "torchvision_wrapped" and m.spec["args"]["arch"] == "resnet18"
     assert m.num_exits == 2 and m.exit_stages == [1, 2]
@@ -111,8 +120,13 @@ def test_torchvision_models_from_a_recipe():
 
 
 def test_in_place_op_right_after_a_cut_does_not_corrupt_the_exit():
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1),
-                        nn.Hardtanh(-0.1, 0.1, inplace=True), nn.Conv2d(4, 6, 3, padding=1))
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.Hardtanh(-0.1, 0.1, inplace=True),
+        nn.Conv2d(4, 6, 3, padding=1),
+    )
     m = wrap_model(net, ["2"], num_classes=3, input_size=8)
     logits, _ = m(torch.randn(2, 3, 8, 8))
     sum(z.sum() for z in logits).backward()  # would fail if Hardtanh modified stage 1's output in place

@@ -29,8 +29,13 @@ class ArrayDataset(Dataset):
     images in the split they were cut from (the validation split and limits are index subsets).
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, indices: np.ndarray,
-                 transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        indices: np.ndarray,
+        transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> None:
         assert x.dtype == torch.uint8 and x.ndim == 4 and len(x) == len(y) == len(indices)
         self.x, self.y, self.indices, self.transform = x, y, indices, transform
 
@@ -82,8 +87,10 @@ def load_images_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
                 raise SdtoolError(f"{p.absolute()} is a single array, not {NPZ_EXPECTED}")
             missing = [k for k in ("x", "y") if k not in d.files]
             if missing:
-                raise SdtoolError(f"{p.absolute()} has no array {', '.join(missing)} (it has: "
-                                  f"{', '.join(d.files) or 'none'}); expected {NPZ_EXPECTED}")
+                raise SdtoolError(
+                    f"{p.absolute()} has no array {', '.join(missing)} (it has: "
+                    f"{', '.join(d.files) or 'none'}); expected {NPZ_EXPECTED}"
+                )
             x, y = d["x"], d["y"]
     except SdtoolError:
         raise
@@ -91,8 +98,10 @@ def load_images_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise SdtoolError(f"{p.absolute()} could not be read ({first}); expected {NPZ_EXPECTED}") from None
     if x.dtype != np.uint8:
-        raise SdtoolError(f"{p.absolute()}: x is {x.dtype}, expected uint8 pixels 0-255 (convert with "
-                          f"np.clip(x * 255, 0, 255).astype(np.uint8) if they are floats in [0, 1])")
+        raise SdtoolError(
+            f"{p.absolute()}: x is {x.dtype}, expected uint8 pixels 0-255 (convert with "
+            f"np.clip(x * 255, 0, 255).astype(np.uint8) if they are floats in [0, 1])"
+        )
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
@@ -128,9 +137,13 @@ def resize_uint8(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
     if x.shape[-2:] == (size, size):
         return x
     shrink = size < max(x.shape[-2:])
-    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=shrink).round_().clamp_(0, 255).to(torch.uint8)
-           for c in x.split(chunk)]
+    out = [
+        F.interpolate(c.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+        .round_()
+        .clamp_(0, 255)
+        .to(torch.uint8)
+        for c in x.split(chunk)
+    ]
     return torch.cat(out).contiguous()
 
 

@@ -20,12 +20,21 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-POLICIES = {"cifar10": v2.AutoAugmentPolicy.CIFAR10, "imagenet": v2.AutoAugmentPolicy.IMAGENET,
-            "svhn": v2.AutoAugmentPolicy.SVHN}
+POLICIES = {
+    "cifar10": v2.AutoAugmentPolicy.CIFAR10,
+    "imagenet": v2.AutoAugmentPolicy.IMAGENET,
+    "svhn": v2.AutoAugmentPolicy.SVHN,
+}
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, fill: int, crop: bool = True, flip: bool = True,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def random_crop_flip(
+    x: torch.Tensor,
+    padding: int,
+    fill: int,
+    crop: bool = True,
+    flip: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """Per-sample random crop (pad by `padding` with `fill`, take an H x W window) and horizontal flip.
 
     x: (N, C, H, W), any dtype (uint8 here, so `fill` is exact). Returns a new (N, C, H, W) tensor.

@@ -64,8 +64,9 @@ class DataBundle:
 
     def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._stats:
-            self._stats[device] = tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-                                        for v in (self.mean, self.std))
+            self._stats[device] = tuple(
+                torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in (self.mean, self.std)
+            )
         return self._stats[device]
 
     def prepare(self, x: torch.Tensor, train: bool, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -87,8 +88,17 @@ class DataBundle:
             x = cutout(x, a.cutout, generator=generator)
         return normalize_(x, *self._mean_std(x.device))
 
-    def loader(self, split: str, batch_size: int, shuffle: bool, seed: int, workers: int = 0,
-               distributed: bool = False, drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+    def loader(
+        self,
+        split: str,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        workers: int = 0,
+        distributed: bool = False,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+    ) -> DataLoader:
         """DataLoader for "train", "val" or "test"; call `loader.sampler.set_epoch(epoch)` each epoch.
 
         Epoch k's order depends only on (seed, k) (see `sdtool.data.loader`); the loader yields
@@ -100,8 +110,16 @@ class DataBundle:
         if ds is None:
             why = "set data.val_size to hold out a validation split" if split == "val" else "build with train=True"
             raise SdtoolError(f"no {split} split in this data; {why}")
-        return make_loader(ds, batch_size, shuffle, seed, workers=workers, distributed=distributed,
-                           drop_last=drop_last, pin_memory=pin_memory)
+        return make_loader(
+            ds,
+            batch_size,
+            shuffle,
+            seed,
+            workers=workers,
+            distributed=distributed,
+            drop_last=drop_last,
+            pin_memory=pin_memory,
+        )
 
 
 def _check_augment(a: "AugmentConfig") -> None:
@@ -132,8 +150,11 @@ def build_data(cfg: "DataConfig", train: bool = True) -> DataBundle:
 
     if src.in_memory:
         eval_tf = None
-        train_tf = (per_image_transform(size, a.crop, a.crop_padding, a.crop_fill, a.flip,
-                                        a.autoaugment_policy or "cifar10") if a.autoaugment else None)
+        train_tf = (
+            per_image_transform(size, a.crop, a.crop_padding, a.crop_fill, a.flip, a.autoaugment_policy or "cifar10")
+            if a.autoaugment
+            else None
+        )
     else:
         eval_tf = imagefolder.eval_transform(size, mean, std)
         train_tf = imagefolder.train_transform(a, size, mean, std)
@@ -147,13 +168,28 @@ def build_data(cfg: "DataConfig", train: bool = True) -> DataBundle:
             n_val = val_count(cfg.val_size, len(labels))
             val_idx, train_idx = stratified_split(labels, n_val, cfg.val_seed)
             val_ds = src.train.subset(val_idx, eval_tf)
-            val_info = {"size": n_val, "seed": cfg.val_seed, "of": len(labels),
-                        "fingerprint": split_fingerprint(labels, val_idx)}
+            val_info = {
+                "size": n_val,
+                "seed": cfg.val_seed,
+                "of": len(labels),
+                "fingerprint": split_fingerprint(labels, val_idx),
+            }
         if train:
             train_idx = train_idx[limit(labels[train_idx], cfg.limit_train, "limit_train")]
             train_ds = src.train.subset(train_idx, train_tf)
     test_ds = src.test.subset(limit(src.test.labels, cfg.limit_test, "limit_test"), eval_tf)
 
-    return DataBundle(train=train_ds, val=val_ds, test=test_ds, num_classes=len(src.class_names),
-                      class_names=list(src.class_names), input_size=size, mean=mean, std=std, val_info=val_info,
-                      augment=a, in_memory=src.in_memory, batch_crop_flip=not a.autoaugment)
+    return DataBundle(
+        train=train_ds,
+        val=val_ds,
+        test=test_ds,
+        num_classes=len(src.class_names),
+        class_names=list(src.class_names),
+        input_size=size,
+        mean=mean,
+        std=std,
+        val_info=val_info,
+        augment=a,
+        in_memory=src.in_memory,
+        batch_crop_flip=not a.autoaugment,
+    )

@@ -26,10 +26,24 @@ if TYPE_CHECKING:
     from sdtool.recipe import DataConfig
 
 LAYOUT = {  # folder, training batches, test batch, meta file, label key, class-name key, archive
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta",
-                "labels", "label_names", "cifar-10-python.tar.gz"),
-    "cifar100": ("cifar-100-python", ["train"], "test", "meta", "fine_labels", "fine_label_names",
-                 "cifar-100-python.tar.gz"),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        "test_batch",
+        "batches.meta",
+        "labels",
+        "label_names",
+        "cifar-10-python.tar.gz",
+    ),
+    "cifar100": (
+        "cifar-100-python",
+        ["train"],
+        "test",
+        "meta",
+        "fine_labels",
+        "fine_label_names",
+        "cifar-100-python.tar.gz",
+    ),
 }
 
 
@@ -74,15 +88,21 @@ def _array(spec: _ArraySpec, path: Path) -> np.ndarray:
     """A fresh numpy array from a recorded spec: numeric element types only, sizes checked."""
     st = spec.state
     ok = isinstance(st, tuple) and len(st) == 5 and isinstance(st[2], _DTypeSpec) and isinstance(st[4], bytes)
-    ok = ok and st[2].spec in _NUMERIC and isinstance(st[1], tuple) and all(isinstance(n, int) and n >= 0 for n in st[1])
+    ok = (
+        ok and st[2].spec in _NUMERIC and isinstance(st[1], tuple) and all(isinstance(n, int) and n >= 0 for n in st[1])
+    )
     if not ok:
-        raise SdtoolError(f"{path}: holds an array that is not plain numbers; replace it with the original file "
-                          "from the CIFAR archive")
+        raise SdtoolError(
+            f"{path}: holds an array that is not plain numbers; replace it with the original file "
+            "from the CIFAR archive"
+        )
     dtype = np.dtype(st[2].spec).newbyteorder(st[2].order if st[2].order != "|" else "=")
     count = int(np.prod(st[1], dtype=np.int64))
     if count * dtype.itemsize != len(st[4]):
-        raise SdtoolError(f"{path}: an array's data ({len(st[4])} bytes) does not match its shape {st[1]}; "
-                          "extract the file again from the CIFAR archive")
+        raise SdtoolError(
+            f"{path}: an array's data ({len(st[4])} bytes) does not match its shape {st[1]}; "
+            "extract the file again from the CIFAR archive"
+        )
     arr = np.frombuffer(st[4], dtype=dtype, count=count)
     return arr.reshape(st[1], order="F" if st[3] else "C").astype(dtype.newbyteorder("="), copy=True)
 
@@ -125,8 +145,10 @@ class _ArraysOnly(pickle.Unpickler):
             import codecs
 
             return codecs.encode
-        raise SdtoolError(f"{self.path}: refused to load, it asks for {module}.{name}, which a CIFAR batch file "
-                          "never holds; replace it with the original file from the CIFAR archive")
+        raise SdtoolError(
+            f"{self.path}: refused to load, it asks for {module}.{name}, which a CIFAR batch file "
+            "never holds; replace it with the original file from the CIFAR archive"
+        )
 
 
 def read_batch(path: Path) -> dict:
@@ -142,8 +164,9 @@ def read_batch(path: Path) -> dict:
     except SdtoolError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated or foreign file: one line for the user
-        raise SdtoolError(f"{path} is not a readable CIFAR batch file ({type(e).__name__}); "
-                          "extract it again from the CIFAR archive") from None
+        raise SdtoolError(
+            f"{path} is not a readable CIFAR batch file ({type(e).__name__}); extract it again from the CIFAR archive"
+        ) from None
     if not isinstance(obj, dict):
         raise SdtoolError(f"{path} is not a CIFAR batch file (holds {type(obj).__name__}, not a dict)")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -158,8 +181,10 @@ def _download(root: Path, name: str) -> None:
         download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
     except Exception as e:  # noqa: BLE001 - no network, proxy, disk: the same advice either way
         first = (str(e).splitlines() or [""])[0]
-        raise SdtoolError(f"{name}: downloading into {root.absolute()} failed ({type(e).__name__}: {first}); "
-                          f"download: true needs network access, otherwise extract {cls.filename} there") from None
+        raise SdtoolError(
+            f"{name}: downloading into {root.absolute()} failed ({type(e).__name__}: {first}); "
+            f"download: true needs network access, otherwise extract {cls.filename} there"
+        ) from None
 
 
 def _split(folder: Path, files: list[str], label_key: str, n_classes: int) -> TensorSplit:
@@ -193,9 +218,11 @@ def load_cifar(cfg: "DataConfig", need_train: bool, name: str) -> Source:
         _download(root, name)
     missing = [f for f in wanted if not (folder / f).is_file()]
     if missing:
-        raise SdtoolError(f"{name}: {folder}/ does not hold the python-version files {', '.join(wanted)} "
-                          f"(from {archive}; missing {missing[0]}); put them there, or set data.download: true "
-                          "(needs network access)")
+        raise SdtoolError(
+            f"{name}: {folder}/ does not hold the python-version files {', '.join(wanted)} "
+            f"(from {archive}; missing {missing[0]}); put them there, or set data.download: true "
+            "(needs network access)"
+        )
     names = read_batch(folder / meta_file).get(names_key)
     if not isinstance(names, list) or not names:
         raise SdtoolError(f"{folder / meta_file} has no {names_key!r} list; extract it again from {archive}")
@@ -206,8 +233,15 @@ def load_cifar(cfg: "DataConfig", need_train: bool, name: str) -> Source:
         return TensorSplit(resize_uint8(s.x, cfg.input_size or 32), s.labels)
 
     test = split([test_file])
-    return Source(train=split(train_files) if need_train else None, test=test, class_names=classes,
-                  input_size=test.x.shape[-1], mean=CIFAR_MEAN, std=CIFAR_STD, in_memory=True)
+    return Source(
+        train=split(train_files) if need_train else None,
+        test=test,
+        class_names=classes,
+        input_size=test.x.shape[-1],
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        in_memory=True,
+    )
 
 
 @register("cifar10")

@@ -34,8 +34,12 @@ DEFAULT_SIZE = 224
 class FileImageDataset(Dataset):
     """Image files -> (transform(PIL RGB image), label int)."""
 
-    def __init__(self, samples: list[tuple[str, int]], indices: np.ndarray,
-                 transform: Optional[Callable[[Image.Image], torch.Tensor]]) -> None:
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        indices: np.ndarray,
+        transform: Optional[Callable[[Image.Image], torch.Tensor]],
+    ) -> None:
         self.samples, self.indices, self.transform = samples, indices, transform
 
     def __len__(self) -> int:
@@ -116,9 +120,18 @@ def load_imagefolder_source(cfg: "DataConfig", need_train: bool) -> Source:
     val_classes = _classes(val_dir, root)[0]
     extra = sorted(set(val_classes) - set(classes))
     if extra:
-        raise SdtoolError(f"imagefolder: {val_dir.absolute()} has class folders missing from train/: "
-                          f"{', '.join(extra[:5])}; both splits must use the same class folders")
+        raise SdtoolError(
+            f"imagefolder: {val_dir.absolute()} has class folders missing from train/: "
+            f"{', '.join(extra[:5])}; both splits must use the same class folders"
+        )
     test = FileSplit(_scan(val_dir, {c: class_to_idx[c] for c in val_classes}, root))
     train = FileSplit(_scan(train_dir, class_to_idx, root)) if need_train else None
-    return Source(train=train, test=test, class_names=classes, input_size=cfg.input_size or DEFAULT_SIZE,
-                  mean=IMAGENET_MEAN, std=IMAGENET_STD, in_memory=False)
+    return Source(
+        train=train,
+        test=test,
+        class_names=classes,
+        input_size=cfg.input_size or DEFAULT_SIZE,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        in_memory=False,
+    )

@@ -50,8 +50,9 @@ class EpochSampler(Sampler[int]):
 class EpochBatchSampler(Sampler[list[int]]):
     """Groups an index sampler (EpochSampler or DistributedSampler, in `.sampler`) into batches."""
 
-    def __init__(self, sampler: EpochSampler | DistributedSampler, batch_size: int, drop_last: bool,
-                 seed: int = 0, rank: int = 0) -> None:
+    def __init__(
+        self, sampler: EpochSampler | DistributedSampler, batch_size: int, drop_last: bool, seed: int = 0, rank: int = 0
+    ) -> None:
         self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
         self.seed, self.rank, self.epoch = seed, rank, 0
 
@@ -108,9 +109,18 @@ class WorkerSeeder:
         random.seed(s)
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int = 0,
-                distributed: bool = False, drop_last: bool = False, pin_memory: bool = False,
-                num_replicas: Optional[int] = None, rank: Optional[int] = None) -> DataLoader:
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    workers: int = 0,
+    distributed: bool = False,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+    num_replicas: Optional[int] = None,
+    rank: Optional[int] = None,
+) -> DataLoader:
     """DataLoader over `dataset` whose `.sampler` (an EpochBatchSampler) has `set_epoch`.
 
     distributed=True shards with torch's DistributedSampler (world size and rank from the process
@@ -119,8 +129,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, wor
     """
     if distributed:
         index_sampler: EpochSampler | DistributedSampler = DistributedSampler(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed * SEED_STRIDE,
-            drop_last=drop_last)
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed * SEED_STRIDE, drop_last=drop_last
+        )
         rank = index_sampler.rank
     else:
         index_sampler = EpochSampler(len(dataset), shuffle, seed)  # type: ignore[arg-type]
@@ -128,6 +138,12 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, wor
     batches = EpochBatchSampler(index_sampler, batch_size, drop_last, seed=seed, rank=rank)
     if getattr(dataset, "get_batch", None) is not None and getattr(dataset, "transform", None) is None:
         workers = 0
-    return DataLoader(BatchFetcher(dataset), batch_size=None, sampler=batches, num_workers=workers,
-                      pin_memory=pin_memory, worker_init_fn=WorkerSeeder(batches) if workers > 0 else None,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        BatchFetcher(dataset),
+        batch_size=None,
+        sampler=batches,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        worker_init_fn=WorkerSeeder(batches) if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -13,8 +13,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sdtool.data.arrays import (NPZ_EXPECTED, TensorSplit, channel_stats, load_images_npz, read_npz_labels,
-                                resize_uint8, to_nchw)
+from sdtool.data.arrays import (
+    NPZ_EXPECTED,
+    TensorSplit,
+    channel_stats,
+    load_images_npz,
+    read_npz_labels,
+    resize_uint8,
+    to_nchw,
+)
 from sdtool.data.registry import Source, register
 from sdtool.data.splits import stratified_split
 from sdtool.errors import SdtoolError
@@ -51,16 +58,24 @@ def load_digits_source(cfg: "DataConfig", need_train: bool) -> Source:
     test_idx, train_idx = stratified_split(y, DIGITS_TEST, seed=0)
     xt = torch.from_numpy(train_idx)
     mean, std = (DIGITS_MEAN, DIGITS_STD) if size == DIGITS_SIZE else channel_stats(x[xt])
-    return Source(train=TensorSplit(x[xt], y[train_idx]),
-                  test=TensorSplit(x[torch.from_numpy(test_idx)], y[test_idx]),
-                  class_names=[str(i) for i in range(10)], input_size=size, mean=mean, std=std, in_memory=True)
+    return Source(
+        train=TensorSplit(x[xt], y[train_idx]),
+        test=TensorSplit(x[torch.from_numpy(test_idx)], y[test_idx]),
+        class_names=[str(i) for i in range(10)],
+        input_size=size,
+        mean=mean,
+        std=std,
+        in_memory=True,
+    )
 
 
 def _square(x: torch.Tensor, size: int | None, what: Path) -> torch.Tensor:
     h, w = x.shape[-2:]
     if size is None and h != w:
-        raise SdtoolError(f"{what.absolute()}: images are {h}x{w}, not square; set data.input_size to "
-                          f"the square side they should be resized to")
+        raise SdtoolError(
+            f"{what.absolute()}: images are {h}x{w}, not square; set data.input_size to "
+            f"the square side they should be resized to"
+        )
     return resize_uint8(x, size or h)
 
 
@@ -72,8 +87,9 @@ def load_npz_source(cfg: "DataConfig", need_train: bool) -> Source:
     test_path = root / (cfg.test_file or "test.npz")
     for path, key in ((test_path, "test_file"), (train_path, "train_file")):
         if not path.is_file() and (key == "test_file" or need_train):
-            raise SdtoolError(f"npz: {path.absolute()} not found; expected {NPZ_EXPECTED} there "
-                              f"(set data.root and data.{key})")
+            raise SdtoolError(
+                f"npz: {path.absolute()} not found; expected {NPZ_EXPECTED} there (set data.root and data.{key})"
+            )
     x_test, y_test = load_images_npz(test_path)
     cifar_like = x_test.shape[1:] == (32, 32, 3)
     # The training pixels are read only when needed: to train, to carve a validation split, or to
@@ -83,8 +99,10 @@ def load_npz_source(cfg: "DataConfig", need_train: bool) -> Source:
     if read_train:
         x_train, y_train = load_images_npz(train_path)
         if x_train.shape[1:3] != x_test.shape[1:3]:
-            raise SdtoolError(f"{train_path.absolute()} holds {x_train.shape[1]}x{x_train.shape[2]} images but "
-                              f"{test_path.absolute()} holds {x_test.shape[1]}x{x_test.shape[2]}; both must match")
+            raise SdtoolError(
+                f"{train_path.absolute()} holds {x_train.shape[1]}x{x_train.shape[2]} images but "
+                f"{test_path.absolute()} holds {x_test.shape[1]}x{x_test.shape[2]}; both must match"
+            )
         train = TensorSplit(_square(to_nchw(x_train), cfg.input_size, train_path), y_train)
     test = TensorSplit(_square(to_nchw(x_test), cfg.input_size, test_path), y_test)
 
@@ -102,8 +120,10 @@ def load_npz_source(cfg: "DataConfig", need_train: bool) -> Source:
         class_names = [str(i) for i in range(max(int(lab.max(initial=-1)) for lab in labels) + 1)]
     for split, path in ((train, train_path), (test, test_path)):
         if split is not None and len(split.labels) and split.labels.max() >= len(class_names):
-            raise SdtoolError(f"{path.absolute()}: label {split.labels.max()} but {names_file.absolute()} names "
-                              f"only {len(class_names)} classes (one per line, line i = label i)")
+            raise SdtoolError(
+                f"{path.absolute()}: label {split.labels.max()} but {names_file.absolute()} names "
+                f"only {len(class_names)} classes (one per line, line i = label i)"
+            )
 
     if cifar_like:  # 32x32 RGB source images: the official CIFAR values, even when resized
         mean, std = CIFAR_MEAN, CIFAR_STD
@@ -111,8 +131,15 @@ def load_npz_source(cfg: "DataConfig", need_train: bool) -> Source:
         mean, std = channel_stats(train.x)
     else:  # the caller gave mean and std, so these are never used
         mean, std = (0.5,) * 3, (0.25,) * 3
-    return Source(train=train if need_train else None, test=test, class_names=class_names,
-                  input_size=test.x.shape[-1], mean=mean, std=std, in_memory=True)
+    return Source(
+        train=train if need_train else None,
+        test=test,
+        class_names=class_names,
+        input_size=test.x.shape[-1],
+        mean=mean,
+        std=std,
+        in_memory=True,
+    )
 
 
 @register("fake")
@@ -134,5 +161,12 @@ def load_fake_source(cfg: "DataConfig", need_train: bool) -> Source:
 
     train = make(cfg.fake_size, 1)
     mean, std = channel_stats(train.x)
-    return Source(train=train if need_train else None, test=make(max(10, cfg.fake_size // 4), 2),
-                  class_names=[str(i) for i in range(10)], input_size=size, mean=mean, std=std, in_memory=True)
+    return Source(
+        train=train if need_train else None,
+        test=make(max(10, cfg.fake_size // 4), 2),
+        class_names=[str(i) for i in range(10)],
+        input_size=size,
+        mean=mean,
+        std=std,
+        in_memory=True,
+    )

@@ -46,8 +46,10 @@ def val_count(val_size: float, n_train: int) -> int:
     """`data.val_size` as a count: a fraction (< 1) of the training split, or a count (>= 1)."""
     n = max(1, round(val_size * n_train)) if val_size < 1 else int(val_size)
     if n >= n_train:
-        raise SdtoolError(f"data.val_size={val_size:g} holds out {n} of the {n_train} training images and "
-                          f"leaves none to train on; use a fraction below 1 or a count below {n_train}")
+        raise SdtoolError(
+            f"data.val_size={val_size:g} holds out {n} of the {n_train} training images and "
+            f"leaves none to train on; use a fraction below 1 or a count below {n_train}"
+        )
     return n
 
 

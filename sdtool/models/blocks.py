@@ -61,8 +61,9 @@ class Pool(nn.Sequential):
         super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
 
 
-def make_head(kind: str, widths_after: list[int], c_in: int,
-              strides_after: list[int] | None = None) -> tuple[nn.Module, int]:
+def make_head(
+    kind: str, widths_after: list[int], c_in: int, strides_after: list[int] | None = None
+) -> tuple[nn.Module, int]:
     """Head of a shallow exit and its output feature width.
 
     widths_after: channel widths of the stages that follow this exit's stage (shallow to deep);

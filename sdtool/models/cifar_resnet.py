@@ -30,20 +30,33 @@ def _block(inplanes: int, planes: int, stride: int) -> BasicBlock:
     return BasicBlock(inplanes, planes, stride, downsample)
 
 
-def build_cifar_resnet(name: str, n: int, width: int, stem_width: int, num_classes: int, head: str,
-                       attention: bool, exits: list[int] | None):
+def build_cifar_resnet(
+    name: str,
+    n: int,
+    width: int,
+    stem_width: int,
+    num_classes: int,
+    head: str,
+    attention: bool,
+    exits: list[int] | None,
+):
     check_classes(num_classes)
     check_width(name, width)
-    stem = nn.Sequential(nn.Conv2d(3, stem_width, 3, 1, 1, bias=False), nn.BatchNorm2d(stem_width),
-                         nn.ReLU(inplace=True))
+    stem = nn.Sequential(
+        nn.Conv2d(3, stem_width, 3, 1, 1, bias=False), nn.BatchNorm2d(stem_width), nn.ReLU(inplace=True)
+    )
     layers, c = [], stem_width
     for i in range(3):
         w = width * 2**i
         layers.append([_block(c if j == 0 else w, w, 2 if (i > 0 and j == 0) else 1) for j in range(n)])
         c = w
     h = split_point(n)
-    stages = [nn.Sequential(stem, *layers[0][:h]), nn.Sequential(*layers[0][h:]),
-              nn.Sequential(*layers[1]), nn.Sequential(*layers[2])]
+    stages = [
+        nn.Sequential(stem, *layers[0][:h]),
+        nn.Sequential(*layers[0][h:]),
+        nn.Sequential(*layers[1]),
+        nn.Sequential(*layers[2]),
+    ]
     widths = [stem_width if h == 0 else width, width, 2 * width, 4 * width]
     names = ["stem", "layer1"] if h == 0 else [f"stem+layer1[:{h}]", f"layer1[{h}:]"]
     names += ["layer2", "layer3"]
@@ -53,15 +66,22 @@ def build_cifar_resnet(name: str, n: int, width: int, stem_width: int, num_class
 def _register(name: str, depth: int, default_width: int, stem_ratio: float) -> None:
     n = (depth - 2) // 6
 
-    def builder(num_classes: int = 100, width: int = default_width, head: str = "byot",
-                attention: bool = True, exits: list[int] | None = None):
+    def builder(
+        num_classes: int = 100,
+        width: int = default_width,
+        head: str = "byot",
+        attention: bool = True,
+        exits: list[int] | None = None,
+    ):
         stem_width = max(1, int(width * stem_ratio))
         return build_cifar_resnet(name, n, width, stem_width, num_classes, head, attention, exits)
 
     builder.__name__ = name
-    builder.__doc__ = (f"{name}: CIFAR ResNet, 3 stages of {n} BasicBlocks, widths "
-                       f"{int(default_width * stem_ratio)}/{default_width}/{2 * default_width}/{4 * default_width}; "
-                       f"4 exits (layer1 cut after {split_point(n)} blocks).")
+    builder.__doc__ = (
+        f"{name}: CIFAR ResNet, 3 stages of {n} BasicBlocks, widths "
+        f"{int(default_width * stem_ratio)}/{default_width}/{2 * default_width}/{4 * default_width}; "
+        f"4 exits (layer1 cut after {split_point(n)} blocks)."
+    )
     register_model(builder)
 
 

@@ -39,11 +39,20 @@ def init_weights(net: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def multi_exit(stages: list[nn.Module], widths: list[int], strides: list[int], names: list[str],
-               num_classes: int, head: str, attention: bool, exits: list[int] | None) -> MultiExitNet:
+def multi_exit(
+    stages: list[nn.Module],
+    widths: list[int],
+    strides: list[int],
+    names: list[str],
+    num_classes: int,
+    head: str,
+    attention: bool,
+    exits: list[int] | None,
+) -> MultiExitNet:
     """A MultiExitNet over `stages`, initialised as above (exits and heads included)."""
-    net = MultiExitNet(stages, widths, num_classes, exits=exits, head=head, attention=attention,
-                       strides=strides, stage_names=names)
+    net = MultiExitNet(
+        stages, widths, num_classes, exits=exits, head=head, attention=attention, strides=strides, stage_names=names
+    )
     init_weights(net)
     return net
 

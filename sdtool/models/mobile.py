@@ -34,13 +34,26 @@ from torchvision.models._utils import _make_divisible
 from sdtool.models.common import check_classes, check_stem, check_width, multi_exit
 from sdtool.models.registry import register_model
 
-MB_SETTING = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
-              [6, 320, 1, 1]]  # torchvision's (expansion t, channels c, blocks n, stride s)
+MB_SETTING = [
+    [1, 16, 1, 1],
+    [6, 24, 2, 2],
+    [6, 32, 3, 2],
+    [6, 64, 4, 2],
+    [6, 96, 3, 1],
+    [6, 160, 3, 2],
+    [6, 320, 1, 1],
+]  # torchvision's (expansion t, channels c, blocks n, stride s)
 
 
 @register_model
-def mobilenet_v2(num_classes: int = 100, stem: str = "cifar", width_mult: float = 1.0, head: str = "byot",
-                 attention: bool = True, exits: list[int] | None = None):
+def mobilenet_v2(
+    num_classes: int = 100,
+    stem: str = "cifar",
+    width_mult: float = 1.0,
+    head: str = "byot",
+    attention: bool = True,
+    exits: list[int] | None = None,
+):
     """mobilenet_v2: MobileNetV2 (torchvision blocks); 4 exits at 24, 32, 96 and 1280 channels."""
     check_classes(num_classes)
     check_stem("mobilenet_v2", stem)
@@ -117,24 +130,35 @@ def _even(x: float) -> int:
 
 
 @register_model
-def shufflenet_v2_x1_0(num_classes: int = 100, stem: str = "cifar", width_mult: float = 1.0,
-                       head: str = "byot", attention: bool = True, exits: list[int] | None = None):
+def shufflenet_v2_x1_0(
+    num_classes: int = 100,
+    stem: str = "cifar",
+    width_mult: float = 1.0,
+    head: str = "byot",
+    attention: bool = True,
+    exits: list[int] | None = None,
+):
     """shufflenet_v2_x1_0: ShuffleNetV2 1.0x (torchvision blocks); 4 exits (stage3 cut in two)."""
     check_classes(num_classes)
     check_stem("shufflenet_v2_x1_0", stem)
     check_width("shufflenet_v2_x1_0", width_mult, "width_mult")
     cifar = stem == "cifar"
     w = [_even(c * width_mult) for c in (24, 116, 232, 464, 1024)]
-    conv1 = nn.Sequential(nn.Conv2d(3, w[0], 3, 1 if cifar else 2, 1, bias=False), nn.BatchNorm2d(w[0]),
-                          nn.ReLU(inplace=True))
+    conv1 = nn.Sequential(
+        nn.Conv2d(3, w[0], 3, 1 if cifar else 2, 1, bias=False), nn.BatchNorm2d(w[0]), nn.ReLU(inplace=True)
+    )
     head_layers = [conv1] if cifar else [conv1, nn.MaxPool2d(3, 2, 1)]
     blocks, c = [], w[0]
     for repeats, c_out in zip((4, 8, 4), w[1:4]):
         blocks.append([ShuffleBlock(c, c_out, 2)] + [ShuffleBlock(c_out, c_out, 1) for _ in range(repeats - 1)])
         c = c_out
     conv5 = nn.Sequential(nn.Conv2d(c, w[4], 1, 1, 0, bias=False), nn.BatchNorm2d(w[4]), nn.ReLU(inplace=True))
-    stages = [nn.Sequential(*head_layers, *blocks[0]), nn.Sequential(*blocks[1][:4]),
-              nn.Sequential(*blocks[1][4:]), nn.Sequential(*blocks[2], conv5)]
+    stages = [
+        nn.Sequential(*head_layers, *blocks[0]),
+        nn.Sequential(*blocks[1][:4]),
+        nn.Sequential(*blocks[1][4:]),
+        nn.Sequential(*blocks[2], conv5),
+    ]
     strides = [2, 2, 1, 2] if cifar else [8, 2, 1, 2]
     names = ["conv1+stage2" if cifar else "conv1+maxpool+stage2", "stage3[:4]", "stage3[4:]", "stage4+conv5"]
     return multi_exit(stages, [w[1], w[2], w[2], w[4]], strides, names, num_classes, head, attention, exits)

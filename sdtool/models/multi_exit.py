@@ -21,9 +21,17 @@ from sdtool.models.blocks import Attention, make_head
 
 
 class MultiExitNet(nn.Module):
-    def __init__(self, stages: list[nn.Module], widths: list[int], num_classes: int,
-                 exits: list[int] | None = None, head: str = "byot", attention: bool = True,
-                 strides: list[int] | None = None, stage_names: list[str] | None = None):
+    def __init__(
+        self,
+        stages: list[nn.Module],
+        widths: list[int],
+        num_classes: int,
+        exits: list[int] | None = None,
+        head: str = "byot",
+        attention: bool = True,
+        strides: list[int] | None = None,
+        stage_names: list[str] | None = None,
+    ):
         """stages: the backbone cut into sequential pieces; widths: each stage's output channels.
 
         exits: 1-based stage indices followed by an exit; None = after every stage. The last stage
@@ -54,7 +62,7 @@ class MultiExitNet(nn.Module):
                 h, d = make_head("pool", [], widths[s])
             else:
                 att.append(Attention(widths[s]) if attention else nn.Identity())
-                h, d = make_head(head, widths[s + 1:], widths[s], self.strides[s + 1:])
+                h, d = make_head(head, widths[s + 1 :], widths[s], self.strides[s + 1 :])
             heads.append(h)
             fcs.append(nn.Linear(d, num_classes))
         self.attention = nn.ModuleList(att)

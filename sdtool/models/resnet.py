@@ -29,8 +29,9 @@ def _stem(kind: str, c: int) -> nn.Sequential:
     if kind == "cifar":
         return nn.Sequential(nn.Conv2d(3, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
     if kind == "imagenet":
-        return nn.Sequential(nn.Conv2d(3, c, 7, 2, 3, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                             nn.MaxPool2d(3, 2, 1))
+        return nn.Sequential(
+            nn.Conv2d(3, c, 7, 2, 3, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+        )
     raise SdtoolError(f"unknown stem {kind!r}; valid stems: cifar, imagenet")
 
 
@@ -51,13 +52,27 @@ def _split_first(stages: list[nn.Module], widths: list[int], n_blocks: int):
     h = split_point(n_blocks)
     first = nn.Sequential(stem, nn.Sequential(*layer1[:h]))  # keeps the unsplit names stages.0.0 / 0.1.0
     names = [f"stem+layer1[:{h}]", f"layer1[{h}:]"] + [f"layer{i + 2}" for i in range(len(stages) - 1)]
-    return ([first, nn.Sequential(*layer1[h:]), *stages[1:]], widths[:1] + widths,
-            [1, 1] + [2] * (len(stages) - 1), names)
+    return (
+        [first, nn.Sequential(*layer1[h:]), *stages[1:]],
+        widths[:1] + widths,
+        [1, 1] + [2] * (len(stages) - 1),
+        names,
+    )
 
 
-def build_resnet(block, depths: list[int], num_classes: int, stem: str, width: int, head: str,
-                 attention: bool, exits: list[int] | None, groups: int = 1, base_width: int = 64,
-                 split_layer1: bool = False):
+def build_resnet(
+    block,
+    depths: list[int],
+    num_classes: int,
+    stem: str,
+    width: int,
+    head: str,
+    attention: bool,
+    exits: list[int] | None,
+    groups: int = 1,
+    base_width: int = 64,
+    split_layer1: bool = False,
+):
     if num_classes is None or num_classes < 1:
         raise SdtoolError("model.num_classes must be a positive integer (or null to take the data set's)")
     if not isinstance(split_layer1, bool):
@@ -72,8 +87,9 @@ def build_resnet(block, depths: list[int], num_classes: int, stem: str, width: i
     strides = names = None  # the paper's layout: 4 stages, strides 1, 2, 2, 2, no names in the spec
     if split_layer1:
         stages, widths, strides, names = _split_first(stages, widths, depths[0])
-    net = MultiExitNet(stages, widths, num_classes, exits=exits, head=head, attention=attention,
-                       strides=strides, stage_names=names)
+    net = MultiExitNet(
+        stages, widths, num_classes, exits=exits, head=head, attention=attention, strides=strides, stage_names=names
+    )
     for m in net.modules():  # torchvision's initialisation
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -81,14 +97,24 @@ def build_resnet(block, depths: list[int], num_classes: int, stem: str, width: i
 
 
 def _register(name: str, block, depths: list[int], groups: int = 1, base_width: int = 64):
-    def builder(num_classes: int = 100, stem: str = "cifar", width: int = 64, head: str = "byot",
-                attention: bool = True, exits: list[int] | None = None, split_layer1: bool = False):
-        return build_resnet(block, depths, num_classes, stem, width, head, attention, exits, groups, base_width,
-                            split_layer1)
+    def builder(
+        num_classes: int = 100,
+        stem: str = "cifar",
+        width: int = 64,
+        head: str = "byot",
+        attention: bool = True,
+        exits: list[int] | None = None,
+        split_layer1: bool = False,
+    ):
+        return build_resnet(
+            block, depths, num_classes, stem, width, head, attention, exits, groups, base_width, split_layer1
+        )
 
     builder.__name__ = name
-    builder.__doc__ = (f"{name}: ResNet with {depths} blocks, multi-exit (exits after stages 1-4 by default; "
-                       f"split_layer1: 5 stages, layer1 cut after {split_point(depths[0])} block(s)).")
+    builder.__doc__ = (
+        f"{name}: ResNet with {depths} blocks, multi-exit (exits after stages 1-4 by default; "
+        f"split_layer1: 5 stages, layer1 cut after {split_point(depths[0])} block(s))."
+    )
     register_model(builder)
 
 

@@ -17,8 +17,7 @@ from torch import nn
 
 def _shape_of(m: nn.Module) -> dict | None:
     if isinstance(m, nn.Conv2d):
-        return {"type": "conv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
-                "groups": m.groups}
+        return {"type": "conv2d", "in_channels": m.in_channels, "out_channels": m.out_channels, "groups": m.groups}
     if isinstance(m, nn.modules.batchnorm._BatchNorm):  # SyncBatchNorm too
         return {"type": "batchnorm2d", "num_features": m.num_features}
     if isinstance(m, nn.Linear):

@@ -25,8 +25,9 @@ def truncate(net: MultiExitNet, k: int) -> MultiExitNet:
     s = net.exit_stages[k]
     # Build a one-exit shell over the kept stages, then put exit k's own modules in place of the
     # shell's placeholder exit (a final exit would otherwise get a pooling head of its own).
-    out = MultiExitNet(list(net.stages[: s + 1]), [1] * (s + 1), net.num_classes, exits=[s + 1],
-                       head="pool", attention=False)
+    out = MultiExitNet(
+        list(net.stages[: s + 1]), [1] * (s + 1), net.num_classes, exits=[s + 1], head="pool", attention=False
+    )
     out.attention = nn.ModuleList([net.attention[k]])
     out.heads = nn.ModuleList([net.heads[k]])
     out.classifiers = nn.ModuleList([net.classifiers[k]])
@@ -35,8 +36,10 @@ def truncate(net: MultiExitNet, k: int) -> MultiExitNet:
         if spec["name"] == "truncated":  # truncating a truncated net: it has one exit, so k == 0
             out.spec = spec
         else:
-            out.spec = {"name": "truncated", "args": {"base": spec["name"], "base_args": dict(spec["args"]),
-                                                      "exit": k + 1}}
+            out.spec = {
+                "name": "truncated",
+                "args": {"base": spec["name"], "base_args": dict(spec["args"]), "exit": k + 1},
+            }
     return out
 
 

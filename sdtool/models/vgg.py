@@ -28,13 +28,15 @@ CONFIGS = {  # convs per block
 def _block(c_in: int, c_out: int, convs: int) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for i in range(convs):
-        layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out),
-                   nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        ]
     return layers
 
 
-def build_vgg(name: str, num_classes: int, stem: str, width: int, head: str, attention: bool,
-              exits: list[int] | None):
+def build_vgg(name: str, num_classes: int, stem: str, width: int, head: str, attention: bool, exits: list[int] | None):
     check_classes(num_classes)
     check_stem(name, stem)
     check_width(name, width)
@@ -48,19 +50,33 @@ def build_vgg(name: str, num_classes: int, stem: str, width: int, head: str, att
         return nn.MaxPool2d(2, 2)
 
     if stem == "cifar":
-        stages = [nn.Sequential(*blocks[0], pool(), *blocks[1]), nn.Sequential(pool(), *blocks[2]),
-                  nn.Sequential(pool(), *blocks[3]), nn.Sequential(*blocks[4])]
+        stages = [
+            nn.Sequential(*blocks[0], pool(), *blocks[1]),
+            nn.Sequential(pool(), *blocks[2]),
+            nn.Sequential(pool(), *blocks[3]),
+            nn.Sequential(*blocks[4]),
+        ]
         strides, names = [2, 2, 2, 1], ["block1+pool+block2", "pool+block3", "pool+block4", "block5"]
     else:
-        stages = [nn.Sequential(*blocks[0], pool(), *blocks[1]), nn.Sequential(pool(), *blocks[2]),
-                  nn.Sequential(pool(), *blocks[3]), nn.Sequential(pool(), *blocks[4], pool())]
+        stages = [
+            nn.Sequential(*blocks[0], pool(), *blocks[1]),
+            nn.Sequential(pool(), *blocks[2]),
+            nn.Sequential(pool(), *blocks[3]),
+            nn.Sequential(pool(), *blocks[4], pool()),
+        ]
         strides, names = [2, 2, 2, 4], ["block1+pool+block2", "pool+block3", "pool+block4", "pool+block5+pool"]
     return multi_exit(stages, widths[1:], strides, names, num_classes, head, attention, exits)
 
 
 def _register(name: str) -> None:
-    def builder(num_classes: int = 100, stem: str = "cifar", width: int = 64, head: str = "byot",
-                attention: bool = True, exits: list[int] | None = None):
+    def builder(
+        num_classes: int = 100,
+        stem: str = "cifar",
+        width: int = 64,
+        head: str = "byot",
+        attention: bool = True,
+        exits: list[int] | None = None,
+    ):
         return build_vgg(name, num_classes, stem, width, head, attention, exits)
 
     builder.__name__ = name

@@ -71,8 +71,10 @@ def _trace(module: nn.Module, exits_after: list[str]) -> fx.GraphModule:
         graph = _Tracer(set(exits_after)).trace(module)
     except Exception as e:  # noqa: BLE001 - any tracing failure means the same thing to the user
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise SdtoolError(f"cannot trace {type(module).__name__} with torch.fx ({first}); wrapping needs a "
-                          "forward without data-dependent control flow") from None
+        raise SdtoolError(
+            f"cannot trace {type(module).__name__} with torch.fx ({first}); wrapping needs a "
+            "forward without data-dependent control flow"
+        ) from None
     return fx.GraphModule(module, graph)
 
 
@@ -99,7 +101,9 @@ def _feature_end(gm: fx.GraphModule, order: dict[fx.Node, int]) -> fx.Node:
         stack.extend(n.all_input_nodes)
     cands = [n for n in seen if n.op not in ("output", "get_attr") and len(_shape(n) or ()) == 4]
     if not cands:
-        raise SdtoolError("the wrapped model computes no 4-D (N, C, H, W) feature map; exits need convolutional features")
+        raise SdtoolError(
+            "the wrapped model computes no 4-D (N, C, H, W) feature map; exits need convolutional features"
+        )
     node = max(cands, key=order.__getitem__)
     while _is_global_pool(gm, node) and node.all_input_nodes and len(_shape(node.all_input_nodes[0]) or ()) == 4:
         node = node.all_input_nodes[0]
@@ -157,12 +161,21 @@ def _check_cut(pieces: list[list[fx.Node]], ends: list[fx.Node], names: list[str
                 if j == i or a.op == "get_attr" or (i > 0 and a is ends[i - 1]):
                     continue
                 what = "the input" if a.op == "placeholder" else f"{a.name!r}"
-                raise SdtoolError(f"cannot cut after {names[i - 1]!r}: {what}, computed before the cut, is used "
-                                  f"after it (a skip connection crosses it); cut after the module that closes it")
+                raise SdtoolError(
+                    f"cannot cut after {names[i - 1]!r}: {what}, computed before the cut, is used "
+                    f"after it (a skip connection crosses it); cut after the module that closes it"
+                )
 
 
-def wrap_model(module: nn.Module, exits_after: list[str], num_classes: int, head: str = "byot",
-               attention: bool = True, input_size: int = 32, exits: list[int] | None = None) -> MultiExitNet:
+def wrap_model(
+    module: nn.Module,
+    exits_after: list[str],
+    num_classes: int,
+    head: str = "byot",
+    attention: bool = True,
+    input_size: int = 32,
+    exits: list[int] | None = None,
+) -> MultiExitNet:
     """`module` cut after each module in `exits_after` (qualified names, e.g. "layer2" or "features.6").
 
     Stage k (1-based) ends at exits_after[k-1]; the last stage ends at the model's last feature map.
@@ -186,8 +199,10 @@ def wrap_model(module: nn.Module, exits_after: list[str], num_classes: int, head
             ShapeProp(gm).propagate(torch.zeros(1, 3, input_size, input_size, device=device))
     except Exception as e:  # noqa: BLE001
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise SdtoolError(f"{type(module).__name__} does not run on 3x{input_size}x{input_size} inputs ({first}); "
-                          "set the input size it expects") from None
+        raise SdtoolError(
+            f"{type(module).__name__} does not run on 3x{input_size}x{input_size} inputs ({first}); "
+            "set the input size it expects"
+        ) from None
     finally:
         module.train(was_training)
 
@@ -195,22 +210,26 @@ def wrap_model(module: nn.Module, exits_after: list[str], num_classes: int, head
     for name in exits_after:
         calls = [n for n in nodes if n.op == "call_module" and n.target == name]
         if len(calls) != 1:
-            raise SdtoolError(f"model.exits_after: module {name!r} is called {len(calls)} times in the forward; "
-                              "an exit point must run exactly once")
+            raise SdtoolError(
+                f"model.exits_after: module {name!r} is called {len(calls)} times in the forward; "
+                "an exit point must run exactly once"
+            )
         cut_nodes.append(calls[0])
     cut_nodes.sort(key=order.__getitem__)
     names = [n.target for n in cut_nodes]
     end = _feature_end(gm, order)
     for n in cut_nodes:
         if len(_shape(n) or ()) != 4:
-            raise SdtoolError(f"model.exits_after: {n.target!r} outputs shape {_shape(n)}; exits need 4-D "
-                              "(N, C, H, W) feature maps")
+            raise SdtoolError(
+                f"model.exits_after: {n.target!r} outputs shape {_shape(n)}; exits need 4-D (N, C, H, W) feature maps"
+            )
     if cut_nodes and order[end] <= order[cut_nodes[-1]]:
-        raise SdtoolError(f"model.exits_after: {names[-1]!r} is not followed by any feature layer; "
-                          "the last stage would be empty")
+        raise SdtoolError(
+            f"model.exits_after: {names[-1]!r} is not followed by any feature layer; the last stage would be empty"
+        )
     ends = cut_nodes + [end]
     bounds = [-1] + [order[n] for n in ends]
-    pieces = [nodes[a + 1: b + 1] for a, b in zip(bounds, bounds[1:])]
+    pieces = [nodes[a + 1 : b + 1] for a, b in zip(bounds, bounds[1:])]
     _check_cut(pieces, ends, names)
     stages = [_stage(gm, piece, ends[i - 1] if i else None, ends[i], i) for i, piece in enumerate(pieces)]
 
@@ -220,8 +239,9 @@ def wrap_model(module: nn.Module, exits_after: list[str], num_classes: int, head
     labels = [f"..{names[0]}" if names else "all"] + [f"{a}..{b}" for a, b in zip(names, names[1:])]
     if names:
         labels.append(f"{names[-1]}..{end.target if end.op == 'call_module' else end.name}")
-    net = MultiExitNet(stages, widths, num_classes, exits=exits, head=head, attention=attention,
-                       strides=strides, stage_names=labels)
+    net = MultiExitNet(
+        stages, widths, num_classes, exits=exits, head=head, attention=attention, strides=strides, stage_names=labels
+    )
     _copy_classifier(gm, end, order, net)
     return net
 
@@ -239,8 +259,10 @@ def _copy_classifier(gm: fx.GraphModule, end: fx.Node, order: dict, net: MultiEx
 
 # Exit points of the torchvision families whose layout is known; others need model.exits_after.
 _DEFAULT_EXITS = {
-    "resnet": ["layer1", "layer2", "layer3"], "resnext": ["layer1", "layer2", "layer3"],
-    "wide_resnet": ["layer1", "layer2", "layer3"], "mobilenet_v2": ["features.3", "features.6", "features.13"],
+    "resnet": ["layer1", "layer2", "layer3"],
+    "resnext": ["layer1", "layer2", "layer3"],
+    "wide_resnet": ["layer1", "layer2", "layer3"],
+    "mobilenet_v2": ["features.3", "features.6", "features.13"],
     "shufflenet_v2": ["stage2", "stage3"],
 }
 
@@ -258,16 +280,24 @@ def torchvision_builder(arch: str):
 
 
 @register_model
-def torchvision_wrapped(arch: str, exits_after: list[str] | None = None, num_classes: int = 1000,
-                        head: str = "byot", attention: bool = True, exits: list[int] | None = None,
-                        input_size: int = 32):
+def torchvision_wrapped(
+    arch: str,
+    exits_after: list[str] | None = None,
+    num_classes: int = 1000,
+    head: str = "byot",
+    attention: bool = True,
+    exits: list[int] | None = None,
+    input_size: int = 32,
+):
     """torchvision.models.<arch>(weights=None, num_classes=...) with exits after `exits_after` (wrap_model)."""
     builder = torchvision_builder(arch)
     if exits_after is None:
         family = next((k for k in _DEFAULT_EXITS if arch.startswith(k)), None)
         if family is None:
-            raise SdtoolError(f"torchvision:{arch} has no default exit points; set model.exits_after to the names "
-                              "of the modules after which exits go")
+            raise SdtoolError(
+                f"torchvision:{arch} has no default exit points; set model.exits_after to the names "
+                "of the modules after which exits go"
+            )
         exits_after = _DEFAULT_EXITS[family]
     try:
         module = builder(weights=None, num_classes=num_classes)
@@ -275,4 +305,3 @@ def torchvision_wrapped(arch: str, exits_after: list[str] | None = None, num_cla
         raise SdtoolError(f"torchvision:{arch} cannot be built with num_classes={num_classes}: {e}") from None
     prunable_shuffles(module)
     return wrap_model(module, exits_after, num_classes, head, attention, input_size, exits)
-

@@ -41,8 +41,9 @@ class WideBlock(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(a))
 
 
-def build_wrn(name: str, depth: int, k: int, num_classes: int, width: int, head: str, attention: bool,
-              exits: list[int] | None):
+def build_wrn(
+    name: str, depth: int, k: int, num_classes: int, width: int, head: str, attention: bool, exits: list[int] | None
+):
     check_classes(num_classes)
     check_width(name, width)
     n = (depth - 4) // 6
@@ -54,8 +55,12 @@ def build_wrn(name: str, depth: int, k: int, num_classes: int, width: int, head:
         c = w
     h = split_point(n)
     final = [nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
-    stages = [nn.Sequential(stem, *groups[0][:h]), nn.Sequential(*groups[0][h:]),
-              nn.Sequential(*groups[1]), nn.Sequential(*groups[2], *final)]
+    stages = [
+        nn.Sequential(stem, *groups[0][:h]),
+        nn.Sequential(*groups[0][h:]),
+        nn.Sequential(*groups[1]),
+        nn.Sequential(*groups[2], *final),
+    ]
     widths = [width if h == 0 else width * k, width * k, 2 * width * k, 4 * width * k]
     names = ["stem" if h == 0 else f"stem+group1[:{h}]", f"group1[{h}:]", "group2", "group3+bn+relu"]
     return multi_exit(stages, widths, [1, 1, 2, 2], names, num_classes, head, attention, exits)
@@ -64,13 +69,20 @@ def build_wrn(name: str, depth: int, k: int, num_classes: int, width: int, head:
 def _register(depth: int, k: int) -> None:
     name = f"wrn_{depth}_{k}"
 
-    def builder(num_classes: int = 100, width: int = 16, head: str = "byot", attention: bool = True,
-                exits: list[int] | None = None):
+    def builder(
+        num_classes: int = 100,
+        width: int = 16,
+        head: str = "byot",
+        attention: bool = True,
+        exits: list[int] | None = None,
+    ):
         return build_wrn(name, depth, k, num_classes, width, head, attention, exits)
 
     builder.__name__ = name
-    builder.__doc__ = (f"{name}: Wide ResNet, depth {depth}, widening {k}, 3 groups of {(depth - 4) // 6} "
-                       "pre-activation blocks; 4 exits (group 1 cut in two).")
+    builder.__doc__ = (
+        f"{name}: Wide ResNet, depth {depth}, widening {k}, 3 groups of {(depth - 4) // 6} "
+        "pre-activation blocks; 4 exits (group 1 cut in two)."
+    )
     register_model(builder)
 
 

@@ -21,9 +21,20 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 OUT = HERE / "ckpt"
 
-FAKE = ["data.name=fake", "data.fake_size=64", "data.input_size=16", "data.val_size=16", "data.batch_size=16",
-        "data.eval_batch_size=64", "data.workers=0", "train.epochs=1", "train.limit_batches=1", "train.threads=1",
-        "train.seed=0", "train.channels_last=false"]
+FAKE = [
+    "data.name=fake",
+    "data.fake_size=64",
+    "data.input_size=16",
+    "data.val_size=16",
+    "data.batch_size=16",
+    "data.eval_batch_size=64",
+    "data.workers=0",
+    "train.epochs=1",
+    "train.limit_batches=1",
+    "train.threads=1",
+    "train.seed=0",
+    "train.channels_last=false",
+]
 
 
 def _cli(*args: str) -> None:
@@ -47,17 +58,39 @@ def make(work: Path) -> dict[str, Path]:
     files["trained"] = work / "sd" / "best.safetensors"
     _cli("prune", str(files["trained"]), "--out", str(work / "pruned.safetensors"), "--ratio", "0.5", "--json")
     files["pruned"] = work / "pruned.safetensors"
-    _cli("eval", str(files["pruned"]), "--early-exit", "--fit-thresholds", "--latency-images", "0",
-         "--out", str(work / "thresholds.safetensors"), "--json")
+    _cli(
+        "eval",
+        str(files["pruned"]),
+        "--early-exit",
+        "--fit-thresholds",
+        "--latency-images",
+        "0",
+        "--out",
+        str(work / "thresholds.safetensors"),
+        "--json",
+    )
     files["thresholds"] = work / "thresholds.safetensors"
     _cli("export", str(files["thresholds"]), "--exit", "2", "--out", str(work / "exit2.safetensors"), "--json")
     files["exit2"] = work / "exit2.safetensors"
-    _cli("distill", quick, "--teacher", str(files["trained"]), "--out", str(work / "kd"),
-         *_sets(["model.width=4", "model.name=resnet20"]), "--json")
+    _cli(
+        "distill",
+        quick,
+        "--teacher",
+        str(files["trained"]),
+        "--out",
+        str(work / "kd"),
+        *_sets(["model.width=4", "model.name=resnet20"]),
+        "--json",
+    )
     files["distilled"] = work / "kd" / "best.safetensors"
-    _cli("train", quick, "--out", str(work / "tv"),
-         *_sets(["model.name=torchvision:shufflenet_v2_x0_5", "model.head=pool", "model.exits=[2]",
-                 "model.width=null"]), "--json")
+    _cli(
+        "train",
+        quick,
+        "--out",
+        str(work / "tv"),
+        *_sets(["model.name=torchvision:shufflenet_v2_x0_5", "model.head=pool", "model.exits=[2]", "model.width=null"]),
+        "--json",
+    )
     files["torchvision"] = work / "tv" / "best.safetensors"
     return files
 
@@ -90,8 +123,9 @@ def main() -> int:
             expected[name] = {"deepest_logits_sum": logits_sum(dst), "size": dst.stat().st_size}
     import sdtool
 
-    (OUT / "expected.json").write_text(json.dumps({"written_by": sdtool.__version__, "files": expected},
-                                                  indent=1) + "\n")
+    (OUT / "expected.json").write_text(
+        json.dumps({"written_by": sdtool.__version__, "files": expected}, indent=1) + "\n"
+    )
     for name, e in expected.items():
         print(f"{name:12s} {e['size']:>9d} bytes")
     return 0
