@@ -65,12 +65,17 @@ def platform() -> dict:
 
 
 def _scrub(obj):
-    """The metadata with volatile fields removed and timings dropped (floats rounded to 6 digits)."""
+    """The metadata with volatile fields removed and timings dropped (floats rounded to 6 digits). A key
+    whose value is null counts as absent: readers treat both alike."""
     if isinstance(obj, dict):
         return {
             k: _scrub(v)
             for k, v in sorted(obj.items())
-            if k not in VOLATILE and "latency" not in k and not k.endswith("_ms") and "throughput" not in k
+            if v is not None
+            and k not in VOLATILE
+            and "latency" not in k
+            and not k.endswith("_ms")
+            and "throughput" not in k
         }
     if isinstance(obj, list):
         return [_scrub(v) for v in obj]
