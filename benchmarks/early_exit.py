@@ -38,9 +38,9 @@ from common import cifar10_recipe, machine, write_json
 from sdtool import checkpoint
 from sdtool.deploy import export_bundle
 from sdtool.early_exit import ExitPolicy, leave_costs, leave_times
-from sdtool.exit_eval import FitOptions, run_split, time_batch1
 from sdtool.engines import OrtEngine, TorchEngine
 from sdtool.evaluate import bundle_for_checkpoint, data_for_checkpoint
+from sdtool.exit_eval import FitOptions, run_split, time_batch1
 from sdtool.profile import exit_costs
 from sdtool.runtime import EarlyExitSession
 
@@ -188,7 +188,8 @@ def table(results: list[dict], batch: int) -> None:
             print(
                 f"{'':<12}{'deepest alone, img/s:':<22}"
                 + "  ".join(
-                    f"{e} {x['batch_n']['deepest_images_per_s']:.0f} @{batch}, {x['batch_1']['deepest_images_per_s']:.0f} @1"
+                    f"{e} {x['batch_n']['deepest_images_per_s']:.0f} @{batch}, "
+                    f"{x['batch_1']['deepest_images_per_s']:.0f} @1"
                     for e, x in blk["rows"].items()
                 )
             )
@@ -196,7 +197,8 @@ def table(results: list[dict], batch: int) -> None:
             print(
                 f"{'':<12}goals: ort wall/MACs @{batch} {g['ort_wall_over_macs_batch_n']:.2f} (>= 0.85), @1 "
                 f"{g['ort_wall_over_macs_batch_1']:.2f} (>= 0.75); ort EE / eager deepest @1 "
-                f"{g['ort_over_eager_batch_1']:.1f}x (>= 5); |top-1 ort - torch| {g['accuracy_match_points']:.3f} (<= 0.05)"
+                f"{g['ort_over_eager_batch_1']:.1f}x (>= 5); "
+                f"|top-1 ort - torch| {g['accuracy_match_points']:.3f} (<= 0.05)"
             )
 
 

@@ -104,7 +104,7 @@ def measure(name: str, ckpt: Path) -> dict:
                 "share_of_reference": e["share_of_reference"],
                 "cumulative_macs": e["cumulative_macs"],
             }
-            for e, a in zip(costs["exits"], acc["exits"])
+            for e, a in zip(costs["exits"], acc["exits"], strict=True)
         ],
     }
 

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from common import CIFAR, machine, write_json
 
 from sdtool.device import use_channels_last
@@ -118,8 +117,8 @@ def sdtool_loop(npz: Path, args) -> float:
 
 
 def data_path(x: np.ndarray, batch: int, repeats: int = 5) -> dict:
-    from torchvision import transforms as T
     from PIL import Image
+    from torchvision import transforms as T
 
     from sdtool.data import build_data
     from sdtool.recipe import DataConfig

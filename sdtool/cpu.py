@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 WAIT_POLICY = "OMP_WAIT_POLICY"
 DEFAULT_WAIT_POLICY = "PASSIVE"

@@ -19,13 +19,19 @@ table of latency-aware fitting). Results come back as torch tensors so the calle
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from sdtool.errors import SdtoolError
+
+if TYPE_CHECKING:
+    from sdtool.models.multi_exit import MultiExitNet
+    from sdtool.runtime import EarlyExitSession
 
 ENGINES = ("torch", "onnxruntime")
 
@@ -36,7 +42,7 @@ def check_engine(name: str) -> str:
     return name
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+def fold_batchnorm(model: nn.Module) -> MultiExitNet:
     """A copy of a multi-exit net with every eval-mode BatchNorm that follows a Conv2d folded into it.
 
     Each stage, attention module and head is traced with torch.fx and fused on its own (the multi-exit
@@ -44,7 +50,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """
     from torch.fx.experimental.optimization import fuse
 
-    net = copy.deepcopy(model).eval()
+    net = cast("MultiExitNet", copy.deepcopy(model).eval())
 
     def fused(m: nn.Module) -> nn.Module:
         if not any(isinstance(c, nn.BatchNorm2d) for c in m.modules()):
@@ -75,7 +81,7 @@ class TorchEngine:
         the plain eager model on a 2-core CPU at batch 1 and 256; that baseline stays contiguous)."""
         from sdtool.cpu import runtime_settings
 
-        self.model = fold_batchnorm(model) if fold_bn else model.eval()
+        self.model = fold_batchnorm(model) if fold_bn else cast("MultiExitNet", model.eval())
         self.channels_last = fold_bn if channels_last is None else channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -117,11 +123,9 @@ class TorchEngine:
         stages, heads, h = [], [], x
         for k in range(m.num_exits):
             h_in = h
-            stages.append(
-                _median_ms_per_image(lambda h_in=h_in, k=k: m.stages_to_exit(h_in, k), batch, warmup, repeats)
-            )
+            stages.append(_median_ms_per_image(partial(m.stages_to_exit, h_in, k), batch, warmup, repeats))
             h = m.stages_to_exit(h_in, k)
-            heads.append(_median_ms_per_image(lambda h=h, k=k: m.exit_output(k, h), batch, warmup, repeats))
+            heads.append(_median_ms_per_image(partial(m.exit_output, k, h), batch, warmup, repeats))
         deep = _median_ms_per_image(lambda: self.deepest(x), batch, warmup, repeats)
         return {
             "batch": batch,
@@ -155,11 +159,11 @@ class OrtEngine:
         require_onnx()
         self.pieces = pieces if pieces is not None else model_pieces(model, size, identity={"source_sha256": None})
         self.size, self.threads = size, threads
-        self.num_classes = num_classes if num_classes is not None else model.num_classes
+        self.num_classes = num_classes if num_classes is not None else cast("MultiExitNet", model).num_classes
         self._so, self.settings = runtime.session_options(threads)
         self._deep = runtime.make_session(self.pieces.graphs["deepest"], self._so, "deepest")
         self._sessions: dict = {}  # pieces timed by piece_times, made on first use
-        self.session = None
+        self.session: EarlyExitSession | None = None  # made by set_policy
         self.policy = policy
         if policy is not None:
             self.set_policy(policy)
@@ -169,7 +173,8 @@ class OrtEngine:
         return self.pieces.num_exits
 
     def set_policy(self, policy) -> None:
-        """Sessions for `policy` (an early_exit.ExitPolicy): the steps it runs, stages-only where an exit never answers."""
+        """Sessions for `policy` (an early_exit.ExitPolicy): the steps it runs, stages-only where an exit never
+        answers."""
         from sdtool.runtime import EarlyExitSession
 
         manifest, graphs = bundle_layout(
@@ -186,6 +191,7 @@ class OrtEngine:
         self.policy = policy
 
     def early_exit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.session is not None, "set_policy first"
         z, e = self.session.predict(x.numpy())
         return torch.from_numpy(z), torch.from_numpy(e)
 
@@ -209,13 +215,13 @@ class OrtEngine:
         for k in range(k_all):
             src = "input" if k == 0 else h_name(k - 1)
             step = self._piece_session(f"step{k + 1}")
-            t_step = _median_ms_per_image(lambda s=step, i=src, h=h: s.run(None, {i: h}), batch, warmup, repeats)
+            t_step = _median_ms_per_image(partial(step.run, None, {src: h}), batch, warmup, repeats)
             if k == k_all - 1:  # the last step: its stages with the final pooling + classifier
                 stages.append(t_step)
                 heads.append(0.0)
                 break
             st = self._piece_session(f"stages{k + 1}")
-            t_st = _median_ms_per_image(lambda s=st, i=src, h=h: s.run(None, {i: h}), batch, warmup, repeats)
+            t_st = _median_ms_per_image(partial(st.run, None, {src: h}), batch, warmup, repeats)
             stages.append(t_st)
             heads.append(max(0.0, t_step - t_st))
             h = st.run(None, {src: h})[0]

@@ -17,7 +17,7 @@ Two distillation terms with different conventions live here on purpose:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +146,7 @@ class SelfDistillLoss(nn.Module):
         )
 
     @classmethod
-    def from_recipe(cls, sd: Any, feature_dims: list[int], label_smoothing: float = 0.0) -> "SelfDistillLoss":
+    def from_recipe(cls, sd: Any, feature_dims: list[int], label_smoothing: float = 0.0) -> SelfDistillLoss:
         """Build from a recipe's `sd` section (an `SdConfig`) and the model's exit feature widths."""
         return cls(
             sd.mode,
@@ -195,7 +195,7 @@ class SelfDistillLoss(nn.Module):
                     for i in self.hint_exits:
                         adapted = self.adapters[str(i)](features[i - 1]).float()
                         parts["hint"] = parts["hint"] + self.beta * torch.dist(adapted, fK)
-        total = sum(parts.values())
+        total = cast(Tensor, sum(parts.values()))  # parts is never empty, so not sum's start value 0
         # Detached 0-dim tensors, not floats: reading a value would wait for the GPU on every step.
         return total, {k: v.detach().float() for k, v in parts.items()}
 

@@ -25,11 +25,15 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from sdtool.errors import SdtoolError
+
+if TYPE_CHECKING:
+    from sdtool.models.multi_exit import MultiExitNet
 
 ONNX_EXTRA = "ONNX export needs the optional packages onnx, onnxscript and onnxruntime: pip install sdtool[onnx]"
 INPUT = "input"
@@ -56,7 +60,7 @@ def logits_name(k: int) -> str:
 class _AllOutputs(nn.Module):
     """(h1, logits1, ..., h(K-1), logits(K-1), logitsK): every tensor a piece boundary needs."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: MultiExitNet):
         super().__init__()
         self.net = net
 
@@ -74,9 +78,10 @@ def export_proto(model: nn.Module, size: int, channels: int = 3):
     require_onnx()
     import onnx
 
-    k_all = model.num_exits
+    net = cast("MultiExitNet", model)
+    k_all = net.num_exits
     names = [n for k in range(k_all - 1) for n in (h_name(k), logits_name(k))] + [logits_name(k_all - 1)]
-    wrapper = _AllOutputs(model).eval()
+    wrapper = _AllOutputs(net).eval()
     x = torch.randn(2, channels, size, size)
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -163,4 +168,4 @@ def model_pieces(model: nn.Module, size: int, identity: dict | None = None) -> P
     """Export `model` once and cut it into pieces (see the module doc)."""
     if not hasattr(model, "exit_stages"):
         raise SdtoolError("early-exit graphs need an sdtool multi-exit model")
-    return cut_pieces(export_proto(model.eval(), size), model.num_exits, identity)
+    return cut_pieces(export_proto(model.eval(), size), cast("MultiExitNet", model).num_exits, identity)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch_pruning as tp
@@ -17,7 +17,7 @@ CRITERIA = ("l1", "l2", "taylor", "bn_scale", "fpgm", "lamp", "random")
 def make_importance(name: str) -> tp.importance.Importance:
     """Torch-Pruning importance estimator by criterion name (group importance, mean-normalised)."""
     imp = tp.importance
-    table: dict[str, Callable[[], imp.Importance]] = {
+    table: dict[str, Callable[[], tp.importance.Importance]] = {
         "l1": lambda: imp.MagnitudeImportance(p=1),
         "l2": lambda: imp.MagnitudeImportance(p=2),
         "taylor": lambda: imp.TaylorImportance(),  # needs .grad on the weights (see sdtool.prune._taylor_grads)
@@ -64,7 +64,7 @@ class _FixedWidth(tp.pruner.function.BasePruningFunc):
     def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:
         return self.prune_out_channels(layer, idxs)
 
-    def get_out_channels(self, layer: nn.Module) -> int:
+    def get_out_channels(self, layer: ChannelShuffle) -> int:
         return layer.channels
 
     get_in_channels = get_out_channels

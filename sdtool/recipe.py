@@ -15,9 +15,10 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union, cast
 
 import yaml
 
@@ -27,7 +28,7 @@ from sdtool.errors import SdtoolError
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with a help string (mutable defaults are copied per instance)."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
 
 
@@ -38,29 +39,29 @@ class ModelConfig:
         "Backbone registry name (`sdtool models` lists them), or `torchvision:ARCH` for a "
         "torchvision model wrapped with exits (see `exits_after`).",
     )
-    num_classes: Optional[int] = _f(None, "Classes; null takes the data set's count.")
+    num_classes: int | None = _f(None, "Classes; null takes the data set's count.")
     stem: Literal["cifar", "imagenet"] = _f(
         "cifar", "`cifar`: 3x3 stride-1 conv, no max-pool (32x32 inputs); `imagenet`: 7x7/2 conv + max-pool."
     )
-    width: Optional[int] = _f(
+    width: int | None = _f(
         None,
         "Base channel width; null = the model's standard (ResNet18-152 and VGG: 64, CIFAR ResNets and WRN: 16, "
         "resnet8x4/32x4: 64). 16 makes a ResNet18 small and CPU-friendly.",
     )
-    width_mult: Optional[float] = _f(None, "mobilenet_v2 / shufflenet_v2_x1_0 width multiplier; null = 1.0.")
+    width_mult: float | None = _f(None, "mobilenet_v2 / shufflenet_v2_x1_0 width multiplier; null = 1.0.")
     head: Literal["byot", "light", "pool"] = _f(
         "byot", "Shallow-exit head: `byot` (official SepConv stack), `light` (one SepConv), `pool` (GAP + Linear)."
     )
     attention: bool = _f(True, "Attention module before each shallow head (official: on).")
-    exits: Optional[list[int]] = _f(
+    exits: list[int] | None = _f(
         None, "Stages (1-based) followed by an exit; null = after every stage. The last stage always has one."
     )
-    exits_after: Optional[list[str]] = _f(
+    exits_after: list[str] | None = _f(
         None,
         "torchvision:ARCH models: names of the modules after which exits go, e.g. [layer1, layer2, layer3] "
         "(null = the family's default, where known); `exits` then picks among these stages.",
     )
-    split_layer1: Optional[bool] = _f(
+    split_layer1: bool | None = _f(
         None,
         "ResNet family (resnet18 ... resnext50_32x4d): true cuts layer1 after its first block, giving 5 "
         "stages and an exit inside the full-resolution layer1 (`exits` picks among them); null = no cut.",
@@ -74,12 +75,12 @@ class AugmentConfig:
     crop_fill: int = _f(128, "Fill value (0-255) of the crop padding (official: 128).")
     flip: bool = _f(True, "Random horizontal flip (training only).")
     autoaugment: bool = _f(False, "AutoAugment with torchvision's CIFAR10 policy, per image (training only).")
-    autoaugment_policy: Optional[Literal["cifar10", "imagenet", "svhn"]] = _f(
+    autoaugment_policy: Literal["cifar10", "imagenet", "svhn"] | None = _f(
         None, "AutoAugment policy; null = cifar10 for in-memory data sets, imagenet for imagefolder."
     )
     cutout: int = _f(0, "Cutout square side in pixels, one hole, on the [0,1] tensor; 0 = off (official: 16).")
-    mean: Optional[list[float]] = _f(None, "Normalize mean per channel; null = the data set's default.")
-    std: Optional[list[float]] = _f(None, "Normalize std per channel; null = the data set's default.")
+    mean: list[float] | None = _f(None, "Normalize mean per channel; null = the data set's default.")
+    std: list[float] | None = _f(None, "Normalize std per channel; null = the data set's default.")
 
 
 @dataclass
@@ -88,22 +89,23 @@ class DataConfig:
     root: str = _f(
         "data", "Folder holding the data set's files (relative paths are relative to the working directory)."
     )
-    train_file: Optional[str] = _f(None, "npz: training arrays file (x uint8 NxHxWxC, y int), relative to `root`.")
-    test_file: Optional[str] = _f(None, "npz: test arrays file, relative to `root`.")
+    train_file: str | None = _f(None, "npz: training arrays file (x uint8 NxHxWxC, y int), relative to `root`.")
+    test_file: str | None = _f(None, "npz: test arrays file, relative to `root`.")
     download: bool = _f(False, "cifar10/cifar100: download when the files are missing (needs network access).")
-    input_size: Optional[int] = _f(None, "Square input side in pixels; null = the data set's default.")
+    input_size: int | None = _f(None, "Square input side in pixels; null = the data set's default.")
     val_size: float = _f(0, "Validation split held out of the training split: a fraction (<1) or a count; 0 = none.")
     val_seed: int = _f(0, "Seed of the validation split (recorded in the checkpoint).")
     batch_size: int = _f(128, "Training batch size (per process).")
     eval_batch_size: int = _f(256, "Evaluation batch size.")
     workers: int = _f(0, "DataLoader worker processes (0 = in the main process).")
-    limit_train: Optional[int] = _f(
+    limit_train: int | None = _f(
         None,
-        "Use only N training images (after the validation split): a fixed class-stratified sample, the same in every run.",
+        (
+            "Use only N training images (after the validation split): a fixed "
+            "class-stratified sample, the same in every run."
+        ),
     )
-    limit_test: Optional[int] = _f(
-        None, "Use only N test images: a fixed class-stratified sample, the same in every run."
-    )
+    limit_test: int | None = _f(None, "Use only N test images: a fixed class-stratified sample, the same in every run.")
     fake_size: int = _f(256, "fake: number of training images (tests only).")
     augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "Training augmentation."})
 
@@ -117,7 +119,7 @@ class TrainConfig:
     nesterov: bool = _f(False, "SGD Nesterov momentum.")
     weight_decay: float = _f(5e-4, "Weight decay (adaptation layers included, as the official code).")
     schedule: Literal["step", "cosine", "onecycle", "constant"] = _f("step", "Learning-rate schedule.")
-    milestones: Optional[list[int]] = _f(
+    milestones: list[int] | None = _f(
         None, "step: epochs at which lr is multiplied by `gamma`; null = official E//3, 2E//3, E-10."
     )
     gamma: float = _f(0.1, "step: lr factor at each milestone.")
@@ -133,11 +135,11 @@ class TrainConfig:
         "on/off on any device. The choice is recorded in the run's `run.json` and kept by --resume.",
     )
     compile: bool = _f(False, "torch.compile the model.")
-    threads: Optional[int] = _f(None, "CPU threads for torch (null = torch's default).")
+    threads: int | None = _f(None, "CPU threads for torch (null = torch's default).")
     sync_bn: bool = _f(False, "Multi-process runs: synchronise batch-norm statistics across processes (SyncBatchNorm).")
-    limit_batches: Optional[int] = _f(None, "Stop each training epoch after N batches (smoke tests).")
+    limit_batches: int | None = _f(None, "Stop each training epoch after N batches (smoke tests).")
     eval_every: int = _f(1, "Evaluate every N epochs (and always after the last).")
-    grad_clip: Optional[float] = _f(None, "Clip the gradient norm to this value.")
+    grad_clip: float | None = _f(None, "Clip the gradient norm to this value.")
 
 
 @dataclass
@@ -151,7 +153,7 @@ class SdConfig:
     beta: float = _f(0.03, "Weight of the feature-hint term.")
     temperature: float = _f(3.0, "Softmax temperature of the distillation term (no T^2 factor, as official).")
     teacher: Literal["deepest", "ensemble"] = _f("deepest", "Which logits teach the shallow exits.")
-    hint_exits: Optional[list[int]] = _f(
+    hint_exits: list[int] | None = _f(
         None, "Shallow exits (1-based, shallow to deep) that get the feature hint; null = official: all but exit K-1."
     )
     ensemble: Literal["logits", "softmax"] = _f(
@@ -161,15 +163,13 @@ class SdConfig:
 
 @dataclass
 class DistillConfig:
-    teacher: Optional[str] = _f(None, "Teacher: an sdtool checkpoint path or `torchvision:NAME`.")
-    teacher_weights: Optional[str] = _f(
-        None, "torchvision teacher: local weights file (.safetensors or .pth state dict)."
-    )
+    teacher: str | None = _f(None, "Teacher: an sdtool checkpoint path or `torchvision:NAME`.")
+    teacher_weights: str | None = _f(None, "torchvision teacher: local weights file (.safetensors or .pth state dict).")
     teacher_output: Literal["deepest", "ensemble"] = _f("deepest", "sdtool teacher: which of its outputs teaches.")
     temperature: float = _f(4.0, "KD softmax temperature.")
     alpha: float = _f(0.9, "Weight of the KD term (the student's own loss keeps weight 1).")
     targets: Literal["deepest", "all"] = _f("deepest", "Which student exits receive KD.")
-    feature: Optional[Literal["fitnet", "at"]] = _f(None, "Optional feature distillation.")
+    feature: Literal["fitnet", "at"] | None = _f(None, "Optional feature distillation.")
     feature_weight: float = _f(1.0, "Weight of the feature-distillation term.")
 
 
@@ -177,11 +177,11 @@ class DistillConfig:
 class PruneConfig:
     enabled: bool = _f(False, "Run the prune and fine-tune steps of a pipeline recipe.")
     criterion: str = _f("l2", "l1, l2, taylor, bn_scale, fpgm, lamp, random.")
-    ratio: Optional[float] = _f(None, "Channel pruning ratio in (0, 1).")
-    target_macs: Optional[float] = _f(0.5, "Keep this fraction of the full multi-exit MACs.")
+    ratio: float | None = _f(None, "Channel pruning ratio in (0, 1).")
+    target_macs: float | None = _f(0.5, "Keep this fraction of the full multi-exit MACs.")
     global_pruning: bool = _f(False, "Rank channels across layers instead of per layer.")
     iterative_steps: int = _f(1, "Prune in this many steps.")
-    round_to: Optional[int] = _f(None, "Keep channel counts multiples of this.")
+    round_to: int | None = _f(None, "Keep channel counts multiples of this.")
     protect_exits: bool = _f(
         True, "Keep the shallow exits' own widths (heads, attention); classifiers always keep their outputs."
     )
@@ -194,8 +194,8 @@ class EvalConfig:
     early_exit: bool = _f(False, "Pipeline recipes: evaluate with early exit at the end.")
     policy: Literal["max_softmax", "entropy"] = _f("max_softmax", "Early-exit confidence measure.")
     fallback: Literal["deepest", "ensemble"] = _f("deepest", "Who answers samples no exit takes.")
-    max_drop: Optional[float] = _f(0.5, "Threshold fitting: accuracy drop allowed, in percentage points.")
-    budget: Optional[float] = _f(None, "Threshold fitting: MACs budget, fraction of the reference cost.")
+    max_drop: float | None = _f(0.5, "Threshold fitting: accuracy drop allowed, in percentage points.")
+    budget: float | None = _f(None, "Threshold fitting: MACs budget, fraction of the reference cost.")
 
 
 @dataclass
@@ -292,7 +292,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             raise SdtoolError(f"unknown key {dotted}{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, dotted)
+            kwargs[key] = _build(cast(type, tp), value, dotted)  # a section: the dataclass itself, not an instance
         else:
             kwargs[key] = _coerce(value, tp, dotted)
     return cls(**kwargs)
@@ -420,12 +420,14 @@ def reference_markdown() -> str:
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
             if dataclasses.is_dataclass(tp):
-                nested.append((f, tp))
+                nested.append((f, cast(type, tp)))  # a section: the dataclass itself, not an instance
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append(
-                f"| `{prefix}{f.name}` | {_type_name(tp)} | `{yaml.safe_dump(default).strip().removesuffix('...').strip()}` | {f.metadata.get('help', '')} |"
+            # Every field has a default or a default factory (see _f).
+            default = (
+                f.default if f.default is not dataclasses.MISSING else cast(Callable[[], Any], f.default_factory)()
             )
+            shown = yaml.safe_dump(default).strip().removesuffix("...").strip()
+            rows.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{shown}` | {f.metadata.get('help', '')} |")
         if rows:
             out.append(f"\n### `{prefix.rstrip('.') or 'recipe'}`\n")
             out.append("| key | type | default | meaning |\n|---|---|---|---|")

@@ -41,13 +41,15 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 try:  # inside sdtool, bundle errors are user errors like any other (one line, exit status 1)
     from sdtool.errors import SdtoolError as _Base
 except ImportError:  # standalone copy in a bundle
-    _Base = Exception
+    # mypy takes the base class from the import above and cannot follow a base chosen at run time.
+    _Base = Exception  # type: ignore[misc,assignment]
 
 BUNDLE_FORMAT = "sdtool-early-exit-bundle"
 BUNDLE_VERSION = 1
@@ -108,7 +110,7 @@ def _require(cond: bool, where: str, what: str) -> None:
         raise BundleError(f"{where}: {what}; re-export the bundle with sdtool export --early-exit")
 
 
-def check_manifest(m: object, where: str) -> dict:
+def check_manifest(m: Any, where: str) -> dict:  # m: parsed JSON, anything until checked here
     """Validate the fields the runtime relies on (types and consistency), before any graph is loaded."""
     _require(
         isinstance(m, dict) and m.get("format") == BUNDLE_FORMAT,
@@ -380,11 +382,13 @@ class EarlyExitSession:
     the bundle cannot be switched on).
     """
 
+    root: Path | None  # the bundle folder; None for a session made from memory
+
     def __init__(self, bundle: str | os.PathLike, threads: int | None = None, thresholds: list | None = None):
         self.root, self.manifest = read_manifest(bundle)
         so, self.settings = session_options(threads)
         graphs = {}
-        for k, s in enumerate(self.manifest["steps"]):
+        for s in self.manifest["steps"]:
             f = self.root / s["file"]
             if not f.is_file():
                 raise BundleError(f"{f} is missing; the bundle is incomplete, export it again")
@@ -505,8 +509,9 @@ class EarlyExitSession:
         exit_at = np.full(n, k_all - 1, np.int64)
         rows = np.arange(n)  # original positions of the rows still in h
         keep_all = self.fallback == "ensemble"
+        seen: list[np.ndarray]  # logits of the exits so far, for the ensemble fallback
         h, seen = x, []
-        for k, (s, sess) in enumerate(zip(self.steps, self.sessions)):
+        for k, (s, sess) in enumerate(zip(self.steps, self.sessions, strict=True)):
             last = k == k_all - 1
             want = [s["logits"]] if last else [s["h"]] + ([s["logits"]] if s.get("logits") else [])
             res = sess.run(want, {s["input"]: h})
@@ -537,9 +542,10 @@ class EarlyExitSession:
         """Batch 1, deepest fallback: the same decisions with scalar bookkeeping (per-call overhead is
         what batch 1 pays for; the graphs' own time is the same)."""
         h, last = x, self.num_exits - 1
-        for k, (s, sess, thr) in enumerate(zip(self.steps, self.sessions, self._thr + [None])):
+        for k, (s, sess, thr) in enumerate(zip(self.steps, self.sessions, self._thr + [None], strict=True)):
             if k == last:
                 return sess.run(self._wanted[k], {s["input"]: h})[0], np.array([last], np.int64)
+            assert thr is not None  # only the last step has none, and it returned above
             if not np.isfinite(thr):  # never answers: the stages alone
                 h = sess.run(self._wanted_h[k], {s["input"]: h})[0]
                 continue
@@ -548,13 +554,13 @@ class EarlyExitSession:
                 return z, np.array([k], np.int64)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def run_exits(self, images: np.ndarray) -> list[np.ndarray]:
+    def run_exits(self, images: np.ndarray) -> list[np.ndarray | None]:
         """Every exit's logits for every row (no early exit), shallow to deep; exits without a head: None."""
         h = self.prepare(images)
         outs = []
-        for k, (s, sess) in enumerate(zip(self.steps, self.sessions)):
+        for s, sess in zip(self.steps, self.sessions, strict=True):
             names = [n for n in (s.get("h"), s.get("logits")) if n]
-            res = dict(zip(names, sess.run(names, {s["input"]: h})))
+            res = dict(zip(names, sess.run(names, {s["input"]: h}), strict=True))
             outs.append(res.get(s.get("logits")) if s.get("logits") else None)
             if s.get("h"):
                 h = res[s["h"]]
@@ -645,7 +651,9 @@ def _resize_crop(im, size: int):
 
     w, h = im.size
     scale = size / min(w, h)
-    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    # Pillow sets the pre-9.1 constants at import time (mypy cannot see them); Image.Resampling needs Pillow >= 9.1.
+    bilinear = Image.BILINEAR  # type: ignore[attr-defined]
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), bilinear)
     w, h = im.size
     left, top = (w - size) // 2, (h - size) // 2
     return im.crop((left, top, left + size, top + size))

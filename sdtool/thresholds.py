@@ -198,7 +198,7 @@ def fit(t: ExitTable, policy: str, max_drop: float | None = None, budget: float 
         raise SdtoolError("fit thresholds for either --max-drop D or --budget F, not both")
     if max_drop is not None and max_drop < 0:
         raise SdtoolError(f"--max-drop must be >= 0 percentage points, got {max_drop}")
-    if budget is not None and not 0 < budget:
+    if budget is not None and not budget > 0:
         raise SdtoolError(f"--budget must be a positive fraction of the reference cost, got {budget}")
     deepest = 100.0 * float(t.correct[t.num_exits - 1].mean())
     objective = "max_drop" if max_drop is not None else "budget"
@@ -259,7 +259,7 @@ def sweep(t: ExitTable, policy: str, n_budgets: int = 16) -> dict:
             "expected_macs": float(m),
             "macs_fraction": float(m) / ref,
         }
-        for v, a, m in zip(levels, acc, macs)
+        for v, a, m in zip(levels, acc, macs, strict=True)
     ]
     cheapest = float(macs.min()) / ref
     fitted = []

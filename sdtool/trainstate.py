@@ -23,7 +23,8 @@ STATE_FILE = "train_state.safetensors"
 
 def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """optimizer.state_dict() -> (tensors keyed 'opt.<param>.<name>', JSON-able rest)."""
-    tensors, scalars = {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
     for pid, st in sd["state"].items():
         scalars[str(pid)] = {}
         for name, v in st.items():

@@ -133,6 +133,7 @@ def test_shufflenet_imagenet_stem_is_torchvision_with_a_prunable_shuffle():
     channel shuffle is a gather module; pruning then keeps every block's input and output width (the
     shuffle interleaves them) and narrows the stem, the right branches' inner width and conv5."""
     import torchvision
+
     from sdtool.prune import PruneOptions, prune_model
 
     torch.manual_seed(0)

@@ -20,8 +20,8 @@ from sdtool import SdtoolError, checkpoint, runtime
 from sdtool.cli import app
 from sdtool.deploy import export_bundle
 from sdtool.early_exit import ExitPolicy, confidence, early_exit_forward
-from sdtool.exit_eval import FitOptions
 from sdtool.engines import bundle_layout
+from sdtool.exit_eval import FitOptions
 from sdtool.onnx_graphs import model_pieces
 
 onnx = pytest.importorskip("onnx")

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtool import SdtoolError, checkpoint
-from sdtool import engine
+from sdtool import SdtoolError, checkpoint, engine
 from sdtool.device import use_channels_last
 from sdtool.engine import fit
 from sdtool.recipe import from_dict

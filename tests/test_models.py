@@ -170,6 +170,7 @@ def test_split_layer1_exit_1_costs_less_default_unchanged():
         a = create_model("resnet18", num_classes=100)
         b = create_model("resnet18", num_classes=100, split_layer1=True)
     assert n_params(a) == 12_283_344 and len(a.stages) == 4 and a.strides == [1, 2, 2, 2]
+    assert len(b.stages) == 5 and b.num_exits == 5
     assert a.spec == {"name": "resnet18", "args": {"num_classes": 100}} and a.stage_names is None
     assert [k for k in a.state_dict() if k.startswith("stages.")][-1].startswith("stages.3.")
     ca = exit_costs(create_model("resnet18", num_classes=100), (32, 32))["exits"]

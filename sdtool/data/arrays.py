@@ -8,8 +8,9 @@ image in PIL.
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ class ArrayDataset(Dataset):
         x: torch.Tensor,
         y: torch.Tensor,
         indices: np.ndarray,
-        transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         assert x.dtype == torch.uint8 and x.ndim == 4 and len(x) == len(y) == len(indices)
         self.x, self.y, self.indices, self.transform = x, y, indices, transform
@@ -48,7 +49,7 @@ class ArrayDataset(Dataset):
             img = self.transform(img)
         return img, self.y[i]
 
-    def get_batch(self, idx: list[int]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def get_batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The batch (x (B, C, H, W) uint8, y (B,)) in one indexing op, or None when items need a transform."""
         if self.transform is not None:
             return None
@@ -64,7 +65,7 @@ class TensorSplit:
         self.labels = np.asarray(y, dtype=np.int64)
         self._y = torch.from_numpy(self.labels)
 
-    def subset(self, indices: np.ndarray, transform: Optional[Callable[[Any], Any]]) -> ArrayDataset:
+    def subset(self, indices: np.ndarray, transform: Callable[[Any], Any] | None) -> ArrayDataset:
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) == len(self.labels) and np.array_equal(indices, np.arange(len(indices))):
             return ArrayDataset(self.x, self._y, indices, transform)  # whole split: share, don't copy

@@ -14,8 +14,6 @@ Draw order per call: crop rows, crop columns, flip coin (random_crop_flip); hole
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
@@ -33,7 +31,7 @@ def random_crop_flip(
     fill: int,
     crop: bool = True,
     flip: bool = True,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Per-sample random crop (pad by `padding` with `fill`, take an H x W window) and horizontal flip.
 
@@ -61,7 +59,7 @@ def random_crop_flip(
     return src.reshape(n, c, -1).gather(2, flat).view(n, c, h, w)
 
 
-def cutout(x: torch.Tensor, size: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Zero one square hole per sample, as the official Cutout (DeVries & Taylor).
 
     x: float (N, C, H, W) on the [0, 1] scale. The hole's centre (cy, cx) is uniform over the whole

@@ -10,7 +10,7 @@ Split order, fixed so that a recorded (val size, val seed) rebuilds the same val
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from sdtool.recipe import AugmentConfig, DataConfig
 
 
-def _default_augment() -> "AugmentConfig":
+def _default_augment() -> AugmentConfig:
     from sdtool.recipe import AugmentConfig
 
     return AugmentConfig()
@@ -45,8 +45,8 @@ class DataBundle:
     normalized float batches and `prepare` returns them unchanged.
     """
 
-    train: Optional[Dataset]  # None when built with train=False
-    val: Optional[Dataset]  # held out of the training split, eval transforms; None without val_size
+    train: Dataset | None  # None when built with train=False
+    val: Dataset | None  # held out of the training split, eval transforms; None without val_size
     test: Dataset
     num_classes: int
     class_names: list[str]
@@ -55,8 +55,8 @@ class DataBundle:
     std: tuple[float, ...]
     # {"size", "seed", "of" (training images it was cut from), "fingerprint"}, recorded in checkpoints;
     # None without a validation split
-    val_info: Optional[dict]
-    augment: "AugmentConfig" = field(default_factory=_default_augment)
+    val_info: dict | None
+    augment: AugmentConfig = field(default_factory=_default_augment)
     in_memory: bool = True
     # False when crop + flip already ran per image in the dataset (the AutoAugment path).
     batch_crop_flip: bool = True
@@ -69,7 +69,7 @@ class DataBundle:
             )
         return self._stats[device]
 
-    def prepare(self, x: torch.Tensor, train: bool, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def prepare(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         """Batch from the loader (already on the device) -> float normalized (B, 3, S, S) on that device.
 
         In-memory data, train: crop + flip (batched, unless AutoAugment did them per image), /255,
@@ -122,7 +122,7 @@ class DataBundle:
         )
 
 
-def _check_augment(a: "AugmentConfig") -> None:
+def _check_augment(a: AugmentConfig) -> None:
     checks = [
         (a.crop_padding >= 0, f"data.augment.crop_padding must be >= 0, got {a.crop_padding}"),
         (0 <= a.crop_fill <= 255, f"data.augment.crop_fill must be a pixel value 0-255, got {a.crop_fill}"),
@@ -137,7 +137,7 @@ def _check_augment(a: "AugmentConfig") -> None:
             raise SdtoolError(f"{msg}; fix the recipe or the --set value")
 
 
-def build_data(cfg: "DataConfig", train: bool = True) -> DataBundle:
+def build_data(cfg: DataConfig, train: bool = True) -> DataBundle:
     """Load `cfg.name` and cut its splits. train=False skips the training set (it is still read
     when a validation split is asked for, since that split is carved out of it)."""
     a = cfg.augment

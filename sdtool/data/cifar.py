@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -71,7 +71,7 @@ class _ArraySpec:
     """Stands in for numpy's `_reconstruct(ndarray, ...)`: records (shape, dtype, fortran, raw bytes)."""
 
     def __init__(self, *_):
-        self.state = None
+        self.state: Any = None  # whatever the file says: `_array` checks it
 
     def __setstate__(self, state):
         self.state = state
@@ -208,7 +208,7 @@ def _split(folder: Path, files: list[str], label_key: str, n_classes: int) -> Te
     return TensorSplit(to_nchw(x), np.concatenate(ys))
 
 
-def load_cifar(cfg: "DataConfig", need_train: bool, name: str) -> Source:
+def load_cifar(cfg: DataConfig, need_train: bool, name: str) -> Source:
     """The python-version files under data.root, at data.input_size (default 32, the images' own)."""
     folder_name, train_files, test_file, meta_file, label_key, names_key, archive = LAYOUT[name]
     root = Path(cfg.root)
@@ -245,10 +245,10 @@ def load_cifar(cfg: "DataConfig", need_train: bool, name: str) -> Source:
 
 
 @register("cifar10")
-def load_cifar10_source(cfg: "DataConfig", need_train: bool) -> Source:
+def load_cifar10_source(cfg: DataConfig, need_train: bool) -> Source:
     return load_cifar(cfg, need_train, "cifar10")
 
 
 @register("cifar100")
-def load_cifar100_source(cfg: "DataConfig", need_train: bool) -> Source:
+def load_cifar100_source(cfg: DataConfig, need_train: bool) -> Source:
     return load_cifar(cfg, need_train, "cifar100")

@@ -9,8 +9,9 @@ normalized float (3, S, S) tensors, so `DataBundle.prepare` passes them through.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ class FileImageDataset(Dataset):
         self,
         samples: list[tuple[str, int]],
         indices: np.ndarray,
-        transform: Optional[Callable[[Image.Image], torch.Tensor]],
+        transform: Callable[[Image.Image], torch.Tensor] | None,
     ) -> None:
         self.samples, self.indices, self.transform = samples, indices, transform
 
@@ -57,7 +58,7 @@ class FileSplit:
         self.samples = samples
         self.labels = np.array([s[1] for s in samples], dtype=np.int64)
 
-    def subset(self, indices: np.ndarray, transform: Optional[Callable[[Any], Any]]) -> FileImageDataset:
+    def subset(self, indices: np.ndarray, transform: Callable[[Any], Any] | None) -> FileImageDataset:
         indices = np.asarray(indices, dtype=np.int64)
         return FileImageDataset([self.samples[i] for i in indices], indices, transform)
 
@@ -70,7 +71,7 @@ def _tail(mean: tuple[float, ...], std: tuple[float, ...], cutout: int = 0) -> l
     return ops + [v2.Normalize(list(mean), list(std))]
 
 
-def train_transform(a: "AugmentConfig", size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+def train_transform(a: AugmentConfig, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
     """RandomResizedCrop(size) + flip [+ AutoAugment] [+ Cutout] + Normalize; `crop: false` uses the eval crop."""
     ops: list = [v2.RandomResizedCrop(size, antialias=True)] if a.crop else _eval_crop(size)
     if a.flip:
@@ -110,7 +111,7 @@ def _layout(root: Path) -> str:
 
 
 @register("imagefolder")
-def load_imagefolder_source(cfg: "DataConfig", need_train: bool) -> Source:
+def load_imagefolder_source(cfg: DataConfig, need_train: bool) -> Source:
     root = Path(cfg.root)
     train_dir, val_dir = root / "train", root / "val"
     for d in (train_dir, val_dir) if need_train else (val_dir,):

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator, Sized
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -82,7 +83,7 @@ class BatchFetcher(Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(cast(Sized, self.dataset))  # torch's Dataset does not declare __len__
 
     def __getitem__(self, indices: list[int]) -> Any:
         get_batch = getattr(self.dataset, "get_batch", None)
@@ -118,8 +119,8 @@ def make_loader(
     distributed: bool = False,
     drop_last: bool = False,
     pin_memory: bool = False,
-    num_replicas: Optional[int] = None,
-    rank: Optional[int] = None,
+    num_replicas: int | None = None,
+    rank: int | None = None,
 ) -> DataLoader:
     """DataLoader over `dataset` whose `.sampler` (an EpochBatchSampler) has `set_epoch`.
 
@@ -127,13 +128,14 @@ def make_loader(
     group unless given), seeded the same way. `workers` is ignored (0) for datasets that fetch a batch
     as one tensor op (`get_batch`): worker processes would only add copies there.
     """
+    index_sampler: EpochSampler | DistributedSampler
     if distributed:
-        index_sampler: EpochSampler | DistributedSampler = DistributedSampler(
+        index_sampler = DistributedSampler(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed * SEED_STRIDE, drop_last=drop_last
         )
         rank = index_sampler.rank
     else:
-        index_sampler = EpochSampler(len(dataset), shuffle, seed)  # type: ignore[arg-type]
+        index_sampler = EpochSampler(len(cast(Sized, dataset)), shuffle, seed)  # Dataset does not declare __len__
         rank = 0
     batches = EpochBatchSampler(index_sampler, batch_size, drop_last, seed=seed, rank=rank)
     if getattr(dataset, "get_batch", None) is not None and getattr(dataset, "transform", None) is None:

@@ -8,8 +8,9 @@ loaders) is done once in `bundle.py` on top of a `Source`, so adding a data set 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -25,7 +26,7 @@ class Split(Protocol):
 
     labels: np.ndarray  # (N,) int64, used for stratified validation splits and limits
 
-    def subset(self, indices: np.ndarray, transform: Optional[Callable[[Any], Any]]) -> Dataset:
+    def subset(self, indices: np.ndarray, transform: Callable[[Any], Any] | None) -> Dataset:
         """A dataset over `indices` (positions in this split) whose items go through `transform`."""
         ...
 
@@ -34,7 +35,7 @@ class Split(Protocol):
 class Source:
     """What a loader returns; `train` is None when the caller did not need the training split."""
 
-    train: Optional[Split]
+    train: Split | None
     test: Split
     class_names: list[str]
     input_size: int  # square side of the images the network sees

@@ -41,12 +41,12 @@ DIGITS_MEAN = (0.3049,) * 3
 DIGITS_STD = (0.3234,) * 3
 
 
-def _needs_stats(cfg: "DataConfig") -> bool:
+def _needs_stats(cfg: DataConfig) -> bool:
     return cfg.augment.mean is None or cfg.augment.std is None
 
 
 @register("digits")
-def load_digits_source(cfg: "DataConfig", need_train: bool) -> Source:
+def load_digits_source(cfg: DataConfig, need_train: bool) -> Source:
     """scikit-learn's bundled 8x8 digits (offline): values 0-16 -> 0-255, bilinear to 32x32, grey -> RGB."""
     from sklearn.datasets import load_digits
 
@@ -80,7 +80,7 @@ def _square(x: torch.Tensor, size: int | None, what: Path) -> torch.Tensor:
 
 
 @register("npz")
-def load_npz_source(cfg: "DataConfig", need_train: bool) -> Source:
+def load_npz_source(cfg: DataConfig, need_train: bool) -> Source:
     """`root/train_file` and `root/test_file` (x uint8 N x H x W x C, y ints); classes from `root/classes.txt`."""
     root = Path(cfg.root)
     train_path = root / (cfg.train_file or "train.npz")
@@ -125,6 +125,8 @@ def load_npz_source(cfg: "DataConfig", need_train: bool) -> Source:
                 f"only {len(class_names)} classes (one per line, line i = label i)"
             )
 
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     if cifar_like:  # 32x32 RGB source images: the official CIFAR values, even when resized
         mean, std = CIFAR_MEAN, CIFAR_STD
     elif train is not None:
@@ -143,7 +145,7 @@ def load_npz_source(cfg: "DataConfig", need_train: bool) -> Source:
 
 
 @register("fake")
-def load_fake_source(cfg: "DataConfig", need_train: bool) -> Source:
+def load_fake_source(cfg: DataConfig, need_train: bool) -> Source:
     """Tiny deterministic data for tests: `fake_size` training and max(10, fake_size // 4) test images.
 
     Unlike torchvision's FakeData (pure noise) each class has its own coarse 4x4 colour pattern under

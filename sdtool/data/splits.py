@@ -35,7 +35,9 @@ def stratified_split(labels: np.ndarray, n_pick: int, seed: int) -> tuple[np.nda
     short = n_pick - int(quota.sum())
     quota[np.argsort(-(exact - quota), kind="stable")[:short]] += 1
     in_perm = labels[perm]
-    picked = np.concatenate([perm[in_perm == c][:q] for c, q in zip(classes, quota)] or [np.zeros(0, np.int64)])
+    picked = np.concatenate(
+        [perm[in_perm == c][:q] for c, q in zip(classes, quota, strict=True)] or [np.zeros(0, np.int64)]
+    )
     picked = np.sort(picked).astype(np.int64)
     keep = np.ones(n, dtype=bool)
     keep[picked] = False

@@ -78,7 +78,7 @@ def make_head(
         strides_after = [2] * len(widths_after)
     if kind == "byot":
         blocks, c = [], c_in
-        for w, s in zip(widths_after, strides_after):
+        for w, s in zip(widths_after, strides_after, strict=True):
             blocks.append(SepConv(c, w, stride=max(1, int(s))))
             c = w
         return nn.Sequential(*blocks, Pool()), c

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 from sdtool.errors import SdtoolError
@@ -40,7 +42,7 @@ def init_weights(net: nn.Module) -> None:
 
 
 def multi_exit(
-    stages: list[nn.Module],
+    stages: Sequence[nn.Module],
     widths: list[int],
     strides: list[int],
     names: list[str],

@@ -24,12 +24,15 @@ so that the pruner can see it as a single fixed permutation (see sdtool/prune.py
 
 from __future__ import annotations
 
+from itertools import pairwise
+from typing import cast
+
 import torch
 from torch import nn
+from torchvision.models._utils import _make_divisible
 from torchvision.models.mobilenetv2 import InvertedResidual as MBBlock
 from torchvision.models.shufflenetv2 import InvertedResidual
 from torchvision.ops.misc import Conv2dNormActivation
-from torchvision.models._utils import _make_divisible
 
 from sdtool.models.common import check_classes, check_stem, check_width, multi_exit
 from sdtool.models.registry import register_model
@@ -71,10 +74,10 @@ def mobilenet_v2(
             c_in = c_out
     features.append(Conv2dNormActivation(c_in, last, kernel_size=1, activation_layer=nn.ReLU6))
     cuts = [0, 4, 7, 14, 19]
-    stages = [nn.Sequential(*features[a:b]) for a, b in zip(cuts, cuts[1:])]
+    stages = [nn.Sequential(*features[a:b]) for a, b in pairwise(cuts)]
     widths = [_make_divisible(c * width_mult, 8) for c in (24, 32, 96)] + [last]
     strides = [1, 2, 2, 2] if cifar else [4, 2, 2, 2]
-    names = [f"features[{a}:{b}]" for a, b in zip(cuts, cuts[1:])]
+    names = [f"features[{a}:{b}]" for a, b in pairwise(cuts)]
     return multi_exit(stages, widths, strides, names, num_classes, head, attention, exits)
 
 
@@ -121,7 +124,7 @@ def prunable_shuffles(module: nn.Module) -> nn.Module:
     for m in module.modules():
         if type(m) is InvertedResidual:
             m.__class__ = ShuffleBlock
-            m.shuffle = ChannelShuffle(2 * m.branch2[-3].out_channels, 2)
+            m.shuffle = ChannelShuffle(2 * cast(ShuffleBlock, m).branch2[-3].out_channels, 2)
     return module
 
 
@@ -149,7 +152,7 @@ def shufflenet_v2_x1_0(
     )
     head_layers = [conv1] if cifar else [conv1, nn.MaxPool2d(3, 2, 1)]
     blocks, c = [], w[0]
-    for repeats, c_out in zip((4, 8, 4), w[1:4]):
+    for repeats, c_out in zip((4, 8, 4), w[1:4], strict=True):
         blocks.append([ShuffleBlock(c, c_out, 2)] + [ShuffleBlock(c_out, c_out, 1) for _ in range(repeats - 1)])
         c = c_out
     conv5 = nn.Sequential(nn.Conv2d(c, w[4], 1, 1, 0, bias=False), nn.BatchNorm2d(w[4]), nn.ReLU(inplace=True))

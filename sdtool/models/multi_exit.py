@@ -13,6 +13,9 @@ is what makes early exit save real time and lets a truncated exit stand alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -23,7 +26,7 @@ from sdtool.models.blocks import Attention, make_head
 class MultiExitNet(nn.Module):
     def __init__(
         self,
-        stages: list[nn.Module],
+        stages: Sequence[nn.Module],
         widths: list[int],
         num_classes: int,
         exits: list[int] | None = None,
@@ -55,7 +58,9 @@ class MultiExitNet(nn.Module):
         self.stage_names = list(stage_names) if stage_names is not None else None
         if len(self.strides) != n or (self.stage_names is not None and len(self.stage_names) != n):
             raise ValueError("one stride and one name per stage are needed")
-        att, heads, fcs = [], [], []
+        att: list[nn.Module] = []
+        heads: list[nn.Module] = []
+        fcs: list[nn.Module] = []
         for s in self.exit_stages:
             if s == n - 1:  # final exit: the backbone's own pooling and classifier
                 att.append(nn.Identity())
@@ -72,7 +77,7 @@ class MultiExitNet(nn.Module):
     @property
     def feature_dims(self) -> list[int]:
         """Pooled feature width of each exit, shallow to deep (derived, so it follows pruning)."""
-        return [fc.in_features for fc in self.classifiers]
+        return [cast(nn.Linear, fc).in_features for fc in self.classifiers]
 
     @property
     def num_exits(self) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -45,9 +45,12 @@ def create_model(name: str, **args) -> nn.Module:
     if unknown:
         raise SdtoolError(f"model {name} has no argument {unknown[0]!r}; valid: {', '.join(params)}")
     model = fn(**args)
-    model.spec = {"name": name, "args": dict(args)}
-    if getattr(model, "stage_names", None):  # backbones cut other than at their stages say where
-        model.spec["stages"] = list(model.stage_names)
+    spec: dict[str, object] = {"name": name, "args": dict(args)}
+    # A plain attribute; nn.Module.__setattr__ is annotated for tensors and modules only.
+    model.spec = spec  # type: ignore[assignment]
+    stage_names = getattr(model, "stage_names", None)
+    if stage_names:  # backbones cut other than at their stages say where
+        spec["stages"] = list(stage_names)
     return model
 
 

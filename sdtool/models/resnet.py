@@ -16,6 +16,8 @@ of the deepest exit's MACs). Five stages, strides 1, 1, 2, 2, 2:
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -48,7 +50,8 @@ def _layer(block, inplanes: int, planes: int, blocks: int, stride: int, groups: 
 
 def _split_first(stages: list[nn.Module], widths: list[int], n_blocks: int):
     """Cut stage 1 (stem, layer1) after split_point(n_blocks) blocks: (stages, widths, strides, names)."""
-    stem, layer1 = stages[0]
+    stem, layer1 = cast(nn.Sequential, stages[0])  # Sequential(stem, layer1), as build_resnet makes it
+    layer1 = cast(nn.Sequential, layer1)
     h = split_point(n_blocks)
     first = nn.Sequential(stem, nn.Sequential(*layer1[:h]))  # keeps the unsplit names stages.0.0 / 0.1.0
     names = [f"stem+layer1[:{h}]", f"layer1[{h}:]"] + [f"layer{i + 2}" for i in range(len(stages) - 1)]

@@ -50,7 +50,8 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict]) -> None:
     modules = dict(model.named_modules())
     for name, s in shapes.items():
         m = modules.get(name)
-        if m is None or _shape_of(m) is None or _shape_of(m)["type"] != s["type"]:
+        current = _shape_of(m) if m is not None else None
+        if m is None or current is None or current["type"] != s["type"]:
             raise KeyError(name)
         if s["type"] == "conv2d":
             m.in_channels, m.out_channels, m.groups = s["in_channels"], s["out_channels"], s["groups"]

@@ -11,6 +11,8 @@ kept exit's modules become `attention.0`, `heads.0` and `classifiers.0`.
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from sdtool.errors import SdtoolError
@@ -36,7 +38,8 @@ def truncate(net: MultiExitNet, k: int) -> MultiExitNet:
         if spec["name"] == "truncated":  # truncating a truncated net: it has one exit, so k == 0
             out.spec = spec
         else:
-            out.spec = {
+            # A plain attribute; nn.Module.__setattr__ is annotated for tensors and modules only.
+            out.spec = {  # type: ignore[assignment]
                 "name": "truncated",
                 "args": {"base": spec["name"], "base_args": dict(spec["args"]), "exit": k + 1},
             }
@@ -46,7 +49,7 @@ def truncate(net: MultiExitNet, k: int) -> MultiExitNet:
 @register_model
 def truncated(base: str, base_args: dict, exit: int) -> MultiExitNet:  # noqa: A002 - the CLI's word
     """Exit `exit` (1-based) of model `base` built with `base_args`, as a standalone single-exit network."""
-    net = create_model(base, **base_args)
+    net = cast(MultiExitNet, create_model(base, **base_args))  # builders return multi-exit nets (users: wrap_model)
     if not isinstance(exit, int) or not 1 <= exit <= net.num_exits:
         raise SdtoolError(f"exit {exit} does not exist; {base} has exits 1..{net.num_exits}")
     return truncate(net, exit - 1)

@@ -42,7 +42,7 @@ def build_vgg(name: str, num_classes: int, stem: str, width: int, head: str, att
     check_width(name, width)
     widths = [width, 2 * width, 4 * width, 8 * width, 8 * width]
     blocks, c = [], 3
-    for w, convs in zip(widths, CONFIGS[name]):
+    for w, convs in zip(widths, CONFIGS[name], strict=True):
         blocks.append(_block(c, w, convs))
         c = w
 

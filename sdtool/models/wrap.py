@@ -30,6 +30,8 @@ your network and returns `wrap_model(...)` of it.
 from __future__ import annotations
 
 import difflib
+from itertools import pairwise
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -80,7 +82,7 @@ def _trace(module: nn.Module, exits_after: list[str]) -> fx.GraphModule:
 
 def _is_global_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _GLOBAL_POOLS)
+        return isinstance(gm.get_submodule(cast(str, node.target)), _GLOBAL_POOLS)  # call_module: a module name
     return node.op == "call_function" and node.target in _GLOBAL_POOL_FNS
 
 
@@ -138,8 +140,10 @@ def _stage(gm: fx.GraphModule, nodes: list[fx.Node], start: fx.Node | None, end:
         # The exit head reads the previous stage's output too: an in-place op on it here would corrupt
         # the head's input and its saved tensors for backward (e.g. a ReLU(inplace=True) right after the cut).
         for n in x.users:
-            if n.op == "call_module" and getattr(gm.get_submodule(n.target), "inplace", False):
-                gm.get_submodule(n.target).inplace = False
+            if n.op == "call_module" and getattr(gm.get_submodule(cast(str, n.target)), "inplace", False):
+                # Any module with an `inplace` flag (ReLU, Hardtanh, ...); nn.Module.__setattr__ is annotated
+                # for tensors and modules only.
+                gm.get_submodule(cast(str, n.target)).inplace = False  # type: ignore[assignment]
             elif n.op == "call_function" and n.kwargs.get("inplace"):
                 n.kwargs = {**n.kwargs, "inplace": False}
     stage = fx.GraphModule(gm, g, class_name=f"Stage{i}")
@@ -229,14 +233,15 @@ def wrap_model(
         )
     ends = cut_nodes + [end]
     bounds = [-1] + [order[n] for n in ends]
-    pieces = [nodes[a + 1 : b + 1] for a, b in zip(bounds, bounds[1:])]
+    pieces = [nodes[a + 1 : b + 1] for a, b in pairwise(bounds)]
     _check_cut(pieces, ends, names)
     stages = [_stage(gm, piece, ends[i - 1] if i else None, ends[i], i) for i, piece in enumerate(pieces)]
 
-    sizes = [input_size] + [_shape(n)[-1] for n in ends]
-    strides = [max(1, round(a / b)) if b else 1 for a, b in zip(sizes, sizes[1:])]
-    widths = [_shape(n)[1] for n in ends]
-    labels = [f"..{names[0]}" if names else "all"] + [f"{a}..{b}" for a, b in zip(names, names[1:])]
+    end_shapes = [cast(tuple[int, ...], _shape(n)) for n in ends]  # all 4-D (checked above)
+    sizes = [input_size] + [s[-1] for s in end_shapes]
+    strides = [max(1, round(a / b)) if b else 1 for a, b in pairwise(sizes)]
+    widths = [s[1] for s in end_shapes]
+    labels = [f"..{names[0]}" if names else "all"] + [f"{a}..{b}" for a, b in pairwise(names)]
     if names:
         labels.append(f"{names[-1]}..{end.target if end.op == 'call_module' else end.name}")
     net = MultiExitNet(
@@ -249,8 +254,12 @@ def wrap_model(
 def _copy_classifier(gm: fx.GraphModule, end: fx.Node, order: dict, net: MultiExitNet) -> None:
     """Reuse the model's own classifier for the final exit when its tail is one Linear of the right size."""
     tail = [n for n in gm.graph.nodes if order[n] > order[end] and n.op == "call_module"]
-    linears = [gm.get_submodule(n.target) for n in tail if isinstance(gm.get_submodule(n.target), nn.Linear)]
-    fc = net.classifiers[-1]
+    linears = [
+        cast(nn.Linear, gm.get_submodule(cast(str, n.target)))
+        for n in tail
+        if isinstance(gm.get_submodule(cast(str, n.target)), nn.Linear)
+    ]
+    fc = cast(nn.Linear, net.classifiers[-1])
     if len(linears) == 1 and linears[0].weight.shape == fc.weight.shape and linears[0].bias is not None:
         with torch.no_grad():
             fc.weight.copy_(linears[0].weight)
