@@ -3,99 +3,244 @@
     tensors            the model's state dict
     __metadata__       {"sdtool": JSON} with format_version, sdtool_version, model spec, num_classes,
                        class_names, input spec, shapes (pruned modules), thresholds, val split, lineage
+                       (typed as `sdtool.meta.CheckpointMeta`)
 
-Loading never unpickles: safetensors holds raw tensors and the metadata is JSON. Writes go to a
-temporary file in the target folder, are fsynced, then renamed, so a crash never leaves a
-half-written file under the final name.
+    ckpt = load_checkpoint("runs/sd/best.safetensors")      # Checkpoint(model, meta, path, sha256)
+    ckpt.meta.num_classes, ckpt.meta.input_size, ckpt.model.num_exits
+    ckpt.derive("prune", model=smaller, metrics=m).save("pruned.safetensors")
+
+Loading never unpickles: safetensors holds raw tensors and the metadata is JSON. The metadata is
+checked field by field, and against the tensors' names, shapes and dtypes in the safetensors header,
+before any model is built with real memory or any tensor is read. Writes go to a temporary file in the
+target folder, are fsynced, then renamed, so a crash never leaves a half-written file under the final
+name. Every command that writes a checkpoint derives it from its parent with `Checkpoint.derive`, so
+each records its step in the lineage the same way.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import json
-import os
-import tempfile
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
-from torch import nn
 
 from sdtool import __version__
 from sdtool.errors import SdtoolError
+from sdtool.fileio import META_KEY, atomic_write_bytes, load_tensors, now, save_tensors, sha256
+from sdtool.meta import CheckpointMeta, DataRef, InputSpec, LineageEntry, ModelSpec, Thresholds, ValSplit
+
+if TYPE_CHECKING:
+    from sdtool.models.multi_exit import MultiExitNet
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointMeta",
+    "DataRef",
+    "InputSpec",
+    "LineageEntry",
+    "ModelSpec",
+    "Thresholds",
+    "ValSplit",
+    "load_checkpoint",
+    "load_meta",
+    "load",
+    "save",
+    "atomic_write_bytes",
+    "load_tensors",
+    "now",
+    "save_tensors",
+    "sha256",
+    "read_meta",
+]
 
 FORMAT_VERSION = 1
-META_KEY = "sdtool"
+# safetensors' dtype names for the dtypes a state dict holds.
+_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.bool: "BOOL",
+}
 
 
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` via a fsynced temporary file in the same folder and a rename."""
-    path = Path(path)
-    if path.is_dir():
-        raise SdtoolError(f"cannot write {path}: it is a folder; give a file path")
+def _read_raw(path: Path) -> tuple[Any, dict[str, tuple[list[int], str]]]:
+    """The JSON metadata and the tensor header ({name: (shape, dtype)}) of a file; nothing is allocated."""
+    if not path.is_file():
+        raise SdtoolError(f"checkpoint {path} not found; pass the path of an sdtool .safetensors file")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise SdtoolError(f"cannot write {path}: {e.strerror or e}; choose another folder") from None
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            header = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:  # random or truncated bytes
+        raise SdtoolError(
+            f"{path} is not a readable safetensors file (corrupt or truncated?): {str(e).splitlines()[0][:120]}"
+        ) from None
+    if raw is None:
+        raise SdtoolError(
+            f"{path} is a safetensors file but not an sdtool checkpoint (no sdtool metadata); "
+            "train with sdtool or load foreign weights through the teacher options"
+        )
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise SdtoolError(f"cannot write {path}: {e.strerror or e}; free space or choose another folder") from None
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise SdtoolError(f"{path}: the sdtool metadata is not valid JSON; the file is damaged") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SdtoolError(f"{path}: the sdtool metadata has no format_version; the file is damaged")
+    if version > FORMAT_VERSION:
+        raise SdtoolError(
+            f"{path} was written by a newer sdtool (format {version}, this one reads up to "
+            f"{FORMAT_VERSION}); upgrade sdtool"
+        )
+    return meta, header
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Atomically write tensors plus `meta` (JSON under the `sdtool` metadata key)."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, st_save(tensors, metadata={META_KEY: json.dumps(meta)}))
+def load_meta(path: str | Path) -> CheckpointMeta:
+    """The typed metadata of an sdtool file, checked field by field; raises SdtoolError for anything else."""
+    raw, _ = _read_raw(Path(path))
+    return CheckpointMeta.from_json(raw, str(path))
 
 
-def save(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Save a model checkpoint. `meta` must carry the model spec and data description (see docs)."""
-    from sdtool.models.shapes import shape_changes
-
-    full = dict(meta)
-    full["format_version"] = FORMAT_VERSION
-    full["sdtool_version"] = __version__
-    full["model"] = model.spec
-    full["shapes"] = shape_changes(model, model.spec)
-    full.setdefault("lineage", [])
-    state = model.state_dict()
-    _check_rebuild(full, state)
-    save_tensors(path, state, full)
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata document of an sdtool file as JSON (checked like `load_meta`)."""
+    raw, _ = _read_raw(Path(path))
+    CheckpointMeta.from_json(raw, str(path))
+    return raw
 
 
-def _check_rebuild(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+def _as_meta(meta: CheckpointMeta | dict[str, Any], where: str = "metadata") -> CheckpointMeta:
+    return meta if isinstance(meta, CheckpointMeta) else CheckpointMeta.from_json(meta, where)
+
+
+def build_model(meta: CheckpointMeta | dict[str, Any]) -> MultiExitNet:
+    """A fresh model with the structure recorded in `meta` (spec plus pruned shapes), weights uninitialised."""
+    from sdtool.models import create_model
+    from sdtool.models.multi_exit import MultiExitNet
+    from sdtool.models.shapes import apply_shapes
+
+    m = _as_meta(meta)
+    model = create_model(m.model.name, **m.model.args)
+    if not isinstance(model, MultiExitNet):
+        raise SdtoolError(
+            f"model builder {m.model.name!r} returned a {type(model).__name__}, not a MultiExitNet; "
+            "a registered builder must return one (wrap your network with sdtool.models.wrap_model)"
+        )
+    try:
+        apply_shapes(model, m.shapes)
+    except KeyError as e:
+        raise SdtoolError(
+            f"checkpoint shapes name module {e.args[0]!r}, which model {m.model.name} lacks; "
+            "the file is damaged or from an incompatible sdtool"
+        ) from None
+    return model
+
+
+def _check_tensors(where: str, expected: dict[str, torch.Tensor], header: dict[str, tuple[list[int], str]]) -> None:
+    """The file's tensors must be exactly the model's: same names, shapes and dtypes (nothing is cast)."""
+    missing = [k for k in expected if k not in header]
+    extra = [k for k in header if k not in expected]
+    wrong = [k for k in expected if k in header and list(expected[k].shape) != header[k][0]]
+    dtype = [k for k in expected if k in header and _DTYPES.get(expected[k].dtype) != header[k][1]]
+    if missing or extra or wrong or dtype:
+        if missing:
+            what = f"missing {missing[0]}"
+        elif extra:
+            what = f"unexpected {extra[0]}"
+        elif wrong:
+            what = (
+                f"{wrong[0]} has shape {tuple(header[wrong[0]][0])}, the spec needs {tuple(expected[wrong[0]].shape)}"
+            )
+        else:
+            what = f"{dtype[0]} is {header[dtype[0]][1]}, the model holds {_DTYPES.get(expected[dtype[0]].dtype)}"
+        raise SdtoolError(f"{where}: tensors do not fit the model spec ({what}); the file is damaged or edited")
+
+
+class Checkpoint:
+    """A model with its metadata, and where it came from (`path` and its `sha256`, None until saved).
+
+    `sha256` is computed on first use: loading a large file does not pay for hashing it unless a child
+    is derived from it.
+    """
+
+    def __init__(
+        self, model: MultiExitNet, meta: CheckpointMeta, path: str | Path | None = None, sha256: str | None = None
+    ):
+        self.model, self.meta = model, meta
+        self.path = Path(path) if path is not None else None
+        self._sha256 = sha256
+
+    @property
+    def sha256(self) -> str | None:
+        if self._sha256 is None and self.path is not None:
+            self._sha256 = sha256(self.path)
+        return self._sha256
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.meta.model.name}, {self.model.num_exits} exits, path={self.path})"
+
+    def derive(
+        self,
+        command: str,
+        model: MultiExitNet | None = None,
+        *,
+        recipe: dict[str, Any] | None = None,
+        step_metrics: dict[str, Any] | None = None,
+        started: str | None = None,
+        lineage: dict[str, Any] | None = None,
+        **changes: Any,
+    ) -> Checkpoint:
+        """A child of this checkpoint made by `command`: `model` (default: the same), this metadata with
+        `changes` applied (CheckpointMeta fields, e.g. `thresholds=` or `metrics=`), and one lineage entry
+        naming this checkpoint as the parent, with `recipe`, `step_metrics`, the command line and the
+        `lineage` extras. Save it with `.save(path)`."""
+        entry = LineageEntry(
+            command=command,
+            sdtool_version=__version__,
+            recipe=recipe,
+            parent=str(self.path) if self.path is not None else None,
+            parent_sha256=self.sha256,
+            started=started or now(),
+            ended=now(),
+            metrics=step_metrics or {},
+            extra={"argv": sys.argv[1:], **(lineage or {})},
+        )
+        meta = self.meta.replace(lineage=[*self.meta.lineage, entry], **changes)
+        return Checkpoint(model if model is not None else self.model, meta)
+
+    def save(self, path: str | Path) -> Checkpoint:
+        """Write atomically (refusing a structure that would not reload); returns the saved checkpoint."""
+        from sdtool.models.shapes import shape_changes
+
+        spec = self.model.spec
+        meta = self.meta.replace(
+            format_version=FORMAT_VERSION,
+            sdtool_version=__version__,
+            model=ModelSpec.from_json(spec, "the model's spec"),
+            shapes=shape_changes(self.model, spec),
+        )
+        state = self.model.state_dict()
+        _check_rebuild(meta, state)
+        save_tensors(path, state, meta.to_json())
+        return Checkpoint(self.model, meta, path)
+
+    def data(
+        self, data: str | None = None, overrides: list[str] | None = None, split: str = "test", train: bool = False
+    ):
+        """The data to run this checkpoint on, checked against it (see `sdtool.checkpoint_data`)."""
+        from sdtool.checkpoint_data import checkpoint_data
+
+        return checkpoint_data(self, data, overrides, split, train)
+
+
+def _check_rebuild(meta: CheckpointMeta, state: dict[str, torch.Tensor]) -> None:
     """Refuse to write a file that would not load: rebuild the structure from the metadata (shapes only,
     on the meta device) and compare every tensor's shape with the model's."""
     problem = None
@@ -115,91 +260,40 @@ def _check_rebuild(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None
         )
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """The metadata document of an sdtool file, validated; raises SdtoolError for anything else."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the model from the file alone and load its weights (eval mode, on `device`).
+
+    Order matters for damaged or hostile files: the metadata is checked first, then the structure is
+    built on the meta device (no memory) and compared with the tensor header, and only then is the real
+    model built and the tensors read.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise SdtoolError(f"checkpoint {path} not found; pass the path of an sdtool .safetensors file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-    except (SafetensorError, OSError, ValueError) as e:  # random or truncated bytes
-        raise SdtoolError(
-            f"{path} is not a readable safetensors file (corrupt or truncated?): {str(e).splitlines()[0][:120]}"
-        ) from None
-    if raw is None:
-        raise SdtoolError(
-            f"{path} is a safetensors file but not an sdtool checkpoint (no sdtool metadata); "
-            "train with sdtool or load foreign weights through the teacher options"
-        )
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise SdtoolError(f"{path}: the sdtool metadata is not valid JSON; the file is damaged") from None
-    version = meta.get("format_version") if isinstance(meta, dict) else None
-    if not isinstance(version, int):
-        raise SdtoolError(f"{path}: the sdtool metadata has no format_version; the file is damaged")
-    if version > FORMAT_VERSION:
-        raise SdtoolError(
-            f"{path} was written by a newer sdtool (format {version}, this one reads up to "
-            f"{FORMAT_VERSION}); upgrade sdtool"
-        )
-    for key in ("model", "num_classes"):
-        if key not in meta:
-            raise SdtoolError(f"{path}: the sdtool metadata lacks {key!r}; the file is damaged")
-    return meta
-
-
-def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    try:
-        out = {}
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-        return out
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise SdtoolError(
-            f"{path}: tensors could not be read (corrupt or truncated?): {str(e).splitlines()[0][:120]}"
-        ) from None
-
-
-def build_model(meta: dict[str, Any]) -> nn.Module:
-    """A fresh model with the structure recorded in `meta` (spec plus pruned shapes), weights uninitialised."""
-    from sdtool.models import create_model
-    from sdtool.models.shapes import apply_shapes
-
-    spec = meta["model"]
-    model = create_model(spec["name"], **spec.get("args", {}))
-    try:
-        apply_shapes(model, meta.get("shapes") or {})
-    except KeyError as e:
-        raise SdtoolError(
-            f"checkpoint shapes name module {e.args[0]!r}, which model {spec['name']} lacks; "
-            "the file is damaged or from an incompatible sdtool"
-        ) from None
-    return model
-
-
-def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from the file alone and load its weights; returns (model in eval mode, meta)."""
-    meta = read_meta(path)
+    raw, header = _read_raw(path)
+    meta = CheckpointMeta.from_json(raw, str(path))
+    with torch.device("meta"):
+        skeleton = build_model(meta)
+    _check_tensors(str(path), skeleton.state_dict(), header)
     model = build_model(meta)
-    tensors = load_tensors(path)
-    state = model.state_dict()
-    missing = [k for k in state if k not in tensors]
-    extra = [k for k in tensors if k not in state]
-    wrong = [k for k in state if k in tensors and tensors[k].shape != state[k].shape]
-    if missing or extra or wrong:
-        what = (
-            f"missing {missing[0]}"
-            if missing
-            else f"unexpected {extra[0]}"
-            if extra
-            else f"{wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, the spec needs {tuple(state[wrong[0]].shape)}"
-        )
-        raise SdtoolError(f"{path}: tensors do not fit the model spec ({what}); the file is damaged or edited")
-    model.load_state_dict(tensors)
-    return model.to(device).eval(), meta
+    model.load_state_dict(load_tensors(path))
+    return Checkpoint(model.to(device).eval(), meta, path)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[MultiExitNet, dict[str, Any]]:
+    """`(model, metadata as JSON)`: the interface before `load_checkpoint`, kept for Python users."""
+    ckpt = load_checkpoint(path, device)
+    return ckpt.model, ckpt.meta.to_json()
+
+
+def save(path: str | Path, model: MultiExitNet, meta: CheckpointMeta | dict[str, Any]) -> None:
+    """Save `model` with `meta` (typed or its JSON; the spec, shapes and versions are filled in).
+
+    Prefer `Checkpoint.derive(...).save(path)`, which also records the step in the lineage."""
+    m = (
+        meta
+        if isinstance(meta, CheckpointMeta)
+        else CheckpointMeta.from_json({"model": model.spec, **meta}, "metadata to save")
+    )
+    Checkpoint(model, m).save(path)
 
 
 def lineage_entry(
@@ -211,26 +305,24 @@ def lineage_entry(
     parent_sha256: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """One step of a checkpoint's history: command, resolved recipe, parent hash, times, metrics.
-
-    `parent_sha256` may be given when it was computed earlier (a run hashes its parent once, at its start).
-    """
-    entry = {
-        "command": command,
-        "sdtool_version": __version__,
-        "recipe": recipe,
-        "parent": str(parent) if parent else None,
-        "parent_sha256": parent_sha256 or (sha256(parent) if parent else None),
-        "started": started,
-        "ended": now(),
-        "metrics": metrics or {},
-    }
-    entry.update(extra)
-    return entry
+    """One step of a checkpoint's history as JSON (for Python users building metadata by hand)."""
+    return LineageEntry(
+        command=command,
+        sdtool_version=__version__,
+        recipe=recipe,
+        parent=str(parent) if parent else None,
+        parent_sha256=parent_sha256 or (sha256(parent) if parent else None),
+        started=started,
+        ended=now(),
+        metrics=metrics or {},
+        extra=extra,
+    ).to_json()
 
 
-def input_size(meta: dict[str, Any]) -> int:
+def input_size(meta: CheckpointMeta | dict[str, Any]) -> int:
     """The square input side the checkpoint's network expects (32 when the file does not say)."""
+    if isinstance(meta, CheckpointMeta):
+        return meta.input_size
     return int((meta.get("input") or {}).get("size") or 32)
 
 
@@ -241,12 +333,12 @@ def derived_meta(meta: dict[str, Any]) -> dict[str, Any]:
 
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """`sdtool inspect`: the metadata, parameter count, exits and file size (tensors are validated too)."""
-    model, meta = load(path)
+    ckpt = load_checkpoint(path)
     return {
         "path": str(path),
         "file_size": Path(path).stat().st_size,
-        "sha256": sha256(path),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "exits": getattr(model, "num_exits", 1),
-        "meta": meta,
+        "sha256": ckpt.sha256,
+        "parameters": sum(p.numel() for p in ckpt.model.parameters()),
+        "exits": ckpt.model.num_exits,
+        "meta": ckpt.meta.to_json(),
     }

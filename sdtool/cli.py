@@ -10,7 +10,7 @@ import functools
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -28,7 +28,7 @@ _state = {"debug": False}
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (progress goes to stderr).")]
 SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override a recipe key, e.g. --set train.epochs=3 (repeatable).")
+    list[str] | None, typer.Option("--set", help="Override a recipe key, e.g. --set train.epochs=3 (repeatable).")
 ]
 
 
@@ -47,30 +47,33 @@ FitOpt = Annotated[
     bool, typer.Option("--fit-thresholds", help="Early exit: fit thresholds on the validation split first.")
 ]
 MaxDropOpt = Annotated[
-    Optional[float],
+    float | None,
     typer.Option(
         "--max-drop", help="Fit: least cost with top-1 at most D points below the deepest exit (default 0.5)."
     ),
 ]
 BudgetOpt = Annotated[
-    Optional[float],
+    float | None,
     typer.Option(
         "--budget", help="Fit: best top-1 within F x the reference cost (the deepest exit alone, in --cost units)."
     ),
 ]
-PolicyOpt = Annotated[Optional[str], typer.Option("--policy", help="Early exit: max_softmax (default) or entropy.")]
+PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Early exit: max_softmax (default) or entropy.")]
 FallbackOpt = Annotated[
-    Optional[str], typer.Option("--fallback", help="Early exit: who answers the rest: deepest (default) or ensemble.")
+    str | None, typer.Option("--fallback", help="Early exit: who answers the rest: deepest (default) or ensemble.")
 ]
 CostOpt = Annotated[
     Cost,
     typer.Option(
         "--cost",
-        help="Fit: what a sample costs: macs, or latency measured per exit step on this machine (in --engine; export: onnxruntime).",
+        help=(
+            "Fit: what a sample costs: macs, or latency measured per exit step on this "
+            "machine (in --engine; export: onnxruntime)."
+        ),
     ),
 ]
 SweepOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--sweep-out", help="Fit: write the accuracy-vs-MACs sweep (JSON, CSV, PNG) to this folder."),
 ]
 EngineOpt = Annotated[
@@ -78,7 +81,7 @@ EngineOpt = Annotated[
     typer.Option("--engine", help="Inference engine for timings: torch (eager, batch norm folded) or onnxruntime."),
 ]
 ThreadsOpt = Annotated[
-    Optional[int],
+    int | None,
     typer.Option(
         "--threads",
         help="CPU threads of the engine (default: torch's setting, or the cores this process may use for onnxruntime).",
@@ -130,15 +133,15 @@ def _user_errors(fn):
 @app.command(epilog="Example: sdtool train recipes/quickstart.yaml --out runs/quickstart --set train.epochs=5")
 @_user_errors
 def train(
-    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe (see recipes/).", show_default=False)] = None,
+    recipe: Annotated[Path | None, typer.Argument(help="YAML recipe (see recipes/).", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", help="Run folder for checkpoints and metrics.")] = Path("runs/train"),
     set_: SetOpt = None,
     init: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--init", help="Start from this checkpoint's structure and weights (e.g. a pruned one)."),
     ] = None,
     resume: Annotated[
-        Optional[Path], typer.Option("--resume", help="Continue the run in this folder exactly where it stopped.")
+        Path | None, typer.Option("--resume", help="Continue the run in this folder exactly where it stopped.")
     ] = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -169,7 +172,7 @@ def train(
 def eval_(
     ckpt: Annotated[Path, typer.Argument(help="sdtool checkpoint (.safetensors).")],
     data: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--data", help="Recipe file whose data section to use, or a data set name (default: the checkpoint's)."
         ),
@@ -188,11 +191,11 @@ def eval_(
     cost: CostOpt = Cost.macs,
     sweep_out: SweepOpt = None,
     out: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--out", help="Fit: write a new checkpoint with the thresholds (nothing is written without it)."),
     ] = None,
     batch_size: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--batch-size", help="Evaluation batch size (default: the recipe's eval_batch_size)."),
     ] = None,
     latency_images: Annotated[
@@ -273,7 +276,10 @@ def inspect(
     if json_:
         report.print_json(info)
     else:
-        report.inspect_view(str(ckpt), info["meta"], info["file_size"], info["parameters"])
+        from sdtool.meta import CheckpointMeta
+
+        meta = CheckpointMeta.from_json(info["meta"], str(ckpt))
+        report.inspect_view(str(ckpt), meta, info["file_size"], info["parameters"])
 
 
 @app.command(epilog="Example: sdtool models")
@@ -288,13 +294,16 @@ def models(json_: JsonOpt = False) -> None:
 
 
 @app.command(
-    epilog="Example: sdtool profile runs/quickstart/best.safetensors --batch 64; sdtool profile recipes/quickstart.yaml --no-latency"
+    epilog=(
+        "Example: sdtool profile runs/quickstart/best.safetensors --batch 64; sdtool "
+        "profile recipes/quickstart.yaml --no-latency"
+    )
 )
 @_user_errors
 def profile(
     target: Annotated[Path, typer.Argument(help="sdtool checkpoint (.safetensors) or recipe (.yaml).")],
     input_size: Annotated[
-        Optional[tuple[int, int]],
+        tuple[int, int] | None,
         typer.Option("--input-size", help="Input height and width (default: the checkpoint's or data set's)."),
     ] = None,
     batch: Annotated[int, typer.Option("--batch", help="Batch size N for latency (batch 1 is always measured).")] = 32,
@@ -331,7 +340,7 @@ def export(
         str, typer.Option("--format", help="safetensors (an sdtool checkpoint), pt2 (torch.export) or onnx.")
     ] = "safetensors",
     exit_: Annotated[
-        Optional[int], typer.Option("--exit", help="Keep only what exit K (1-based) needs: a compact standalone model.")
+        int | None, typer.Option("--exit", help="Keep only what exit K (1-based) needs: a compact standalone model.")
     ] = None,
     check: Annotated[
         bool, typer.Option("--check/--no-check", help="Run the written file and compare it with PyTorch.")
@@ -347,14 +356,14 @@ def export(
     cost: CostOpt = Cost.macs,
     sweep_out: SweepOpt = None,
     data: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--data", help="Fit: recipe file whose data section to use, or a data set name (default: the checkpoint's)."
         ),
     ] = None,
     set_: SetOpt = None,
     batch_size: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--batch-size", help="Fit: batch size of the validation pass and of --cost latency's timing."),
     ] = None,
     latency_batch: Annotated[
@@ -408,7 +417,10 @@ def export(
 
 
 @app.command(
-    epilog="Example: sdtool predict runs/sd/bundle cat.png dog.jpg; sdtool predict runs/sd/best.safetensors images.npz --json"
+    epilog=(
+        "Example: sdtool predict runs/sd/bundle cat.png dog.jpg; sdtool predict "
+        "runs/sd/best.safetensors images.npz --json"
+    )
 )
 @_user_errors
 def predict(
@@ -435,17 +447,18 @@ def predict(
 
 
 @app.command(
-    epilog="Example: sdtool prune runs/sd/best.safetensors --target-macs 0.5 --criterion taylor --eval --out runs/pruned.safetensors"
+    epilog=(
+        "Example: sdtool prune runs/sd/best.safetensors --target-macs 0.5 --criterion "
+        "taylor --eval --out runs/pruned.safetensors"
+    )
 )
 @_user_errors
 def prune(
     ckpt: Annotated[Path, typer.Argument(help="sdtool checkpoint (.safetensors).")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the pruned checkpoint.")],
-    ratio: Annotated[
-        Optional[float], typer.Option("--ratio", help="Fraction of channels to remove, in (0, 1).")
-    ] = None,
+    ratio: Annotated[float | None, typer.Option("--ratio", help="Fraction of channels to remove, in (0, 1).")] = None,
     target_macs: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
             "--target-macs", help="Fraction of the full multi-exit MACs to keep, in (0, 1); reached within 2%."
         ),
@@ -458,12 +471,15 @@ def prune(
         ),
     ] = False,
     iterative_steps: Annotated[int, typer.Option("--iterative-steps", help="Reach the ratio in N pruning steps.")] = 1,
-    round_to: Annotated[Optional[int], typer.Option("--round-to", help="Keep channel counts multiples of N.")] = None,
+    round_to: Annotated[int | None, typer.Option("--round-to", help="Keep channel counts multiples of N.")] = None,
     protect_exits: Annotated[
         bool,
         typer.Option(
             "--protect-exits/--no-protect-exits",
-            help="Keep the shallow exits' own widths (head blocks, attention inner width); classifiers always keep their classes.",
+            help=(
+                "Keep the shallow exits' own widths (head blocks, attention inner width); "
+                "classifiers always keep their classes."
+            ),
         ),
     ] = True,
     taylor_batches: Annotated[
@@ -471,10 +487,13 @@ def prune(
     ] = 4,
     eval_: Annotated[bool, typer.Option("--eval", help="Also report test accuracy per exit before and after.")] = False,
     data: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--data",
-            help="Recipe file whose data section to use, or a data set name (default: the checkpoint's); for taylor and --eval.",
+            help=(
+                "Recipe file whose data section to use, or a data set name (default: the "
+                "checkpoint's); for taylor and --eval."
+            ),
         ),
     ] = None,
     set_: SetOpt = None,
@@ -529,17 +548,17 @@ def pipeline(
 @_user_errors
 def distill(
     recipe: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Argument(help="YAML recipe of the student (its sd.mode and distill section apply).", show_default=False),
     ] = None,
     teacher: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--teacher", help="sdtool checkpoint, or torchvision:NAME (default: the recipe's distill.teacher)."
         ),
     ] = None,
     teacher_weights: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--teacher-weights",
             help="torchvision teacher: local .safetensors or .pth state dict (nothing is downloaded).",
@@ -548,10 +567,10 @@ def distill(
     out: Annotated[Path, typer.Option("--out", help="Run folder for checkpoints and metrics.")] = Path("runs/distill"),
     set_: SetOpt = None,
     init: Annotated[
-        Optional[Path], typer.Option("--init", help="Start the student from this checkpoint's structure and weights.")
+        Path | None, typer.Option("--init", help="Start the student from this checkpoint's structure and weights.")
     ] = None,
     resume: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--resume", help="Continue the distillation run in this folder exactly where it stopped."),
     ] = None,
     json_: JsonOpt = False,

@@ -57,8 +57,8 @@ def export_bundle(
     """
     from sdtool import report
     from sdtool.early_exit import leave_costs
-    from sdtool.exit_eval import FitOptions, choose_policy
     from sdtool.engines import OrtEngine, bundle_layout
+    from sdtool.exit_eval import FitOptions, choose_policy
     from sdtool.onnx_graphs import model_pieces, require_onnx
     from sdtool.profile import exit_costs
 
@@ -73,22 +73,22 @@ def export_bundle(
         raise SdtoolError(f"--latency-batch must be at least 1, got {latency_batch}")
     src, outp = Path(path), Path(out)
     _check_out(outp, src)
-    model, meta = checkpoint.load(path)
-    size = checkpoint.input_size(meta)
-    spec_in = meta.get("input") or {}
-    mean, std = spec_in.get("mean"), spec_in.get("std")
-    if not mean or not std:
+    ckpt = checkpoint.load_checkpoint(path)
+    model, meta = ckpt.model, ckpt.meta
+    size = meta.input_size
+    spec_in = meta.input
+    if spec_in is None or not spec_in.mean or not spec_in.std:
         raise SdtoolError(f"{path} records no input normalisation (mean, std); it cannot be deployed without it")
-    if model.num_exits > 1 and not opts.fit and not meta.get("thresholds"):  # before the slow export
+    if model.num_exits > 1 and not opts.fit and meta.thresholds is None:  # before the slow export
         raise SdtoolError(
             f"{path} has no fitted thresholds; add --fit-thresholds (and --max-drop D or --budget F), "
             f"or fit them first with sdtool eval {path} --early-exit --fit-thresholds --out NEW"
         )
     costs = exit_costs(model, (size, size))
-    src_sha = checkpoint.sha256(path)
+    src_sha = ckpt.sha256
     log(f"exporting {path} to ONNX and cutting it into exit steps")
     pieces = model_pieces(model, size, identity={"source_sha256": src_sha})
-    engine = OrtEngine(model, size, threads=threads, pieces=pieces, ensemble=meta.get("ensemble", "logits"))
+    engine = OrtEngine(model, size, threads=threads, pieces=pieces, ensemble=meta.ensemble)
     fit_rep = sweep_rep = None
     warnings: list[str] = []
     if model.num_exits == 1:  # `export --exit K` output: one step, nothing to decide
@@ -96,15 +96,12 @@ def export_bundle(
 
         if opts.fit:
             raise SdtoolError(f"{path} has a single exit; there are no thresholds to fit")
-        pol = ExitPolicy("max_softmax", [], "deepest", meta.get("ensemble", "logits"))
+        pol = ExitPolicy("max_softmax", [], "deepest", meta.ensemble)
     else:
         needs_data = opts.fit
         cfg = bundle = None
         if needs_data:
-            from sdtool.evaluate import bundle_for_checkpoint, data_for_checkpoint
-
-            cfg = data_for_checkpoint(meta, data, overrides)
-            bundle = bundle_for_checkpoint(path, meta, cfg, "val")
+            cfg, bundle = ckpt.data(data, overrides, "val")
         bs = batch_size or (cfg.eval_batch_size if cfg else latency_batch)
         pol, fit_rep, sweep_rep, warnings = choose_policy(
             path, model, meta, cfg, bundle, opts, costs, torch.device("cpu"), bs, engine, log
@@ -113,16 +110,16 @@ def export_bundle(
         pieces,
         pol,
         size,
-        int(spec_in.get("channels") or 3),
-        mean,
-        std,
+        spec_in.channels,
+        spec_in.mean,
+        spec_in.std,
         model.num_classes,
         src_sha,
-        meta.get("class_names"),
+        meta.class_names,
     )
     timing = None
     if repeats > 0:
-        log("timing each step in ONNX Runtime (batch 1 and %d)" % latency_batch)
+        log(f"timing each step in ONNX Runtime (batch 1 and {latency_batch})")
         timing = {str(b): engine.piece_times(size, b, warmup=2, repeats=repeats) for b in sorted({1, latency_batch})}
     leave = leave_costs(costs, pol.computed())
     for k, step in enumerate(manifest["steps"]):
@@ -143,9 +140,9 @@ def export_bundle(
             "source": {
                 "path": str(path),
                 "sha256": src_sha,
-                "lineage": meta.get("lineage", []),
+                "lineage": [e.to_json() for e in meta.lineage],
                 "thresholds_fitted_on": (fit_rep and {k: v for k, v in fit_rep.items() if k != "piece_times"})
-                or (meta.get("thresholds") or {}).get("fitted_on"),
+                or (meta.thresholds.fitted_on if meta.thresholds else None),
             },
             "runtime": runtime.RUNTIME_FILE,
         }
@@ -215,7 +212,7 @@ def check_bundle(folder: Path, model, size: int, threads: int | None = None) -> 
     ref, _ = model(x)
     got = sess.run_exits(x.numpy())
     scale = max(1.0, max(float(r.abs().max()) for r in ref))
-    diffs = [float(np.abs(g - r.numpy()).max()) for g, r in zip(got, ref) if g is not None]
+    diffs = [float(np.abs(g - r.numpy()).max()) for g, r in zip(got, ref, strict=True) if g is not None]
     worst = max(diffs)
     pol = ExitPolicy(sess.policy, sess.values, sess.fallback, sess.ensemble_kind)
     _, e_ref = early_exit_forward(model, x, pol)
@@ -269,7 +266,7 @@ def predict(target: str, inputs: list[str], threads: int | None = None, resize: 
         engine, names = sess.settings, sess.class_names
     else:
         rows, engine, names = _predict_checkpoint(p, inputs, threads, resize, top)
-    for r, f in zip(rows, _sources(inputs)):
+    for r, f in zip(rows, _sources(inputs), strict=True):
         r["file"] = f
     return {
         "target": str(target),
@@ -298,26 +295,22 @@ def _predict_checkpoint(path: Path, inputs: list[str], threads: int | None, resi
 
     if threads:
         torch.set_num_threads(threads)
-    model, meta = checkpoint.load(path)
-    spec = meta.get("input") or {}
-    size, ch = checkpoint.input_size(meta), int(spec.get("channels") or 3)
-    if not spec.get("mean") or not spec.get("std"):
+    ckpt = checkpoint.load_checkpoint(path)
+    model, meta = ckpt.model, ckpt.meta
+    spec = meta.input
+    if spec is None or not spec.mean or not spec.std:
         raise SdtoolError(f"{path} records no input normalisation (mean, std); it cannot classify raw images")
-    images = runtime.load_images(inputs, size, ch, resize)
-    mean = torch.tensor(spec["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(spec["std"]).view(1, -1, 1, 1)
+    images = runtime.load_images(inputs, spec.size, spec.channels, resize)
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
-    stored = meta.get("thresholds")
     k_all = model.num_exits
-    if stored and k_all > 1:
-        pol = ExitPolicy(
-            stored["policy"], list(stored["values"]), stored.get("fallback", "deepest"), meta.get("ensemble", "logits")
-        )
-        z, e = early_exit_forward(model, x, pol)
+    if meta.thresholds is not None and k_all > 1:
+        z, e = early_exit_forward(model, x, ExitPolicy.stored(meta.thresholds, meta.ensemble))
     else:
         z, e = model.forward_until(x, k_all - 1), torch.full((len(x),), k_all - 1)
     p = torch.softmax(z.float(), dim=1)
-    names = meta.get("class_names")
+    names = meta.class_names
     rows = []
     for i in range(len(x)):
         conf, idx = p[i].topk(min(top, p.shape[1]))
@@ -328,8 +321,12 @@ def _predict_checkpoint(path: Path, inputs: list[str], threads: int | None, resi
                 "name": names[c] if names else str(c),
                 "confidence": float(conf[0]),
                 "exit": int(e[i]) + 1,
-                "top": [{"class": int(j), "confidence": float(v)} for v, j in zip(conf, idx)],
+                "top": [{"class": int(j), "confidence": float(v)} for v, j in zip(conf, idx, strict=True)],
             }
         )
-    engine = {"engine": "torch", "threads": torch.get_num_threads(), "early_exit": bool(stored and k_all > 1)}
+    engine = {
+        "engine": "torch",
+        "threads": torch.get_num_threads(),
+        "early_exit": meta.thresholds is not None and k_all > 1,
+    }
     return rows, engine, names

@@ -34,6 +34,7 @@ from torch import nn
 from sdtool import checkpoint
 from sdtool.errors import SdtoolError
 from sdtool.losses import ATLoss, FitNetLoss, KDLoss, ensemble_logits
+from sdtool.meta import CheckpointMeta
 
 TV_PREFIX = "torchvision:"
 # Stage modules of torchvision teachers whose layout is known (for feature distillation).
@@ -113,7 +114,7 @@ class Teacher(nn.Module):
         self.renorm = False  # True: x_t = x * renorm_scale + renorm_shift (buffers, set by `check`)
         if spec.startswith(TV_PREFIX):
             self.net, self.info, names = _torchvision_teacher(spec[len(TV_PREFIX) :], weights)
-            self.meta = None
+            self.meta: CheckpointMeta | None = None
             modules = dict(self.net.named_modules())
             self.stage_modules = [modules[n] for n in names] if names else None
         else:
@@ -121,17 +122,16 @@ class Teacher(nn.Module):
                 raise SdtoolError(
                     "--teacher-weights applies to torchvision:NAME teachers; an sdtool checkpoint holds its own weights"
                 )
-            self.net, self.meta = checkpoint.load(spec)
-            if not hasattr(self.net, "forward_until"):
-                raise SdtoolError(f"{spec} does not hold a multi-exit sdtool model")
-            self.stage_modules = list(self.net.stages)
+            ckpt = checkpoint.load_checkpoint(spec)
+            self.net, self.meta = ckpt.model, ckpt.meta
+            self.stage_modules = list(ckpt.model.stages)
             self.info = {
                 "kind": "sdtool",
                 "source": str(spec),
-                "sha256": checkpoint.sha256(spec),
-                "num_classes": int(self.meta["num_classes"]),
+                "sha256": ckpt.sha256,
+                "num_classes": ckpt.meta.num_classes,
                 "output": output,
-                "model": self.meta["model"]["name"],
+                "model": ckpt.meta.model.name,
             }
         self.net.requires_grad_(False)
         self.net.eval()
@@ -141,7 +141,7 @@ class Teacher(nn.Module):
     def _capture(self, module, inputs, output) -> None:
         self._captured.append(output)
 
-    def train(self, mode: bool = True) -> "Teacher":
+    def train(self, mode: bool = True) -> Teacher:
         super().train(mode)
         self.net.eval()  # always: batch-norm statistics of the teacher never change
         return self
@@ -155,7 +155,7 @@ class Teacher(nn.Module):
         if self.meta is None:
             z = self.net(x)
         elif self.output == "ensemble" and self.net.num_exits > 1:
-            z = ensemble_logits(self.net(x)[0], self.meta.get("ensemble", "logits"))
+            z = ensemble_logits(self.net(x)[0], self.meta.ensemble)
         else:
             z = self.net.forward_until(x, self.net.num_exits - 1)
         feats, self._captured = self._captured, []
@@ -169,14 +169,14 @@ class Teacher(nn.Module):
                 f"teacher {self.info['source']} predicts {n_t} classes but the student's data set has "
                 f"{num_classes}; use a teacher trained on the same classes"
             )
-        if self.meta is not None:
-            size = (self.meta.get("input") or {}).get("size")
-            if size is not None and int(size) != int(input_size):
+        if self.meta is not None and self.meta.input is not None:
+            size = self.meta.input.size
+            if size != int(input_size):
                 raise SdtoolError(
                     f"teacher {self.info['source']} was trained on {size}x{size} inputs but the student's "
                     f"data is {input_size}x{input_size}; set data.input_size={size} or use a matching teacher"
                 )
-            t_mean, t_std = (self.meta.get("input") or {}).get("mean"), (self.meta.get("input") or {}).get("std")
+            t_mean, t_std = self.meta.input.mean, self.meta.input.std
             if t_mean and t_std and (list(t_mean) != list(mean) or list(t_std) != list(std)):
                 # x = (img - m_s) / s_s  ->  (img - m_t) / s_t = x * s_s / s_t + (m_s - m_t) / s_t
                 s_s, m_s = torch.tensor(std).view(1, -1, 1, 1), torch.tensor(mean).view(1, -1, 1, 1)
@@ -211,7 +211,7 @@ class DistillExtra(nn.Module):
     def info(self) -> dict:
         return self.teacher.info
 
-    def train(self, mode: bool = True) -> "DistillExtra":
+    def train(self, mode: bool = True) -> DistillExtra:
         super().train(mode)
         self.teacher.train(mode)  # keeps the teacher network itself in eval mode
         return self
@@ -265,7 +265,8 @@ class DistillExtra(nn.Module):
             if len(student) != len(self.pairs):
                 raise RuntimeError("student stage outputs were not captured; is the model compiled without hooks?")
             feat = self.cfg.feature_weight * sum(
-                fl(student[i], t_feats[t]) for i, (fl, (_, t)) in enumerate(zip(self.feature_losses, self.pairs))
+                fl(student[i], t_feats[t])
+                for i, (fl, (_, t)) in enumerate(zip(self.feature_losses, self.pairs, strict=True))
             )
             loss = loss + feat
             parts["teacher_feature"] = feat.detach()

@@ -31,6 +31,7 @@ from torch import nn
 
 from sdtool.errors import SdtoolError
 from sdtool.losses import ensemble_logits
+from sdtool.meta import Thresholds
 
 POLICIES = ("max_softmax", "entropy")
 FALLBACKS = ("deepest", "ensemble")
@@ -61,8 +62,17 @@ class ExitPolicy:
         """Which exits' outputs are computed on a sample's way through (the last one always)."""
         return [self.fallback == "ensemble" or v is not None for v in self.values] + [True]
 
+    @classmethod
+    def stored(cls, thresholds: Thresholds, ensemble: str, fallback: str | None = None) -> ExitPolicy:
+        """The policy a checkpoint's fitted thresholds describe (`fallback` overrides the stored one)."""
+        return cls(thresholds.policy, list(thresholds.values), fallback or thresholds.fallback, ensemble)
+
+    def to_thresholds(self, fitted_on: dict | None = None) -> Thresholds:
+        """What a checkpoint stores of this policy (`fitted_on`: the report of the fit that chose it)."""
+        return Thresholds(self.policy, list(self.values), self.fallback, fitted_on)
+
     def to_meta(self, fitted_on: dict | None = None) -> dict:
-        return {"policy": self.policy, "values": list(self.values), "fallback": self.fallback, "fitted_on": fitted_on}
+        return self.to_thresholds(fitted_on).to_json()
 
 
 def values_from_scores(policy: str, scores: list[float]) -> list[float | None]:
@@ -81,7 +91,7 @@ def confidence(logits: torch.Tensor, policy: str) -> torch.Tensor:
 def leave_costs(costs: dict, computed: list[bool]) -> list[int]:
     """MACs of a sample that leaves at each exit, given which exits' heads are computed (profile's costs)."""
     out, heads = [], 0
-    for e, c in zip(costs["exits"], computed):
+    for e, c in zip(costs["exits"], computed, strict=True):
         heads += e["head_macs"] if c else 0
         out.append(e["stages_macs"] + heads)
     return out

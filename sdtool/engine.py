@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +27,9 @@ from sdtool.device import amp_dtype, resolve_device, use_channels_last
 from sdtool.errors import SdtoolError
 from sdtool.evaluate import evaluate
 from sdtool.losses import SelfDistillLoss
+from sdtool.meta import CheckpointMeta, DataRef, InputSpec, ModelSpec, ValSplit
 from sdtool.models import create_model
+from sdtool.models.multi_exit import MultiExitNet
 from sdtool.models.registry import select_args
 from sdtool.recipe import ModelConfig, Recipe, dump_yaml, from_dict
 from sdtool.schedule import lr_factor
@@ -57,8 +59,11 @@ def model_args(recipe: Recipe, num_classes: int, input_size: int | None = None) 
     return select_args(m.name, args, dataclasses.asdict(ModelConfig()))
 
 
-def build_model(recipe: Recipe, bundle: DataBundle, init: str | None, log: Callable[[str], None]):
-    """The model to train: a fresh one from the recipe, or the structure and weights of `init`."""
+def build_model(
+    recipe: Recipe, bundle: DataBundle, init: str | None, log: Callable[[str], None]
+) -> tuple[MultiExitNet, checkpoint.Checkpoint | None]:
+    """The model to train: a fresh one from the recipe, or the structure and weights of `init` (returned
+    too, as the parent of the run's checkpoints)."""
     num_classes = recipe.model.num_classes or bundle.num_classes
     if num_classes != bundle.num_classes:
         raise SdtoolError(
@@ -67,10 +72,11 @@ def build_model(recipe: Recipe, bundle: DataBundle, init: str | None, log: Calla
         )
     if init is None:
         return create_model(recipe.model.name, **model_args(recipe, num_classes, bundle.input_size)), None
-    model, meta = checkpoint.load(init)
-    if meta["num_classes"] != bundle.num_classes:
+    parent = checkpoint.load_checkpoint(init)
+    model, meta = parent.model, parent.meta
+    if meta.num_classes != bundle.num_classes:
         raise SdtoolError(
-            f"--init checkpoint has {meta['num_classes']} classes but data set "
+            f"--init checkpoint has {meta.num_classes} classes but data set "
             f"{recipe.data.name} has {bundle.num_classes}; use a matching data set"
         )
     if recipe.sd.mode == "plain" and model.num_exits > 1:
@@ -83,11 +89,11 @@ def build_model(recipe: Recipe, bundle: DataBundle, init: str | None, log: Calla
             f"--init checkpoint has a single exit but sd.mode is {recipe.sd.mode}; use --set sd.mode=plain"
         )
     log(
-        f"--init {init}: the checkpoint's model ({meta['model']['name']}, {model.num_exits} exits"
-        f"{', pruned' if meta.get('shapes') else ''}) replaces the recipe's model section"
+        f"--init {init}: the checkpoint's model ({meta.model.name}, {model.num_exits} exits"
+        f"{', pruned' if meta.shapes else ''}) replaces the recipe's model section"
     )
     model.train()
-    return model, meta
+    return model, parent
 
 
 @dataclass
@@ -212,7 +218,7 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
     bundle = build_data(recipe.data, train=True)
     if ctx.is_main:
         distributed.barrier(ctx)
-    model, parent_meta = build_model(recipe, bundle, init, log)
+    model, parent = build_model(recipe, bundle, init, log)
     criterion = SelfDistillLoss.from_recipe(recipe.sd, model.feature_dims, t.label_smoothing)
     if ctx.enabled:
         torch.manual_seed(t.seed + 1_000_003 * ctx.rank)  # different augmentation per process
@@ -293,35 +299,30 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
         )
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
-    base_meta = {
-        "num_classes": bundle.num_classes,
-        "class_names": bundle.class_names,
-        "input": {"size": bundle.input_size, "channels": 3, "mean": list(bundle.mean), "std": list(bundle.std)},
-        "data": {
-            "name": recipe.data.name,
-            "root": recipe.data.root,
-            "train_file": recipe.data.train_file,
-            "test_file": recipe.data.test_file,
-        },
-        "val_split": bundle.val_info,
-        "ensemble": recipe.sd.ensemble,
-        "mode": recipe.sd.mode,
-    }
-    parent_lineage = (parent_meta or {}).get("lineage", [])
+    # The run's checkpoints descend from --init (hashed once, when the run started) or from nothing; their
+    # metadata describes this run's data, not the parent's, and only the lineage is carried over.
+    origin = checkpoint.Checkpoint(
+        model,
+        CheckpointMeta(
+            model=ModelSpec.from_json(model.spec, "the model's spec"),
+            num_classes=bundle.num_classes,
+            class_names=bundle.class_names,
+            input=InputSpec(size=bundle.input_size, channels=3, mean=list(bundle.mean), std=list(bundle.std)),
+            data=DataRef(recipe.data.name, recipe.data.root, recipe.data.train_file, recipe.data.test_file),
+            val_split=ValSplit(**bundle.val_info) if bundle.val_info else None,
+            ensemble=recipe.sd.ensemble,
+            mode=recipe.sd.mode,
+            lineage=parent.meta.lineage if parent is not None else [],
+        ),
+        path=init,
+        sha256=parent_sha,
+    )
 
     def save_ckpt(path: Path, metrics: dict) -> None:
-        entry = checkpoint.lineage_entry(
-            command,
-            recipe.to_dict(),
-            init,
-            started,
-            metrics,
-            parent_sha256=parent_sha,
-            argv=sys.argv[1:],
-            world_size=ctx.world_size,
-            **(lineage_extra or {}),
-        )
-        checkpoint.save(path, model, {**base_meta, "metrics": metrics, "lineage": parent_lineage + [entry]})
+        lineage = {"world_size": ctx.world_size, **(lineage_extra or {})}
+        origin.derive(
+            command, recipe=recipe.to_dict(), step_metrics=metrics, metrics=metrics, started=started, lineage=lineage
+        ).save(path)
 
     history: list[dict] = []
     best_path = run_dir / "best.safetensors" if n_val else None
@@ -408,7 +409,7 @@ def _fit(recipe, run_dir, init, resuming, extra, command, quiet, log, lineage_ex
             "memory_format": runtime["memory_format"],
             "device": str(device),
             "world_size": ctx.world_size,
-            "train_parts": {k: v / max(n, 1) for k, v in zip(names, ps)},
+            "train_parts": {k: v / max(n, 1) for k, v in zip(names, ps, strict=True)},
         }
         if extra is not None and hasattr(extra, "epoch_metrics"):  # e.g. the external teacher's time
             row.update(extra.epoch_metrics())

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sdtool.losses import ensemble_logits
+from sdtool.meta import CheckpointMeta
 
 
 def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[int]:
@@ -37,7 +38,7 @@ def collect_logits(
         from sdtool.errors import SdtoolError
 
         raise SdtoolError("the evaluation split is empty; check data.limit_test, data.val_size and the data files")
-    return [torch.cat(z) for z in zip(*outs)], torch.cat(ys)
+    return [torch.cat(z) for z in zip(*outs, strict=True)], torch.cat(ys)
 
 
 def accuracy_report(logits: list[torch.Tensor], y: torch.Tensor, ensemble: str = "logits") -> dict:
@@ -69,68 +70,13 @@ def evaluate(
     return accuracy_report(logits, y, ensemble)
 
 
-def recorded_recipe(meta: dict) -> dict | None:
-    """The resolved recipe of the latest lineage step that trained the checkpoint (prune steps have none)."""
-    for entry in reversed(meta.get("lineage", [])):
-        if entry.get("recipe"):
-            return entry["recipe"]
-    return None
+def data_for_checkpoint(meta: dict | CheckpointMeta, data: str | None = None, overrides: list[str] | None = None):
+    """The data config to evaluate a checkpoint on (see `sdtool.checkpoint_data.data_config`)."""
+    from sdtool.checkpoint_data import data_config
 
-
-def data_for_checkpoint(meta: dict, data: str | None = None, overrides: list[str] | None = None):
-    """The data config to evaluate a checkpoint on: its recorded recipe's data section, or `data`.
-
-    `data` is a recipe file (its data section is used) or a data set name; `overrides` are
-    `data.key=value` settings applied on top.
-    """
-    from pathlib import Path
-
-    from sdtool.recipe import apply_overrides, from_dict, load_yaml
-    from sdtool.errors import SdtoolError
-
-    base = recorded_recipe(meta) or {}
-    raw = {"data": dict(base.get("data") or {})}
-    if data is not None:
-        if Path(data).suffix in (".yaml", ".yml"):
-            raw["data"] = load_yaml(data).get("data") or {}
-        else:
-            raw["data"] = {"name": data}
-    for o in overrides or []:
-        if not o.startswith("data."):
-            raise SdtoolError(f"--set {o}: only data.* keys apply when evaluating a checkpoint")
-    if not raw["data"]:
-        raise SdtoolError("the checkpoint records no data set; pass --data RECIPE.yaml or --data NAME")
-    return from_dict(apply_overrides(raw, overrides or [])).data
-
-
-def bundle_for_checkpoint(path, meta: dict, cfg, split: str):
-    """Build `cfg`'s data for evaluating the checkpoint at `path`; refuse a class-count mismatch and a
-    missing validation split when `split` is val."""
-    from sdtool.data import build_data
-    from sdtool.errors import SdtoolError
-
-    bundle = build_data(cfg, train=False)
-    spec = meta.get("input") or {}
-    if spec.get("size") and bundle.input_size != spec["size"]:
-        raise SdtoolError(
-            f"{path} takes {spec['size']}x{spec['size']} inputs but data set {cfg.name} gives "
-            f"{bundle.input_size}x{bundle.input_size}; pass --set data.input_size={spec['size']}"
-        )
-    if spec.get("mean") and spec.get("std") and bundle.in_memory:
-        # The network expects the normalisation it was trained with, whatever the data set's default.
-        bundle.mean, bundle.std = tuple(spec["mean"]), tuple(spec["std"])
-        bundle._stats.clear()
-    if bundle.num_classes != meta["num_classes"]:
-        raise SdtoolError(
-            f"{path} predicts {meta['num_classes']} classes but data set {cfg.name} has "
-            f"{bundle.num_classes}; evaluate it on a matching data set"
-        )
-    if split == "val" and bundle.val is None:
-        raise SdtoolError(
-            "this data configuration has no validation split; set data.val_size "
-            "(e.g. --set data.val_size=0.1) or use --split test"
-        )
-    return bundle
+    return data_config(
+        meta if isinstance(meta, CheckpointMeta) else CheckpointMeta.from_json(meta, "metadata"), data, overrides
+    )
 
 
 def eval_checkpoint(
@@ -142,13 +88,12 @@ def eval_checkpoint(
     batch_size: int | None = None,
 ) -> dict:
     """`sdtool eval`: per-exit and ensemble accuracy of a checkpoint on a split of its data set."""
-    from sdtool.checkpoint import load
+    from sdtool.checkpoint import load_checkpoint
     from sdtool.device import resolve_device
 
     dev = resolve_device(device)
-    model, meta = load(path, dev)
-    cfg = data_for_checkpoint(meta, data, overrides)
-    bundle = bundle_for_checkpoint(path, meta, cfg, split)
+    ckpt = load_checkpoint(path, dev)
+    cfg, bundle = ckpt.data(data, overrides, split)
     loader = bundle.loader(split, batch_size or cfg.eval_batch_size, shuffle=False, seed=0, workers=cfg.workers)
-    rep = evaluate(model, loader, bundle.prepare, dev, meta.get("ensemble", "logits"))
+    rep = evaluate(ckpt.model, loader, bundle.prepare, dev, ckpt.meta.ensemble)
     return {"checkpoint": str(path), "split": split, "data": cfg.name, **rep}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,8 +16,8 @@ from torch import nn
 
 from sdtool.early_exit import ExitPolicy, early_exit_forward, leave_costs, leave_times
 from sdtool.errors import SdtoolError
+from sdtool.meta import CheckpointMeta, ValSplit
 from sdtool.profile import sync as _sync
-
 
 SEARCH_NOTE = (
     "per-exit thresholds from confidence percentiles, coordinate descent from two starts "
@@ -44,11 +45,11 @@ def run_split(engine, loader, prepare) -> dict:
             if i == 0:
                 engine.early_exit(x), engine.deepest(x)
             if i % 2:
-                zd, dt_d = _timed(lambda: engine.deepest(x))
-                (z, e), dt_e = _timed(lambda: engine.early_exit(x))
+                zd, dt_d = _timed(partial(engine.deepest, x))
+                (z, e), dt_e = _timed(partial(engine.early_exit, x))
             else:
-                (z, e), dt_e = _timed(lambda: engine.early_exit(x))
-                zd, dt_d = _timed(lambda: engine.deepest(x))
+                (z, e), dt_e = _timed(partial(engine.early_exit, x))
+                zd, dt_d = _timed(partial(engine.deepest, x))
             t_ee, t_deep = t_ee + dt_e, t_deep + dt_d
             exit_all.append(e)
             right_all.append(z.argmax(1) == y)
@@ -76,8 +77,8 @@ def time_batch1(engine, xs: torch.Tensor, repeats: int = 3, warmup: int = 3) -> 
         for _ in range(repeats):
             te = td = 0.0
             for x in ones:
-                te += _timed(lambda: engine.early_exit(x))[1]
-                td += _timed(lambda: engine.deepest(x))[1]
+                te += _timed(partial(engine.early_exit, x))[1]
+                td += _timed(partial(engine.deepest, x))[1]
             tot_e.append(te)
             tot_d.append(td)
     e, d = statistics.median(tot_e), statistics.median(tot_d)
@@ -128,14 +129,19 @@ class FitOptions:
             self.max_drop = 0.5
 
 
-def _fit_context(meta: dict, bundle, cfg) -> tuple[dict, list[str]]:
+def _fit_context(meta: CheckpointMeta, bundle, cfg) -> tuple[dict, list[str]]:
     """Where thresholds are fitted, and a warning when that split overlaps the training images."""
-    rec, now_val = meta.get("val_split"), bundle.val_info or {}
-    keys = ("size", "seed", "of", "fingerprint") if rec and "fingerprint" in rec else ("size", "seed")  # older files
-    overlaps = not rec or any(rec.get(k) != now_val.get(k) for k in keys)
+    rec = meta.val_split
+    now_val = ValSplit.from_json(bundle.val_info, "the validation split") if bundle.val_info else None
+    if rec is None or now_val is None:
+        overlaps = True
+    elif rec.fingerprint is not None:
+        overlaps = rec != now_val
+    else:  # older files: no fingerprint, only the size and seed of the cut
+        overlaps = (rec.size, rec.seed) != (now_val.size, now_val.seed)
     warnings = []
     if overlaps:
-        same_cut = bool(rec) and rec.get("size") == now_val.get("size") and rec.get("seed") == now_val.get("seed")
+        same_cut = rec is not None and now_val is not None and (rec.size, rec.seed) == (now_val.size, now_val.seed)
         fix = (
             "evaluate on the data set the model was trained on, or retrain on this one"
             if same_cut
@@ -149,8 +155,8 @@ def _fit_context(meta: dict, bundle, cfg) -> tuple[dict, list[str]]:
     return {
         "split": "val",
         "data": cfg.name,
-        "val_size": now_val.get("size"),
-        "val_seed": now_val.get("seed"),
+        "val_size": now_val.size if now_val else None,
+        "val_seed": now_val.seed if now_val else None,
         "overlaps_training": bool(overlaps),
         "search": SEARCH_NOTE,
     }, warnings
@@ -159,7 +165,7 @@ def _fit_context(meta: dict, bundle, cfg) -> tuple[dict, list[str]]:
 def choose_policy(
     path: str,
     model: nn.Module,
-    meta: dict,
+    meta: CheckpointMeta,
     cfg,
     bundle,
     opts: FitOptions,
@@ -179,23 +185,20 @@ def choose_policy(
     from sdtool import thresholds as th
     from sdtool.evaluate import collect_logits
 
-    ens = meta.get("ensemble", "logits")
+    ens = meta.ensemble
     if not opts.fit:
-        stored = meta.get("thresholds")
-        if not stored:
+        stored = meta.thresholds
+        if stored is None:
             raise SdtoolError(
                 f"{path} has no fitted thresholds; run sdtool eval {path} --early-exit "
                 "--fit-thresholds --out NEW.safetensors first, or add --fit-thresholds"
             )
-        if opts.policy and opts.policy != stored["policy"]:
+        if opts.policy and opts.policy != stored.policy:
             raise SdtoolError(
-                f"{path} stores {stored['policy']} thresholds; refit with --fit-thresholds "
+                f"{path} stores {stored.policy} thresholds; refit with --fit-thresholds "
                 f"--policy {opts.policy} to use {opts.policy}"
             )
-        pol = ExitPolicy(
-            stored["policy"], list(stored["values"]), opts.fallback or stored.get("fallback", "deepest"), ens
-        )
-        return pol, None, None, []
+        return ExitPolicy.stored(stored, ens, opts.fallback), None, None, []
     if not cfg.val_size:
         raise SdtoolError(
             f"{path} was trained without a validation split (data.val_size=0) and thresholds are "
@@ -257,13 +260,10 @@ def eval_early_exit(
     timings compare early exit with the deepest exit alone in that engine. threads: the engine's CPU
     threads (torch's global setting, or every ONNX Runtime session's).
     """
-    from sdtool import checkpoint
+    from sdtool import checkpoint, report
     from sdtool.device import resolve_device
     from sdtool.engines import check_engine, make_engine
-    from sdtool.evaluate import bundle_for_checkpoint, data_for_checkpoint
     from sdtool.profile import exit_costs
-
-    from sdtool import report
 
     log = report.make_logger(quiet)
     started = checkpoint.now()
@@ -282,15 +282,15 @@ def eval_early_exit(
     dev = resolve_device(device)
     if engine == "onnxruntime" and dev.type != "cpu":
         raise SdtoolError("--engine onnxruntime runs on the CPU; add --device cpu")
-    model, meta = checkpoint.load(path, dev)
-    if getattr(model, "num_exits", 1) < 2:
+    ckpt = checkpoint.load_checkpoint(path, dev)
+    model, meta = ckpt.model, ckpt.meta
+    if model.num_exits < 2:
         raise SdtoolError(f"{path} has a single exit; early exit needs a multi-exit model")
-    cfg = data_for_checkpoint(meta, data, overrides)
-    bundle = bundle_for_checkpoint(path, meta, cfg, split)
+    cfg, bundle = ckpt.data(data, overrides, split)
     costs = exit_costs(model, (bundle.input_size, bundle.input_size))
     bs = batch_size or cfg.eval_batch_size
     eng = (
-        make_engine(engine, model, bundle.input_size, None, threads, meta.get("ensemble", "logits"))
+        make_engine(engine, model, bundle.input_size, None, threads, meta.ensemble)
         if dev.type == "cpu"
         else _DeviceTorchEngine(model, dev)
     )
@@ -315,13 +315,12 @@ def eval_early_exit(
     rep = _report(path, split, cfg.name, model.num_exits, pol, costs, run, b1, bs, dev, eng.settings, times)
     rep.update(fit=fit_rep, sweep=sweep_rep, warnings=warnings, written=None)
     if out:
-        new_meta = checkpoint.derived_meta(meta)
-        new_meta["thresholds"] = pol.to_meta(_stored_fit(fit_rep))
         keys = ("top1", "deepest_top1", "expected_macs", "macs_speedup")
         metrics = {"early_exit": {"fit (val)": {k: fit_rep[k] for k in keys}, split: {k: rep[k] for k in keys}}}
-        entry = checkpoint.lineage_entry("eval --early-exit --fit-thresholds", None, path, started, metrics)
-        new_meta["lineage"] = list(meta.get("lineage", [])) + [entry]
-        checkpoint.save(out, model, new_meta)
+        thresholds = pol.to_thresholds(_stored_fit(fit_rep))
+        ckpt.derive(
+            "eval --early-exit --fit-thresholds", step_metrics=metrics, started=started, thresholds=thresholds
+        ).save(out)
         rep["written"] = str(out)
     return rep
 

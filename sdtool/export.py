@@ -27,6 +27,8 @@ from torch import nn
 
 from sdtool import checkpoint
 from sdtool.errors import SdtoolError
+from sdtool.meta import CheckpointMeta
+from sdtool.models.multi_exit import MultiExitNet
 from sdtool.onnx_graphs import require_onnx
 
 FORMATS = ("safetensors", "pt2", "onnx")
@@ -48,16 +50,16 @@ def _outputs(y) -> list[torch.Tensor]:
     return list(y) if isinstance(y, (tuple, list)) else [y]
 
 
-def _embedded_meta(meta: dict, exit: int | None, num_exits: int) -> dict:
-    names = ["logits"] if num_exits == 1 else [f"logits_exit{k + 1}" for k in range(num_exits)]
+def _embedded_meta(meta: CheckpointMeta, model: MultiExitNet, exit: int | None) -> dict:  # noqa: A002
+    names = ["logits"] if model.num_exits == 1 else [f"logits_exit{k + 1}" for k in range(model.num_exits)]
     return {
-        "sdtool_version": meta.get("sdtool_version"),
-        "model": meta.get("model"),
+        "sdtool_version": meta.sdtool_version,
+        "model": model.spec,
         "exit": exit,
         "outputs": names,
-        "num_classes": meta["num_classes"],
-        "class_names": meta.get("class_names"),
-        "input": meta.get("input"),
+        "num_classes": meta.num_classes,
+        "class_names": meta.class_names,
+        "input": meta.input.to_json() if meta.input else None,
         "layout": "NCHW float32, normalized: (pixel/255 - mean) / std",
     }
 
@@ -118,8 +120,8 @@ def _check(fmt: str, out: Path, wrapper: nn.Module, size: int, program=None) -> 
             sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
             got = [torch.from_numpy(a) for a in sess.run(None, {"input": x.numpy()})]
             runtime = f"onnxruntime {ort.__version__}"
-    diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
-    same = all(bool((a.argmax(1) == b.argmax(1)).all()) for a, b in zip(ref, got))
+    diff = max(float((a - b).abs().max()) for a, b in zip(ref, got, strict=True))
+    same = all(bool((a.argmax(1) == b.argmax(1)).all()) for a, b in zip(ref, got, strict=True))
     return {"runtime": runtime, "inputs": x.shape[0], "max_abs_diff": diff, "same_argmax": same}
 
 
@@ -136,8 +138,9 @@ def export(
         raise SdtoolError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         require_onnx()
-    model, meta = checkpoint.load(path)
-    k_all = getattr(model, "num_exits", 1)
+    ckpt = checkpoint.load_checkpoint(path)
+    model, meta = ckpt.model, ckpt.meta
+    k_all = model.num_exits
     if exit is not None and not 1 <= exit <= k_all:
         raise SdtoolError(f"--exit {exit} is out of range; {path} has exits 1..{k_all}")
     if exit is not None:
@@ -148,25 +151,17 @@ def export(
     if outp.resolve() == Path(path).resolve():
         raise SdtoolError(f"--out {out} is the checkpoint being exported; choose another path")
     outp.parent.mkdir(parents=True, exist_ok=True)
-    size = checkpoint.input_size(meta)
+    size = meta.input_size
     wrapper = LogitsOnly(model).eval()
     program = None
     if fmt == "safetensors":
-        new = checkpoint.derived_meta(meta)
-        if exit is not None:  # thresholds and metrics describe the multi-exit net, not this exit
-            new.pop("thresholds", None)
-            new["metrics"] = {}
-        entry = checkpoint.lineage_entry(
-            f"export --exit {exit}" if exit else "export",
-            None,
-            path,
-            started,
-            exported={"exit": exit, "of_exits": k_all, "format": fmt},
-        )
-        new["lineage"] = list(meta.get("lineage", [])) + [entry]
-        checkpoint.save(outp, model, new)
+        # One exit alone: the thresholds and metrics described the multi-exit net, not this exit.
+        changes = {"thresholds": None, "metrics": {}} if exit is not None else {}
+        exported = {"exit": exit, "of_exits": k_all, "format": fmt}
+        command = f"export --exit {exit}" if exit else "export"
+        ckpt.derive(command, model, started=started, lineage={"exported": exported}, **changes).save(outp)
     else:
-        extra = _embedded_meta({**meta, "model": getattr(model, "spec", meta["model"])}, exit, model.num_exits)
+        extra = _embedded_meta(meta, model, exit)
         x = torch.randn(2, 3, size, size)
         try:
             program = (_save_pt2 if fmt == "pt2" else _save_onnx)(wrapper, x, outp, extra)
@@ -185,10 +180,10 @@ def export(
         "exit": exit,
         "exits": model.num_exits,
         "source_exits": k_all,
-        "model": getattr(model, "spec", meta["model"]),
+        "model": model.spec,
         "parameters": sum(p.numel() for p in model.parameters()),
         "file_size": outp.stat().st_size,
-        "input": meta.get("input"),
+        "input": meta.input.to_json() if meta.input else None,
         "check": _check(fmt, outp, wrapper, size, program) if check else None,
     }
     return rep

@@ -25,8 +25,8 @@ from sdtool.recipe import Recipe, apply_overrides, from_dict
 def _costs(path: Path) -> dict:
     from sdtool.profile import exit_costs
 
-    model, meta = checkpoint.load(path)
-    size = checkpoint.input_size(meta)
+    ckpt = checkpoint.load_checkpoint(path)
+    model, size = ckpt.model, ckpt.meta.input_size
     return exit_costs(model, (size, size))["full"]
 
 

@@ -23,8 +23,9 @@ import logging
 import statistics
 import time
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -178,9 +179,9 @@ def measure_latency(
     runs.append(("full", lambda x: model(x)))
     rows = []
     for name, fn in runs:
-        lat = {str(b): 1000 * median_seconds(lambda: fn(inputs[b]), device, warmup, repeats) for b in sizes}
+        lat = {str(b): 1000 * median_seconds(partial(fn, inputs[b]), device, warmup, repeats) for b in sizes}
         rows.append(
-            {"name": name, "latency_ms": lat, "peak_memory_bytes": _peak_bytes(lambda: fn(inputs[batch]), device)}
+            {"name": name, "latency_ms": lat, "peak_memory_bytes": _peak_bytes(partial(fn, inputs[batch]), device)}
         )
     return {
         "device": str(device),
@@ -190,7 +191,7 @@ def measure_latency(
         "statistic": "median",
         "batch_sizes": sizes,
         "peak_memory": (
-            "CUDA max_memory_allocated at batch %d, weights included" % batch
+            f"CUDA max_memory_allocated at batch {batch}, weights included"
             if device.type == "cuda"
             else "not measured on CPU (no allocator statistics)"
         ),
@@ -316,10 +317,10 @@ def profile(
     else:
         if overrides:
             raise SdtoolError("--set applies to recipes only; a checkpoint's model is fixed")
-        from sdtool.checkpoint import input_size as recorded_size, load
+        from sdtool.checkpoint import load_checkpoint
 
-        model, meta = load(target)
-        side = recorded_size(meta)
+        ckpt = load_checkpoint(target)
+        model, side = ckpt.model, ckpt.meta.input_size
         source = {"kind": "checkpoint", "num_classes_from": "checkpoint"}
     size = tuple(input_size) if input_size else (side, side)
     if min(size) < 1:

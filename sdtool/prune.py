@@ -24,351 +24,35 @@ JSON (`sdtool.models.shapes`), and `checkpoint.load` rebuilds the pruned model f
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
 
-import torch
-import torch_pruning as tp
 from torch import nn
 
 from sdtool.errors import SdtoolError
-from sdtool.models.mobile import ChannelShuffle
-from sdtool.prune_rules import CRITERIA, CUSTOM_PRUNERS, TieBreak, make_importance
+from sdtool.meta import CheckpointMeta
+from sdtool.prune_rules import CRITERIA, make_importance
+from sdtool.pruner import PruneOptions, _threads, full_macs, prune_model, prune_once
 
-TOLERANCE = 0.02  # target_macs: relative distance to the target that counts as reached
-# A larger ratio keeping this much more of the MACs than a smaller one means a group was skipped
-# whole (see _bisect); smaller wiggles are normal with global ranking and are searched through.
-COLLAPSE = 0.05
-EXIT_PREFIXES = ("attention.", "heads.")  # modules of the shallow exit branches
-_ROOTS = (nn.Conv2d, nn.Linear)
+__all__ = ["CRITERIA", "PruneOptions", "full_macs", "make_importance", "prune_checkpoint", "prune_model", "prune_once"]
 
 
-@dataclass
-class PruneOptions:
-    """What to prune and how; mirrors the CLI options and a recipe's `prune` section."""
-
-    criterion: str = "l2"
-    ratio: float | None = None  # fraction of channels removed, in (0, 1)
-    target_macs: float | None = None  # fraction of the full multi-exit MACs kept, in (0, 1)
-    global_pruning: bool = False
-    iterative_steps: int = 1
-    round_to: int | None = None
-    protect_exits: bool = True
-    taylor_batches: int = 4
-    seed: int = 0
-
-    def check(self) -> None:
-        """Raise SdtoolError for anything out of range, before any work is done."""
-        if self.criterion not in CRITERIA:
-            raise SdtoolError(f"unknown criterion {self.criterion!r}; valid criteria: {', '.join(CRITERIA)}")
-        if (self.ratio is None) == (self.target_macs is None):
-            raise SdtoolError(
-                "give exactly one of --ratio R (fraction of channels to remove) or "
-                "--target-macs F (fraction of MACs to keep)"
-            )
-        if self.ratio is not None and not 0 < self.ratio < 1:
-            raise SdtoolError(f"--ratio must be in (0, 1) (the fraction of channels to remove), got {self.ratio}")
-        if self.target_macs is not None and not 0 < self.target_macs < 1:
-            raise SdtoolError(f"--target-macs must be in (0, 1) (the fraction of MACs to keep), got {self.target_macs}")
-        if self.iterative_steps < 1:
-            raise SdtoolError(f"--iterative-steps must be at least 1, got {self.iterative_steps}")
-        if self.round_to is not None and self.round_to < 1:
-            raise SdtoolError(f"--round-to must be at least 1, got {self.round_to}")
-        if self.taylor_batches < 1:
-            raise SdtoolError(f"--taylor-batches must be at least 1, got {self.taylor_batches}")
-
-    @classmethod
-    def from_recipe(cls, p) -> "PruneOptions":
-        """From a recipe's `prune` section: `ratio` when set, otherwise `target_macs`."""
-        return cls(
-            criterion=p.criterion,
-            ratio=p.ratio,
-            target_macs=None if p.ratio is not None else p.target_macs,
-            global_pruning=p.global_pruning,
-            iterative_steps=p.iterative_steps,
-            round_to=p.round_to,
-            protect_exits=p.protect_exits,
-        )
-
-
-def _logits(out):
-    """Trace through every exit: MultiExitNet returns (logits list, features list)."""
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _plan(model: nn.Module, example: torch.Tensor, opts: PruneOptions) -> tuple[list[str], float]:
-    """(names of the ignored layers, highest safe ratio) for this model.
-
-    Classifiers are always ignored (their outputs are the classes). With `protect_exits`, the groups
-    that live entirely inside the shallow exit branches (the widths of the head's SepConv blocks, the
-    inner width of the attention module) are ignored too: those exits then change only where they
-    share channels with the backbone. The safe ratio keeps at least one channel (or `round_to`) in
-    the smallest prunable group; beyond it Torch-Pruning skips whole groups and MACs stop falling.
-    """
-    ignored: list[nn.Module] = list(model.classifiers)
-    try:
-        dg = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example, output_transform=_logits, customized_pruners=CUSTOM_PRUNERS
-        )
-    except Exception as e:  # e.g. a channel shuffle (view + transpose) that the graph cannot map
-        name = getattr(model, "spec", {}).get("name", type(model).__name__)
-        raise SdtoolError(
-            f"Torch-Pruning cannot trace the channel dependencies of {name} "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else 'no message'}); "
-            "sdtool prune does not support this architecture"
-        ) from None
-    names = {m: n for n, m in model.named_modules()}
-    q = opts.round_to or 1
-    channels = []
-    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=_ROOTS):
-        outs = [
-            dep.target.module
-            for dep, _ in group
-            if dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names
-        ]
-        if any(isinstance(dep.target.module, ChannelShuffle) for dep, _ in group):
-            ignored.extend(outs)
-            continue
-        if opts.protect_exits and outs and all(names[m].startswith(EXIT_PREFIXES) for m in outs):
-            ignored.extend(outs)
-            continue
-        c = dg.get_out_channels(group[0].dep.target.module)
-        if c is not None and c > q:
-            channels.append(c)
-    if not channels:
-        raise SdtoolError(
-            "this model has no prunable channel groups left at these options; "
-            "try --no-protect-exits or a smaller --round-to"
-        )
-    return [names[m] for m in ignored], min(0.95, 1.0 - q / min(channels) - 1e-9)
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    """Run with n torch CPU threads, then restore the caller's setting.
-
-    Tracing, pruning and counting MACs run the network on a single image: extra threads only wait on
-    each other, and on a busy 2-core machine that made a pruning run 15x slower than on one thread.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _taylor_grads(model: nn.Module, batches: list, loss_fn: Callable, threads: int) -> None:
-    """Accumulate the loss gradient over `batches` into .grad (BN in eval mode: statistics untouched).
-
-    Every parameter gets a .grad (zeros where the loss does not reach), because Torch-Pruning's
-    Taylor importance reads the gradient of every layer of a group.
-    """
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    with torch.enable_grad(), _threads(threads):  # real batches: the caller's threads pay off here
-        for x, y in batches:
-            logits, feats = model(x)
-            loss = loss_fn(logits, feats, y)
-            (loss / len(batches)).backward()
-    for p in model.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-
-
-def prune_once(
-    model: nn.Module,
-    example: torch.Tensor,
-    opts: PruneOptions,
-    ratio: float,
-    batches: list | None = None,
-    loss_fn: Callable | None = None,
-    ignored: list[str] | None = None,
-    threads: int | None = None,
-    grads: dict[str, torch.Tensor] | None = None,
-) -> nn.Module:
-    """Prune `model` in place with channel ratio `ratio` (in `opts.iterative_steps` steps); returns it.
-
-    ignored: names of layers whose output channels stay (default: from `_plan`). threads: torch
-    threads for taylor's gradient batches (default: the current setting); the rest uses one.
-    grads: taylor, the gradients of this (unpruned) model by parameter name, reused for the first
-    step instead of running the batches again (the target search prunes many copies of one model).
-    """
-    if opts.criterion == "taylor" and not batches:
-        raise SdtoolError(
-            "criterion taylor needs data batches for the gradients; give the checkpoint's "
-            "data (recorded in it) or --data"
-        )
-    if ignored is None:
-        ignored = _plan(model, example, opts)[0]
-    modules = dict(model.named_modules())
-    threads = threads or torch.get_num_threads()
-    with torch.random.fork_rng(), torch.enable_grad(), _threads(1):
-        torch.manual_seed(opts.seed)  # the random criterion and the tie-break draw numbers
-        pruner = tp.pruner.BasePruner(
-            model,
-            example,
-            importance=TieBreak(make_importance(opts.criterion)),
-            pruning_ratio=ratio,
-            global_pruning=opts.global_pruning,
-            iterative_steps=opts.iterative_steps,
-            ignored_layers=[modules[n] for n in ignored],
-            round_to=opts.round_to,
-            output_transform=_logits,
-            customized_pruners=CUSTOM_PRUNERS,
-        )
-        for step in range(opts.iterative_steps):
-            if opts.criterion == "taylor" and step == 0 and grads is not None:
-                for n, p in model.named_parameters():  # the unpruned network's, computed once
-                    p.grad = grads[n].clone()
-            elif opts.criterion == "taylor":  # gradients of the current (partly pruned) network
-                _taylor_grads(model, batches, loss_fn, threads)
-            pruner.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval()
-
-
-def check_pruned(model: nn.Module, example: torch.Tensor, num_classes: int) -> None:
-    """Every exit runs, alone and in the full forward, and predicts `num_classes` classes."""
-    with torch.no_grad():
-        logits, _ = model(example)
-        for k, z in enumerate(logits):
-            if tuple(z.shape) != (example.shape[0], num_classes):
-                raise SdtoolError(f"pruning broke exit {k + 1} (logits {tuple(z.shape)}); please report this")
-            if not torch.allclose(model.forward_until(example, k), z, atol=1e-5, rtol=1e-4):
-                raise SdtoolError(f"pruning left exit {k + 1} inconsistent with the full forward; please report this")
-
-
-def full_macs(model: nn.Module, size: int) -> int:
-    """MACs of the whole multi-exit network, every exit computed (fvcore, batch 1)."""
-    from sdtool.profile import module_macs
-
-    return module_macs(model, (size, size))[""]
-
-
-def prune_model(
-    model: nn.Module,
-    opts: PruneOptions,
-    size: int,
-    batches: list | None = None,
-    loss_fn: Callable | None = None,
-    log: Callable[[str], None] = lambda s: None,
-) -> tuple[nn.Module, dict]:
-    """Prune a copy of `model` per `opts` (the original keeps its weights; it is put in eval mode).
-
-    size: square input side. batches: [(x, y)] prepared inputs for taylor. Returns (pruned model in eval
-    mode, info) with info = {"ratio", "macs_before", "macs_after", "macs_fraction", "search": [...]}.
-    """
-    opts.check()
-    caller_threads = torch.get_num_threads()  # for taylor's batches; the rest runs on one thread
-    with _threads(1):
-        model = model.eval()
-        num_classes = model.classifiers[-1].out_features
-        example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-        base = full_macs(model, size)
-        ignored, r_max = _plan(model, example, opts)
-        search: list[dict] = []
-        grads = None
-        if opts.criterion == "taylor" and batches:
-            scratch = copy.deepcopy(model)
-            _taylor_grads(scratch, batches, loss_fn, caller_threads)
-            grads = {n: p.grad for n, p in scratch.named_parameters()}
-
-        def probe(r: float) -> tuple[nn.Module, float]:
-            m = prune_once(copy.deepcopy(model), example, opts, r, batches, loss_fn, ignored, caller_threads, grads)
-            f = full_macs(m, size) / base
-            search.append({"ratio": round(r, 6), "macs_fraction": f})
-            log(f"ratio {r:.4f}: {100 * f:.2f}% of the MACs")
-            return m, f
-
-        if opts.ratio is not None:
-            pruned, frac = probe(opts.ratio)
-            ratio = opts.ratio
-        else:
-            pruned, ratio, frac = _bisect(probe, opts.target_macs, r_max, opts.protect_exits)
-        check_pruned(pruned, example, num_classes)
-        info = {
-            "ratio": ratio,
-            "macs_before": base,
-            "macs_after": round(frac * base),
-            "macs_fraction": frac,
-            "search": search,
-        }
-        return pruned, info
-
-
-def _bisect(probe, target: float, r_max: float, protected: bool) -> tuple[nn.Module, float, float]:
-    """Bisection on the ratio until the MACs fraction is within TOLERANCE (relative) of `target`.
-
-    MACs fall in steps as the ratio grows (channel counts are integers). Past some ratio a group
-    would lose every channel and Torch-Pruning skips it whole, so MACs jump back up: a probe that
-    keeps clearly more MACs (COLLAPSE) than a probe at a smaller ratio marks such a collapse and
-    bounds the search from above. The first probe uses MACs ~ (1 - r)^2 (convolutions shrink on
-    both channel sides); if it keeps too much, the second tries the highest safe ratio, so an
-    unreachable target fails after two runs. When the target falls inside one step, the probes
-    keep landing on the step's two sides and the search stops after a few of them.
-    """
-    ok = lambda f: abs(f - target) <= TOLERANCE * target  # noqa: E731
-    lo, hi = 0.0, r_max
-    seen: list[tuple[float, float]] = [(0.0, 1.0)]  # (ratio, fraction) probed so far
-    best, stale = None, 0
-    r = min(max(1.0 - target**0.5, 1e-3), r_max)
-    for _ in range(24):
-        m, f = probe(r)
-        if best is None or abs(f - target) < best[0]:
-            best = (abs(f - target), m, r, f)
-        if ok(f):
-            return m, r, f
-        collapsed = any(r0 < r and f > f0 + COLLAPSE for r0, f0 in seen)
-        stale = stale + 1 if any(f == f0 for _, f0 in seen) else 0
-        seen.append((r, f))
-        lo, hi = (r, hi) if f > target and not collapsed else (lo, r)
-        if hi - lo < 1e-4 or stale >= 4:
-            break
-        r = r_max if len(seen) == 2 and lo == r else (lo + hi) / 2
-    _, m, r, f = best
-    lowest = min(f0 for _, f0 in seen)
-    if lowest > target:
-        raise SdtoolError(
-            f"--target-macs {target} is unreachable: the most this model can be pruned keeps "
-            f"{lowest:.3f} of its MACs; ask for at least {lowest + 0.005:.2f}"
-            + (" or use --no-protect-exits" if protected else "")
-        )
-    raise SdtoolError(
-        f"--target-macs {target} could not be reached within {100 * TOLERANCE:.0f}%: the closest "
-        f"is {f:.3f} (ratio {r:.3f}); channel counts move in steps here; try --global, a smaller "
-        "--round-to or a nearby target"
-    )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoint level: load, prune, measure, save with lineage.
-
-
-def taylor_loss(meta: dict, num_exits: int) -> Callable:
+def taylor_loss(meta: CheckpointMeta | dict, num_exits: int) -> Callable:
     """The gradient signal for taylor: the self-distillation loss of the recorded recipe (feature hints
     off: their adaptation layers are not in the checkpoint), or CE for a single-exit model."""
-    from sdtool.evaluate import recorded_recipe
     from sdtool.losses import SelfDistillLoss
+    from sdtool.recipe import from_dict
 
-    sd = (recorded_recipe(meta) or {}).get("sd") or {}
+    if not isinstance(meta, CheckpointMeta):
+        meta = CheckpointMeta.from_json(meta, "metadata")
     if num_exits == 1:
         crit = SelfDistillLoss("plain", [1])
     else:
-        crit = SelfDistillLoss(
-            "self_distill",
-            [1] * num_exits,
-            alpha=sd.get("alpha", 0.3),
-            beta=0.0,
-            temperature=sd.get("temperature", 3.0),
-            teacher=sd.get("teacher", "deepest"),
-            ensemble=sd.get("ensemble", "logits"),
-        )
+        # The recipe's sd section with its defaults filled in from the one place that states them.
+        sd = from_dict({"sd": (meta.recorded_recipe() or {}).get("sd") or {}}).sd
+        crit = SelfDistillLoss.from_recipe(replace(sd, mode="self_distill", beta=0.0, hint_exits=None), [1] * num_exits)
     return lambda logits, feats, y: crit(logits, feats, y)[0]
 
 
@@ -404,35 +88,26 @@ def prune_checkpoint(
         raise SdtoolError("--out must differ from the input checkpoint (the pruned model is a new file)")
     if out.exists() and out.is_dir():
         raise SdtoolError(f"--out {out} is a folder; give the path of the pruned .safetensors file")
-    model, meta = checkpoint.load(path)
-    if not hasattr(model, "classifiers"):
-        raise SdtoolError(f"{path} does not hold a multi-exit sdtool model; sdtool prune needs one")
+    ckpt = checkpoint.load_checkpoint(path)
+    model = ckpt.model
     started = checkpoint.now()
-    size = checkpoint.input_size(meta)
+    size = ckpt.meta.input_size
 
     batches, ev = None, None
     if opts.criterion == "taylor" or evaluate:
-        from sdtool.data import build_data
-        from sdtool.evaluate import data_for_checkpoint
-
-        cfg = data_for_checkpoint(meta, data, overrides)
-        bundle = build_data(cfg, train=opts.criterion == "taylor")
-        if bundle.num_classes != meta["num_classes"]:
-            raise SdtoolError(
-                f"{path} predicts {meta['num_classes']} classes but data set {cfg.name} has "
-                f"{bundle.num_classes}; use a matching data set"
-            )
+        cfg, bundle = ckpt.data(data, overrides, "test", train=opts.criterion == "taylor")
         if opts.criterion == "taylor":
             loader = bundle.loader("train", cfg.batch_size, shuffle=True, seed=opts.seed, workers=cfg.workers)
             batches = _first_batches(loader, bundle.prepare, opts.taylor_batches)
         if evaluate:
-            ev = _evaluator(bundle, cfg, meta, device)
+            ev = _Evaluator(bundle, cfg, ckpt.meta.ensemble, device)
 
     with _threads(1):
         before = exit_costs(model, (size, size))
     acc_before = ev(model) if ev else None
     t0 = time.perf_counter()
-    pruned, info = prune_model(model, opts, size, batches, taylor_loss(meta, model.num_exits) if batches else None)
+    loss = taylor_loss(ckpt.meta, model.num_exits) if batches else None
+    pruned, info = prune_model(model, opts, size, batches, loss)
     seconds = time.perf_counter() - t0
     with _threads(1):
         after = exit_costs(pruned, (size, size))
@@ -446,18 +121,20 @@ def prune_checkpoint(
         "seconds": round(seconds, 2),
     }
     options = asdict(opts)
-    entry = checkpoint.lineage_entry(
-        "prune", None, path, started, metrics, options=options, ratio_used=info["ratio"], argv=sys.argv[1:]
-    )
-    new_meta = checkpoint.derived_meta(meta)
-    new_meta.update(
-        metrics=metrics, lineage=list(meta.get("lineage") or []) + [entry], thresholds=None
-    )  # early-exit thresholds were fitted on the unpruned model
-    checkpoint.save(out, pruned, new_meta)
+    # Early-exit thresholds were fitted on the unpruned model: the child has none.
+    child = ckpt.derive(
+        "prune",
+        pruned,
+        step_metrics=metrics,
+        metrics=metrics,
+        started=started,
+        thresholds=None,
+        lineage={"options": options, "ratio_used": info["ratio"]},
+    ).save(out)
     return {
         "checkpoint": str(path),
         "out": str(out),
-        "sha256": checkpoint.sha256(out),
+        "sha256": child.sha256,
         "options": options,
         "ratio": info["ratio"],
         "macs_fraction": info["macs_fraction"],
@@ -467,7 +144,7 @@ def prune_checkpoint(
         "before": before,
         "after": after,
         "accuracy": {"split": "test", "data": ev.data, "before": acc_before, "after": acc_after} if ev else None,
-        "pruned_modules": len(checkpoint.read_meta(out).get("shapes") or {}),
+        "pruned_modules": len(child.meta.shapes),
     }
 
 
@@ -483,18 +160,19 @@ def _brief(costs: dict, acc: dict | None) -> dict:
     return d
 
 
-def _evaluator(bundle, cfg, meta: dict, device: str) -> Callable[[nn.Module], dict]:
-    from sdtool.device import resolve_device
-    from sdtool.evaluate import evaluate
+class _Evaluator:
+    """Test accuracy per exit of a model, before and after pruning (on the device asked for)."""
 
-    dev = resolve_device(device)
-    loader = bundle.loader("test", cfg.eval_batch_size, shuffle=False, seed=0, workers=cfg.workers)
+    def __init__(self, bundle, cfg, ensemble: str, device: str):
+        from sdtool.device import resolve_device
 
-    def run(model: nn.Module) -> dict:
+        self.dev, self.bundle, self.ensemble, self.data = resolve_device(device), bundle, ensemble, cfg.name
+        self.loader = bundle.loader("test", cfg.eval_batch_size, shuffle=False, seed=0, workers=cfg.workers)
+
+    def __call__(self, model: nn.Module) -> dict:
+        from sdtool.evaluate import evaluate
+
         try:
-            return evaluate(model.to(dev), loader, bundle.prepare, dev, meta.get("ensemble", "logits"))
+            return evaluate(model.to(self.dev), self.loader, self.bundle.prepare, self.dev, self.ensemble)
         finally:
             model.to("cpu")
-
-    run.data = cfg.name
-    return run

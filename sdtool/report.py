@@ -8,11 +8,15 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from sdtool.meta import CheckpointMeta
 
 err = Console(stderr=True)
 out = Console()
@@ -134,43 +138,37 @@ def fit_summary(result) -> None:
     )
 
 
-def inspect_view(path: str, meta: dict, size: int, n_params: int) -> None:
+def inspect_view(path: str, meta: CheckpointMeta, size: int, n_params: int) -> None:
     table = Table(title=f"{path}", show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")
-    spec = meta["model"]
-    args = ", ".join(f"{k}={v}" for k, v in spec.get("args", {}).items())
-    table.add_row("model", f"{spec['name']}({args})")
+    args = ", ".join(f"{k}={v}" for k, v in meta.model.args.items())
+    table.add_row("model", f"{meta.model.name}({args})")
     table.add_row("parameters", f"{n_params:,}")
-    table.add_row("pruned modules", str(len(meta.get("shapes") or {})))
+    table.add_row("pruned modules", str(len(meta.shapes)))
+    names = meta.class_names or []
     table.add_row(
-        "classes",
-        f"{meta['num_classes']}: {', '.join(map(str, (meta.get('class_names') or [])[:10]))}"
-        + (" ..." if len(meta.get("class_names") or []) > 10 else ""),
+        "classes", f"{meta.num_classes}: {', '.join(map(str, names[:10]))}" + (" ..." if len(names) > 10 else "")
     )
-    inp = meta.get("input") or {}
-    table.add_row("input", f"{inp.get('size')}x{inp.get('size')}, mean {inp.get('mean')}, std {inp.get('std')}")
-    table.add_row("validation split", json.dumps(meta.get("val_split")))
-    table.add_row("thresholds", json.dumps(meta.get("thresholds")))
-    table.add_row("format", f"{meta['format_version']} (sdtool {meta.get('sdtool_version')})")
+    inp = meta.input
+    if inp is not None:
+        table.add_row("input", f"{inp.size}x{inp.size}, mean {inp.mean}, std {inp.std}")
+    table.add_row("validation split", json.dumps(meta.val_split.to_json() if meta.val_split else None))
+    table.add_row("thresholds", json.dumps(meta.thresholds.to_json() if meta.thresholds else None))
+    table.add_row("format", f"{meta.format_version} (sdtool {meta.sdtool_version})")
     table.add_row("file size", f"{size / 1e6:.2f} MB")
     out.print(table)
     lin = Table(title="lineage")
     for col in ("step", "command", "parent sha256", "started", "ended", "metrics"):
         lin.add_column(col)
-    for i, e in enumerate(meta.get("lineage", [])):
-        m = e.get("metrics") or {}
+    for i, e in enumerate(meta.lineage):
+        m = e.metrics
         short = {k: v for k, v in m.items() if not isinstance(v, dict)}
         for split in ("val", "test"):
             if isinstance(m.get(split), dict) and m[split].get("exits"):
                 short[f"{split} deepest top-1"] = round(m[split]["exits"][-1]["top1"], 2)
         lin.add_row(
-            str(i + 1),
-            e.get("command", ""),
-            (e.get("parent_sha256") or "-")[:12],
-            e.get("started", ""),
-            e.get("ended", ""),
-            json.dumps(short),
+            str(i + 1), e.command, (e.parent_sha256 or "-")[:12], e.started or "", e.ended or "", json.dumps(short)
         )
     out.print(lin)
 
@@ -451,7 +449,7 @@ def prune_view(rep: dict) -> None:
     cols += ["top-1 % before", "top-1 % after"] if ab else []
     for col in cols:
         table.add_column(col, justify="right")
-    rows = list(zip(rep["before"]["exits"], rep["after"]["exits"]))
+    rows = list(zip(rep["before"]["exits"], rep["after"]["exits"], strict=True))
     for k, (b, a) in enumerate(rows):
         cells = [
             str(b["exit"]),

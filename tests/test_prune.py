@@ -106,7 +106,8 @@ def test_pruning_equals_silencing_the_removed_channels(model, protect):
     import torch_pruning as tp
     from torch import nn
 
-    from sdtool.prune import _logits, _plan, make_importance
+    from sdtool.prune import make_importance
+    from sdtool.pruner import _logits, _plan
 
     a, b = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
     x = x_batch(4)
@@ -389,7 +390,8 @@ def test_taylor_gradients_computed_once_match_a_fresh_computation(model, trained
 
     from sdtool.data import build_data
     from sdtool.evaluate import data_for_checkpoint
-    from sdtool.prune import _first_batches, _taylor_grads, prune_once, taylor_loss
+    from sdtool.prune import _first_batches, prune_once, taylor_loss
+    from sdtool.pruner import _taylor_grads
 
     meta = checkpoint.read_meta(trained)
     bundle = build_data(data_for_checkpoint(meta))

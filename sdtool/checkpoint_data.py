@@ -1,0 +1,83 @@
+"""The one way to the data a checkpoint runs on: which data set, with which transforms, checked against it.
+
+eval, early exit, prune (taylor and --eval) and export's threshold fitting all go through
+`checkpoint_data`: the checkpoint's recorded data section (or `--data`), `data.*` overrides, then the
+checks that the data fits the network (input size, class count, a validation split when one is asked
+for) and the normalisation the network was trained with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdtool.errors import SdtoolError
+
+if TYPE_CHECKING:
+    from sdtool.checkpoint import Checkpoint
+    from sdtool.data import DataBundle
+    from sdtool.meta import CheckpointMeta
+    from sdtool.recipe import DataConfig
+
+
+def data_config(meta: CheckpointMeta, data: str | None = None, overrides: list[str] | None = None) -> DataConfig:
+    """The data config to run a checkpoint on: its recorded recipe's data section, or `data`.
+
+    `data` is a recipe file (its data section is used) or a data set name; `overrides` are
+    `data.key=value` settings applied on top.
+    """
+    from sdtool.recipe import apply_overrides, from_dict, load_yaml
+
+    base = meta.recorded_recipe() or {}
+    raw: dict[str, Any] = {"data": dict(base.get("data") or {})}
+    if data is not None:
+        raw["data"] = (load_yaml(data).get("data") or {}) if Path(data).suffix in (".yaml", ".yml") else {"name": data}
+    for o in overrides or []:
+        if not o.startswith("data."):
+            raise SdtoolError(f"--set {o}: only data.* keys apply when evaluating a checkpoint")
+    if not raw["data"]:
+        raise SdtoolError("the checkpoint records no data set; pass --data RECIPE.yaml or --data NAME")
+    return from_dict(apply_overrides(raw, overrides or [])).data
+
+
+def checked_bundle(
+    where: str | Path, meta: CheckpointMeta, cfg: DataConfig, split: str, train: bool = False
+) -> DataBundle:
+    """Build `cfg`'s data for the checkpoint at `where` (with its training split when `train`); refuse
+    another input size, a class-count mismatch and a missing validation split when `split` is val."""
+    from sdtool.data import build_data
+
+    bundle = build_data(cfg, train=train)
+    spec = meta.input
+    if spec is not None and spec.size and bundle.input_size != spec.size:
+        raise SdtoolError(
+            f"{where} takes {spec.size}x{spec.size} inputs but data set {cfg.name} gives "
+            f"{bundle.input_size}x{bundle.input_size}; pass --set data.input_size={spec.size}"
+        )
+    if spec is not None and spec.mean and spec.std and bundle.in_memory:
+        # The network expects the normalisation it was trained with, whatever the data set's default.
+        bundle.mean, bundle.std = tuple(spec.mean), tuple(spec.std)
+        bundle._stats.clear()
+    if bundle.num_classes != meta.num_classes:
+        raise SdtoolError(
+            f"{where} predicts {meta.num_classes} classes but data set {cfg.name} has "
+            f"{bundle.num_classes}; evaluate it on a matching data set"
+        )
+    if split == "val" and bundle.val is None:
+        raise SdtoolError(
+            "this data configuration has no validation split; set data.val_size "
+            "(e.g. --set data.val_size=0.1) or use --split test"
+        )
+    return bundle
+
+
+def checkpoint_data(
+    ckpt: Checkpoint,
+    data: str | None = None,
+    overrides: list[str] | None = None,
+    split: str = "test",
+    train: bool = False,
+) -> tuple[DataConfig, DataBundle]:
+    """`(cfg, bundle)` for running `ckpt` on `split` (see `data_config` and `checked_bundle`)."""
+    cfg = data_config(ckpt.meta, data, overrides)
+    return cfg, checked_bundle(ckpt.path or "the checkpoint", ckpt.meta, cfg, split, train)
