@@ -9,7 +9,6 @@ deepest exit improved.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -29,34 +28,13 @@ from sdtool.evaluate import evaluate
 from sdtool.losses import SelfDistillLoss
 from sdtool.meta import CheckpointMeta, DataRef, InputSpec, ModelSpec, ValSplit
 from sdtool.models import create_model
+from sdtool.models.from_recipe import model_args
 from sdtool.models.multi_exit import MultiExitNet
-from sdtool.models.registry import select_args
-from sdtool.recipe import ModelConfig, Recipe, dump_yaml, from_dict
+from sdtool.recipe import Recipe, dump_yaml, from_dict
 from sdtool.schedule import lr_factor
 from sdtool.trainstate import STATE_FILE, gather_rng, load_state, read_scalars, save_state
 
 RECIPE_FILE = "recipe.yaml"
-
-
-def model_args(recipe: Recipe, num_classes: int, input_size: int | None = None) -> dict:
-    """Builder arguments from the model section: null keys are left to the builder's defaults, and keys a
-    builder does not take (e.g. `stem` of the CIFAR ResNets) are dropped while they keep their defaults."""
-    m = recipe.model
-    args = {
-        "num_classes": num_classes,
-        "stem": m.stem,
-        "width": m.width,
-        "width_mult": m.width_mult,
-        "head": m.head,
-        "attention": m.attention,
-        "exits": m.exits,
-        "exits_after": m.exits_after,
-        "split_layer1": m.split_layer1,
-        "input_size": input_size,
-    }
-    if recipe.sd.mode == "plain":  # the paper's baseline: the backbone alone with its own classifier
-        args.update(exits=[], attention=False)
-    return select_args(m.name, args, dataclasses.asdict(ModelConfig()))
 
 
 def build_model(

@@ -202,8 +202,8 @@ def measure_latency(
 
 def _recipe_model(path: str, overrides: list[str] | None) -> tuple[nn.Module, int, str]:
     """Model from a recipe, built as training builds it: (model, input side, where num_classes came from)."""
-    from sdtool.engine import model_args
     from sdtool.models import create_model
+    from sdtool.models.from_recipe import model_args
     from sdtool.recipe import load_recipe
 
     r = load_recipe(path, overrides)
