@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdtool.errors import SdtoolError
+from sdtool.recipe import SdConfig
+
+_SD = SdConfig()  # the defaults of the sd section, stated once in the recipe schema
 
 MODES = ("self_distill", "deep_supervision", "plain")
 TEACHERS = ("deepest", "ensemble")
@@ -113,13 +116,13 @@ class SelfDistillLoss(nn.Module):
         self,
         mode: str,
         feature_dims: list[int],
-        alpha: float = 0.3,
-        beta: float = 0.03,
-        temperature: float = 3.0,
-        teacher: str = "deepest",
-        hint_exits: list[int] | None = None,
+        alpha: float = _SD.alpha,
+        beta: float = _SD.beta,
+        temperature: float = _SD.temperature,
+        teacher: str = _SD.teacher,
+        hint_exits: list[int] | None = _SD.hint_exits,
         label_smoothing: float = 0.0,
-        ensemble: str = "logits",
+        ensemble: str = _SD.ensemble,
     ):
         super().__init__()
         for name, value, allowed in (

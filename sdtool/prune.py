@@ -33,8 +33,9 @@ from torch import nn
 
 from sdtool.errors import SdtoolError
 from sdtool.meta import CheckpointMeta
-from sdtool.prune_rules import CRITERIA, make_importance
-from sdtool.pruner import PruneOptions, _threads, full_macs, prune_model, prune_once
+from sdtool.prune_options import CRITERIA, PruneOptions
+from sdtool.prune_rules import make_importance
+from sdtool.pruner import _threads, full_macs, prune_model, prune_once
 
 __all__ = ["CRITERIA", "PruneOptions", "full_macs", "make_importance", "prune_checkpoint", "prune_model", "prune_once"]
 

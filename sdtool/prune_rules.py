@@ -9,9 +9,8 @@ import torch_pruning as tp
 from torch import nn
 
 from sdtool.errors import SdtoolError
-from sdtool.models.mobile import ChannelShuffle
-
-CRITERIA = ("l1", "l2", "taylor", "bn_scale", "fpgm", "lamp", "random")
+from sdtool.models.common import FixedWidth, fixed_width_types
+from sdtool.prune_options import CRITERIA
 
 
 def make_importance(name: str) -> tp.importance.Importance:
@@ -47,14 +46,14 @@ class TieBreak(tp.importance.Importance):
 
 
 class _FixedWidth(tp.pruner.function.BasePruningFunc):
-    """Pruner for a fixed channel permutation (ShuffleNet's `ChannelShuffle`).
+    """Pruner for a layer whose width is fixed (`sdtool.models.common.FixedWidth`, e.g. ShuffleNet's shuffle).
 
     Separate in- and out-channel functions make it a boundary in the dependency graph, like a
     convolution, instead of something channels are mapped through. `sdtool.prune._plan` keeps every group that
     reaches it unpruned, so these functions are never asked to remove a channel.
     """
 
-    TARGET_MODULES = (ChannelShuffle,)
+    TARGET_MODULES = (FixedWidth,)
 
     def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
         if len(idxs):
@@ -64,10 +63,13 @@ class _FixedWidth(tp.pruner.function.BasePruningFunc):
     def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:
         return self.prune_out_channels(layer, idxs)
 
-    def get_out_channels(self, layer: ChannelShuffle) -> int:
+    def get_out_channels(self, layer: FixedWidth) -> int:
         return layer.channels
 
     get_in_channels = get_out_channels
 
 
-CUSTOM_PRUNERS = {ChannelShuffle: _FixedWidth()}
+def custom_pruners() -> dict[type[nn.Module], tp.pruner.function.BasePruningFunc]:
+    """Torch-Pruning's pruners for sdtool's own layer types, by exact class (as Torch-Pruning looks them up)."""
+    fixed = _FixedWidth()
+    return {cls: fixed for cls in fixed_width_types()}

@@ -10,15 +10,16 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from sdtool.errors import SdtoolError
-from sdtool.models.mobile import ChannelShuffle
-from sdtool.prune_rules import CRITERIA, CUSTOM_PRUNERS, TieBreak, make_importance
+from sdtool.models.common import FixedWidth
+from sdtool.models.multi_exit import MultiExitNet
+from sdtool.prune_options import PruneOptions
+from sdtool.prune_rules import TieBreak, custom_pruners, make_importance
 
 TOLERANCE = 0.02  # target_macs: relative distance to the target that counts as reached
 # A larger ratio keeping this much more of the MACs than a smaller one means a group was skipped
@@ -28,60 +29,12 @@ EXIT_PREFIXES = ("attention.", "heads.")  # modules of the shallow exit branches
 _ROOTS = (nn.Conv2d, nn.Linear)
 
 
-@dataclass
-class PruneOptions:
-    """What to prune and how; mirrors the CLI options and a recipe's `prune` section."""
-
-    criterion: str = "l2"
-    ratio: float | None = None  # fraction of channels removed, in (0, 1)
-    target_macs: float | None = None  # fraction of the full multi-exit MACs kept, in (0, 1)
-    global_pruning: bool = False
-    iterative_steps: int = 1
-    round_to: int | None = None
-    protect_exits: bool = True
-    taylor_batches: int = 4
-    seed: int = 0
-
-    def check(self) -> None:
-        """Raise SdtoolError for anything out of range, before any work is done."""
-        if self.criterion not in CRITERIA:
-            raise SdtoolError(f"unknown criterion {self.criterion!r}; valid criteria: {', '.join(CRITERIA)}")
-        if (self.ratio is None) == (self.target_macs is None):
-            raise SdtoolError(
-                "give exactly one of --ratio R (fraction of channels to remove) or "
-                "--target-macs F (fraction of MACs to keep)"
-            )
-        if self.ratio is not None and not 0 < self.ratio < 1:
-            raise SdtoolError(f"--ratio must be in (0, 1) (the fraction of channels to remove), got {self.ratio}")
-        if self.target_macs is not None and not 0 < self.target_macs < 1:
-            raise SdtoolError(f"--target-macs must be in (0, 1) (the fraction of MACs to keep), got {self.target_macs}")
-        if self.iterative_steps < 1:
-            raise SdtoolError(f"--iterative-steps must be at least 1, got {self.iterative_steps}")
-        if self.round_to is not None and self.round_to < 1:
-            raise SdtoolError(f"--round-to must be at least 1, got {self.round_to}")
-        if self.taylor_batches < 1:
-            raise SdtoolError(f"--taylor-batches must be at least 1, got {self.taylor_batches}")
-
-    @classmethod
-    def from_recipe(cls, p) -> PruneOptions:
-        """From a recipe's `prune` section: `ratio` when set, otherwise `target_macs`."""
-        return cls(
-            criterion=p.criterion,
-            ratio=p.ratio,
-            target_macs=None if p.ratio is not None else p.target_macs,
-            global_pruning=p.global_pruning,
-            iterative_steps=p.iterative_steps,
-            round_to=p.round_to,
-            protect_exits=p.protect_exits,
-        )
-
-
 def _logits(out):
     """Trace through every exit: MultiExitNet returns (logits list, features list)."""
     return out[0] if isinstance(out, tuple) else out
 
 
-def _plan(model: nn.Module, example: torch.Tensor, opts: PruneOptions) -> tuple[list[str], float]:
+def _plan(model: MultiExitNet, example: torch.Tensor, opts: PruneOptions) -> tuple[list[str], float]:
     """(names of the ignored layers, highest safe ratio) for this model.
 
     Classifiers are always ignored (their outputs are the classes). With `protect_exits`, the groups
@@ -93,10 +46,10 @@ def _plan(model: nn.Module, example: torch.Tensor, opts: PruneOptions) -> tuple[
     ignored: list[nn.Module] = list(model.classifiers)
     try:
         dg = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example, output_transform=_logits, customized_pruners=CUSTOM_PRUNERS
+            model, example_inputs=example, output_transform=_logits, customized_pruners=custom_pruners()
         )
     except Exception as e:  # e.g. a channel shuffle (view + transpose) that the graph cannot map
-        name = getattr(model, "spec", {}).get("name", type(model).__name__)
+        name = model.spec.get("name", type(model).__name__)
         raise SdtoolError(
             f"Torch-Pruning cannot trace the channel dependencies of {name} "
             f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else 'no message'}); "
@@ -111,7 +64,7 @@ def _plan(model: nn.Module, example: torch.Tensor, opts: PruneOptions) -> tuple[
             for dep, _ in group
             if dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names
         ]
-        if any(isinstance(dep.target.module, ChannelShuffle) for dep, _ in group):
+        if any(isinstance(dep.target.module, FixedWidth) for dep, _ in group):
             ignored.extend(outs)
             continue
         if opts.protect_exits and outs and all(names[m].startswith(EXIT_PREFIXES) for m in outs):
@@ -162,16 +115,17 @@ def _taylor_grads(model: nn.Module, batches: list, loss_fn: Callable, threads: i
 
 
 def prune_once(
-    model: nn.Module,
+    model: MultiExitNet,
     example: torch.Tensor,
     opts: PruneOptions,
     ratio: float,
     batches: list | None = None,
     loss_fn: Callable | None = None,
+    *,
     ignored: list[str] | None = None,
     threads: int | None = None,
     grads: dict[str, torch.Tensor] | None = None,
-) -> nn.Module:
+) -> MultiExitNet:
     """Prune `model` in place with channel ratio `ratio` (in `opts.iterative_steps` steps); returns it.
 
     ignored: names of layers whose output channels stay (default: from `_plan`). threads: torch
@@ -179,7 +133,7 @@ def prune_once(
     grads: taylor, the gradients of this (unpruned) model by parameter name, reused for the first
     step instead of running the batches again (the target search prunes many copies of one model).
     """
-    if opts.criterion == "taylor" and not batches:
+    if opts.criterion == "taylor" and (not batches or loss_fn is None):
         raise SdtoolError(
             "criterion taylor needs data batches for the gradients; give the checkpoint's "
             "data (recorded in it) or --data"
@@ -200,20 +154,21 @@ def prune_once(
             ignored_layers=[modules[n] for n in ignored],
             round_to=opts.round_to,
             output_transform=_logits,
-            customized_pruners=CUSTOM_PRUNERS,
+            customized_pruners=custom_pruners(),
         )
         for step in range(opts.iterative_steps):
             if opts.criterion == "taylor" and step == 0 and grads is not None:
                 for n, p in model.named_parameters():  # the unpruned network's, computed once
                     p.grad = grads[n].clone()
             elif opts.criterion == "taylor":  # gradients of the current (partly pruned) network
+                assert batches and loss_fn is not None  # checked above
                 _taylor_grads(model, batches, loss_fn, threads)
             pruner.step()
     model.zero_grad(set_to_none=True)
     return model.eval()
 
 
-def check_pruned(model: nn.Module, example: torch.Tensor, num_classes: int) -> None:
+def check_pruned(model: MultiExitNet, example: torch.Tensor, num_classes: int) -> None:
     """Every exit runs, alone and in the full forward, and predicts `num_classes` classes."""
     with torch.no_grad():
         logits, _ = model(example)
@@ -232,13 +187,13 @@ def full_macs(model: nn.Module, size: int) -> int:
 
 
 def prune_model(
-    model: nn.Module,
+    model: MultiExitNet,
     opts: PruneOptions,
     size: int,
     batches: list | None = None,
     loss_fn: Callable | None = None,
     log: Callable[[str], None] = lambda s: None,
-) -> tuple[nn.Module, dict]:
+) -> tuple[MultiExitNet, dict]:
     """Prune a copy of `model` per `opts` (the original keeps its weights; it is put in eval mode).
 
     size: square input side. batches: [(x, y)] prepared inputs for taylor. Returns (pruned model in eval
@@ -248,19 +203,20 @@ def prune_model(
     caller_threads = torch.get_num_threads()  # for taylor's batches; the rest runs on one thread
     with _threads(1):
         model = model.eval()
-        num_classes = model.classifiers[-1].out_features
+        num_classes = model.num_classes
         example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
         base = full_macs(model, size)
         ignored, r_max = _plan(model, example, opts)
         search: list[dict] = []
         grads = None
-        if opts.criterion == "taylor" and batches:
+        if opts.criterion == "taylor" and batches and loss_fn is not None:
             scratch = copy.deepcopy(model)
             _taylor_grads(scratch, batches, loss_fn, caller_threads)
-            grads = {n: p.grad for n, p in scratch.named_parameters()}
+            grads = {n: p.grad for n, p in scratch.named_parameters() if p.grad is not None}
 
-        def probe(r: float) -> tuple[nn.Module, float]:
-            m = prune_once(copy.deepcopy(model), example, opts, r, batches, loss_fn, ignored, caller_threads, grads)
+        def probe(r: float) -> tuple[MultiExitNet, float]:
+            m = copy.deepcopy(model)
+            m = prune_once(m, example, opts, r, batches, loss_fn, ignored=ignored, threads=caller_threads, grads=grads)
             f = full_macs(m, size) / base
             search.append({"ratio": round(r, 6), "macs_fraction": f})
             log(f"ratio {r:.4f}: {100 * f:.2f}% of the MACs")
@@ -270,6 +226,7 @@ def prune_model(
             pruned, frac = probe(opts.ratio)
             ratio = opts.ratio
         else:
+            assert opts.target_macs is not None  # opts.check: exactly one of ratio and target_macs
             pruned, ratio, frac = _bisect(probe, opts.target_macs, r_max, opts.protect_exits)
         check_pruned(pruned, example, num_classes)
         info = {
@@ -282,7 +239,9 @@ def prune_model(
         return pruned, info
 
 
-def _bisect(probe, target: float, r_max: float, protected: bool) -> tuple[nn.Module, float, float]:
+def _bisect(
+    probe: Callable[[float], tuple[MultiExitNet, float]], target: float, r_max: float, protected: bool
+) -> tuple[MultiExitNet, float, float]:
     """Bisection on the ratio until the MACs fraction is within TOLERANCE (relative) of `target`.
 
     MACs fall in steps as the ratio grows (channel counts are integers). Past some ratio a group
@@ -296,7 +255,8 @@ def _bisect(probe, target: float, r_max: float, protected: bool) -> tuple[nn.Mod
     ok = lambda f: abs(f - target) <= TOLERANCE * target  # noqa: E731
     lo, hi = 0.0, r_max
     seen: list[tuple[float, float]] = [(0.0, 1.0)]  # (ratio, fraction) probed so far
-    best, stale = None, 0
+    best: tuple[float, MultiExitNet, float, float] | None = None
+    stale = 0
     r = min(max(1.0 - target**0.5, 1e-3), r_max)
     for _ in range(24):
         m, f = probe(r)
@@ -311,6 +271,7 @@ def _bisect(probe, target: float, r_max: float, protected: bool) -> tuple[nn.Mod
         if hi - lo < 1e-4 or stale >= 4:
             break
         r = r_max if len(seen) == 2 and lo == r else (lo + hi) / 2
+    assert best is not None  # the loop probes at least once
     _, m, r, f = best
     lowest = min(f0 for _, f0 in seen)
     if lowest > target:

@@ -23,6 +23,7 @@ from typing import Any, Literal, Union, cast
 import yaml
 
 from sdtool.errors import SdtoolError
+from sdtool.prune_options import PruneSettings
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -174,17 +175,11 @@ class DistillConfig:
 
 
 @dataclass
-class PruneConfig:
+class PruneConfig(PruneSettings):
+    """The pruning settings `sdtool prune` takes too (sdtool.prune_options), plus the pipeline's own."""
+
+    target_macs: float | None = _f(0.5, "Keep this fraction of the full multi-exit MACs (when `ratio` is null).")
     enabled: bool = _f(False, "Run the prune and fine-tune steps of a pipeline recipe.")
-    criterion: str = _f("l2", "l1, l2, taylor, bn_scale, fpgm, lamp, random.")
-    ratio: float | None = _f(None, "Channel pruning ratio in (0, 1).")
-    target_macs: float | None = _f(0.5, "Keep this fraction of the full multi-exit MACs.")
-    global_pruning: bool = _f(False, "Rank channels across layers instead of per layer.")
-    iterative_steps: int = _f(1, "Prune in this many steps.")
-    round_to: int | None = _f(None, "Keep channel counts multiples of this.")
-    protect_exits: bool = _f(
-        True, "Keep the shallow exits' own widths (heads, attention); classifiers always keep their outputs."
-    )
     finetune_epochs: int = _f(10, "Fine-tuning epochs after pruning (pipeline recipes).")
 
 
@@ -311,8 +306,6 @@ def _check_values(r: Recipe) -> None:
         (r.model.width is None or r.model.width >= 1, "model.width must be at least 1"),
         (r.model.width_mult is None or r.model.width_mult > 0, "model.width_mult must be positive"),
         (0 <= r.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
-        (r.prune.ratio is None or 0 < r.prune.ratio < 1, "prune.ratio must be in (0, 1)"),
-        (r.prune.target_macs is None or 0 < r.prune.target_macs < 1, "prune.target_macs must be in (0, 1)"),
         (
             r.data.val_size < 1 or float(r.data.val_size).is_integer(),
             "data.val_size must be a fraction below 1 or a whole count",
@@ -338,8 +331,6 @@ def _check_values(r: Recipe) -> None:
         (r.distill.temperature > 0, "distill.temperature must be positive"),
         (r.distill.alpha >= 0, "distill.alpha must be >= 0"),
         (r.distill.feature_weight >= 0, "distill.feature_weight must be >= 0"),
-        (r.prune.iterative_steps >= 1, "prune.iterative_steps must be at least 1"),
-        (r.prune.round_to is None or r.prune.round_to >= 1, "prune.round_to must be at least 1"),
         (r.prune.finetune_epochs >= 0, "prune.finetune_epochs must be >= 0"),
         (r.eval.max_drop is None or r.eval.max_drop >= 0, "eval.max_drop must be >= 0 (percentage points)"),
         (r.eval.budget is None or r.eval.budget > 0, "eval.budget must be a positive fraction of the reference cost"),
@@ -347,6 +338,10 @@ def _check_values(r: Recipe) -> None:
     for ok, msg in checks:
         if not ok:
             raise SdtoolError(f"{msg}; fix the recipe or the --set value")
+    try:
+        r.prune.check("recipe")  # the pruning settings' own ranges, shared with `sdtool prune`
+    except SdtoolError as e:
+        raise SdtoolError(f"{e}; fix the recipe or the --set value") from None
 
 
 def from_dict(data: dict) -> Recipe:

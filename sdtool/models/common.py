@@ -10,6 +10,26 @@ from sdtool.errors import SdtoolError
 from sdtool.models.multi_exit import MultiExitNet
 
 
+class FixedWidth(nn.Module):
+    """A layer whose channel count must not change under pruning, such as a fixed channel permutation.
+
+    Subclasses set `channels`. The pruner treats every subclass as a boundary it never prunes through
+    (sdtool.prune_rules), so a backbone can bring such layers without the pruner knowing the backbone.
+    """
+
+    channels: int
+
+
+def fixed_width_types() -> list[type[FixedWidth]]:
+    """Every FixedWidth subclass defined so far (the pruner dispatches on exact classes)."""
+    out, todo = [], list(FixedWidth.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return out
+
+
 def check_classes(num_classes: int) -> None:
     if num_classes is None or num_classes < 1:
         raise SdtoolError("model.num_classes must be a positive integer (or null to take the data set's)")

@@ -34,7 +34,7 @@ from torchvision.models.mobilenetv2 import InvertedResidual as MBBlock
 from torchvision.models.shufflenetv2 import InvertedResidual
 from torchvision.ops.misc import Conv2dNormActivation
 
-from sdtool.models.common import check_classes, check_stem, check_width, multi_exit
+from sdtool.models.common import FixedWidth, check_classes, check_stem, check_width, multi_exit
 from sdtool.models.registry import register_model
 
 MB_SETTING = [
@@ -81,7 +81,7 @@ def mobilenet_v2(
     return multi_exit(stages, widths, strides, names, num_classes, head, attention, exits)
 
 
-class ChannelShuffle(nn.Module):
+class ChannelShuffle(FixedWidth):
     """torchvision's `channel_shuffle(x, groups)` as one `index_select`.
 
     Output channel j is input channel (j % groups) * (C / groups) + j // groups, exactly what the

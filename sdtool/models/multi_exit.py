@@ -14,7 +14,7 @@ is what makes early exit save real time and lets a truncated exit stand alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -24,6 +24,15 @@ from sdtool.models.blocks import Attention, make_head
 
 
 class MultiExitNet(nn.Module):
+    # Declared for type checkers (nn.Module's attribute lookup is otherwise untyped). `spec` is set by
+    # the registry when the model is built: the builder's name and arguments, what rebuilds it.
+    spec: dict[str, Any]
+    stages: nn.ModuleList
+    attention: nn.ModuleList
+    heads: nn.ModuleList
+    classifiers: nn.ModuleList
+    num_classes: int
+
     def __init__(
         self,
         stages: Sequence[nn.Module],

@@ -38,8 +38,7 @@ def truncate(net: MultiExitNet, k: int) -> MultiExitNet:
         if spec["name"] == "truncated":  # truncating a truncated net: it has one exit, so k == 0
             out.spec = spec
         else:
-            # A plain attribute; nn.Module.__setattr__ is annotated for tensors and modules only.
-            out.spec = {  # type: ignore[assignment]
+            out.spec = {
                 "name": "truncated",
                 "args": {"base": spec["name"], "base_args": dict(spec["args"]), "exit": k + 1},
             }
