@@ -19,7 +19,8 @@ Teachers:
   * `torchvision:NAME` with weights from a local file (`--teacher-weights`: .safetensors, or a .pth /
     .pt state dict read with `torch.load(weights_only=True)`); nothing is downloaded. It sees the
     student's normalized batch as is: an ImageNet teacher on CIFAR-normalized inputs is the user's call.
-    Feature distillation needs its stage modules: ResNet-family teachers (layer1..layer4) only.
+    Feature distillation needs its stage modules: ResNet-family teachers (layer1..layer4) only (the
+    layout table in sdtool/models/wrap.py).
 A teacher whose class count or input size does not fit the student's data fails with one line.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -35,14 +37,13 @@ from sdtool import checkpoint
 from sdtool.errors import SdtoolError
 from sdtool.losses import ATLoss, FitNetLoss, KDLoss, ensemble_logits
 from sdtool.meta import CheckpointMeta
+from sdtool.models.multi_exit import MultiExitNet
+
+if TYPE_CHECKING:
+    from sdtool.data import DataBundle
+    from sdtool.recipe import DistillConfig
 
 TV_PREFIX = "torchvision:"
-# Stage modules of torchvision teachers whose layout is known (for feature distillation).
-_TV_STAGES = {
-    "resnet": ["layer1", "layer2", "layer3", "layer4"],
-    "resnext": ["layer1", "layer2", "layer3", "layer4"],
-    "wide_resnet": ["layer1", "layer2", "layer3", "layer4"],
-}
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -71,7 +72,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _torchvision_teacher(arch: str, weights: str | None) -> tuple[nn.Module, dict, list[str] | None]:
-    from sdtool.models.wrap import torchvision_builder
+    from sdtool.models.wrap import torchvision_builder, torchvision_stages
 
     builder = torchvision_builder(arch)
     if not weights:
@@ -94,7 +95,7 @@ def _torchvision_teacher(arch: str, weights: str | None) -> tuple[nn.Module, dic
         what = f"missing {missing[0]}" if missing else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}"
         raise SdtoolError(f"{weights} does not fit torchvision:{arch} ({what}); pass that architecture's weights")
     net.load_state_dict({k: state[k] for k in own})
-    stages = next((v for k, v in _TV_STAGES.items() if arch.startswith(k)), None)
+    stages = torchvision_stages(arch)  # known for ResNet-family teachers (feature distillation)
     info = {
         "kind": "torchvision",
         "source": f"{TV_PREFIX}{arch}",
@@ -108,10 +109,15 @@ def _torchvision_teacher(arch: str, weights: str | None) -> tuple[nn.Module, dic
 class Teacher(nn.Module):
     """A frozen network: normalized student batch (N, 3, H, W) -> logits (N, C); stage outputs via hooks."""
 
+    renorm_scale: torch.Tensor  # buffers registered by `check` when the teacher's normalisation differs
+    renorm_shift: torch.Tensor
+
     def __init__(self, spec: str, weights: str | None = None, output: str = "deepest"):
         super().__init__()
         self.output = output
         self.renorm = False  # True: x_t = x * renorm_scale + renorm_shift (buffers, set by `check`)
+        self.net: nn.Module
+        self.info: dict[str, Any]
         if spec.startswith(TV_PREFIX):
             self.net, self.info, names = _torchvision_teacher(spec[len(TV_PREFIX) :], weights)
             self.meta: CheckpointMeta | None = None
@@ -154,10 +160,12 @@ class Teacher(nn.Module):
             x = x * self.renorm_scale + self.renorm_shift
         if self.meta is None:
             z = self.net(x)
-        elif self.output == "ensemble" and self.net.num_exits > 1:
-            z = ensemble_logits(self.net(x)[0], self.meta.ensemble)
         else:
-            z = self.net.forward_until(x, self.net.num_exits - 1)
+            net = cast(MultiExitNet, self.net)  # an sdtool checkpoint's model (it has `meta`)
+            if self.output == "ensemble" and net.num_exits > 1:
+                z = ensemble_logits(net(x)[0], self.meta.ensemble)
+            else:
+                z = net.forward_until(x, net.num_exits - 1)
         feats, self._captured = self._captured, []
         return z, feats
 
@@ -188,9 +196,12 @@ class Teacher(nn.Module):
 
 
 class DistillExtra(nn.Module):
-    """The engine's extra loss term (`fit(..., extra=...)`): KD (and feature distillation) from a teacher."""
+    """The engine's extra loss term (`fit(..., extra=...)`): KD (and feature distillation) from a teacher.
 
-    def __init__(self, cfg, teacher: str, teacher_weights: str | None = None):
+    It implements `sdtool.trainloop.ExtraLoss`: `bind`, the forward (called as the module) and `epoch_metrics`.
+    """
+
+    def __init__(self, cfg: DistillConfig, teacher: str, teacher_weights: str | None = None):
         super().__init__()
         self.cfg = cfg  # a validated recipe section (recipe.py checks the ranges; KDLoss the temperature)
         self.teacher = Teacher(teacher, teacher_weights, cfg.teacher_output)
@@ -205,10 +216,12 @@ class DistillExtra(nn.Module):
         self.pairs: list[tuple[int, int]] = []  # (student stage, teacher stage), 0-based
         self._student: list[torch.Tensor] = []
         self._hooks: list = []
-        self._seconds, self._steps, self._events = 0.0, 0, []  # the teacher's time this epoch
+        # The teacher's time this epoch: seconds on the CPU, (start, end) CUDA event pairs on the GPU.
+        self._seconds, self._steps = 0.0, 0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     @property
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         return self.teacher.info
 
     def train(self, mode: bool = True) -> DistillExtra:
@@ -216,7 +229,7 @@ class DistillExtra(nn.Module):
         self.teacher.train(mode)  # keeps the teacher network itself in eval mode
         return self
 
-    def bind(self, model: nn.Module, bundle) -> None:
+    def bind(self, model: MultiExitNet, bundle: DataBundle) -> None:
         """Called by `fit` with the student and the data before the optimizer exists."""
         self.teacher.check(bundle.num_classes, bundle.input_size, bundle.mean, bundle.std)
         x = torch.zeros(2, 3, bundle.input_size, bundle.input_size)
@@ -231,8 +244,11 @@ class DistillExtra(nn.Module):
             raise SdtoolError(
                 f"teacher {self.info['source']} outputs shape {tuple(z.shape)}, not (N, {bundle.num_classes}) logits"
             )
-        if not self.cfg.feature:
-            return
+        if self.cfg.feature:
+            self._bind_features(model, x, t_feats)
+
+    def _bind_features(self, model: MultiExitNet, x: torch.Tensor, t_feats: list[torch.Tensor]) -> None:
+        """Pair the student's stages with the teacher's, make their feature losses, hook the student's stages."""
         n_s, n_t = len(model.stages), len(t_feats)
         n = min(n_s, n_t)
         self.pairs = [(n_s - n + i, n_t - n + i) for i in range(n)]
@@ -255,7 +271,9 @@ class DistillExtra(nn.Module):
         if torch.is_grad_enabled():  # training forward only; evaluation runs under no_grad
             self._student.append(output)
 
-    def forward(self, x, logits, features, y) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, logits: list[torch.Tensor], features: list[torch.Tensor], y: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student, self._student = self._student, []
         t_logits, t_feats = self._timed_teacher(x)
         targets = logits if self.cfg.targets == "all" else logits[-1:]
@@ -272,7 +290,7 @@ class DistillExtra(nn.Module):
             parts["teacher_feature"] = feat.detach()
         return loss, parts
 
-    def _timed_teacher(self, x: torch.Tensor):
+    def _timed_teacher(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The teacher's forward, timed: CUDA events on the GPU (read once per epoch, no sync per step)."""
         self._steps += 1
         if x.is_cuda:
@@ -287,7 +305,7 @@ class DistillExtra(nn.Module):
         self._seconds += time.perf_counter() - t0
         return out
 
-    def epoch_metrics(self) -> dict:
+    def epoch_metrics(self) -> dict[str, float]:
         """The teacher's forward time since the last call (the engine adds it to the epoch's metrics)."""
         if self._events:
             self._events[-1][1].synchronize()
@@ -313,10 +331,12 @@ def distill(
 
     With `resume`, the run folder's recipe (which names the teacher actually used) rebuilds the teacher.
     """
-    from sdtool.engine import fit, load_run
+    from sdtool.engine import fit
+    from sdtool.runfolder import load_run
 
     if resume is not None:
-        _, recipe, init = load_run(resume)
+        _, recipe, info = load_run(resume)
+        init = info.init
     spec = teacher or recipe.distill.teacher
     weights = teacher_weights or recipe.distill.teacher_weights
     if not spec:

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from sdtool.checkpoint import load_tensors, save_tensors
 from sdtool.errors import SdtoolError
+
+if TYPE_CHECKING:
+    from sdtool.distributed import DistContext
+    from sdtool.trainloop import ExtraLoss
 
 STATE_FILE = "train_state.safetensors"
 
@@ -53,7 +58,7 @@ def rng_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
-def gather_rng(device: torch.device, ctx) -> dict[str, torch.Tensor]:
+def gather_rng(device: torch.device, ctx: DistContext) -> dict[str, torch.Tensor]:
     """Every process's RNG states as 'rng.rank<R>.<name>' tensors (augmentation differs per process)."""
     from sdtool.distributed import gather_tensors
 
@@ -72,13 +77,20 @@ def restore_rng(tensors: dict[str, torch.Tensor], rank: int) -> None:
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
 
-def _trainable(extra) -> dict[str, torch.Tensor]:
+def _trainable(extra: ExtraLoss | None) -> dict[str, torch.Tensor]:
     """The extra loss term's own trainable tensors (e.g. FitNet adapters), not its frozen teacher."""
     return {} if extra is None else {n: p for n, p in extra.named_parameters() if p.requires_grad}
 
 
 def save_state(
-    run_dir: Path, model, optimizer, loss_module, scaler, rng: dict[str, torch.Tensor], scalars: dict, extra=None
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_module: nn.Module,
+    scaler: torch.amp.GradScaler | None,
+    rng: dict[str, torch.Tensor],
+    scalars: dict[str, Any],
+    extra: ExtraLoss | None = None,
 ) -> None:
     """One self-contained file: the model weights are stored here too, so a crash between writing
     `last.safetensors` and this file can never pair weights and optimizer state of different epochs."""
@@ -107,7 +119,15 @@ def read_scalars(run_dir: Path) -> dict:
         ) from None
 
 
-def load_state(run_dir: Path, model, optimizer, loss_module, scaler, rank: int = 0, extra=None) -> dict:
+def load_state(
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_module: nn.Module,
+    scaler: torch.amp.GradScaler | None,
+    rank: int = 0,
+    extra: ExtraLoss | None = None,
+) -> dict[str, Any]:
     """Restore model, optimizer, loss modules, scaler and RNG; returns the scalar state (epoch, step, ...)."""
     path = run_dir / STATE_FILE
     if not path.is_file():

@@ -266,14 +266,36 @@ def _copy_classifier(gm: fx.GraphModule, end: fx.Node, order: dict, net: MultiEx
             fc.bias.copy_(linears[0].bias)
 
 
-# Exit points of the torchvision families whose layout is known; others need model.exits_after.
-_DEFAULT_EXITS = {
-    "resnet": ["layer1", "layer2", "layer3"],
-    "resnext": ["layer1", "layer2", "layer3"],
-    "wide_resnet": ["layer1", "layer2", "layer3"],
-    "mobilenet_v2": ["features.3", "features.6", "features.13"],
-    "shufflenet_v2": ["stage2", "stage3"],
+# The torchvision families whose layout is known, by name prefix: (the default exit points, the module ending
+# the last stage or None where it is not recorded). The exit points are model.exits_after's default (other
+# families need it set); with the last stage's module they name a torchvision teacher's stage outputs for
+# feature distillation in `sdtool distill` (ResNet families only; the others cannot teach features).
+_TORCHVISION_LAYOUTS: dict[str, tuple[list[str], str | None]] = {
+    "resnet": (["layer1", "layer2", "layer3"], "layer4"),
+    "resnext": (["layer1", "layer2", "layer3"], "layer4"),
+    "wide_resnet": (["layer1", "layer2", "layer3"], "layer4"),
+    "mobilenet_v2": (["features.3", "features.6", "features.13"], None),
+    "shufflenet_v2": (["stage2", "stage3"], None),
 }
+
+
+def _layout(arch: str) -> tuple[list[str], str | None] | None:
+    return next((v for k, v in _TORCHVISION_LAYOUTS.items() if arch.startswith(k)), None)
+
+
+def default_exits(arch: str) -> list[str] | None:
+    """The default exit points of torchvision:`arch` (model.exits_after); None when its layout is not known."""
+    layout = _layout(arch)
+    return list(layout[0]) if layout is not None else None
+
+
+def torchvision_stages(arch: str) -> list[str] | None:
+    """The modules ending each stage of torchvision:`arch`, shallow to deep (a teacher's feature maps);
+    None when they are not known."""
+    layout = _layout(arch)
+    if layout is None or layout[1] is None:
+        return None
+    return [*layout[0], layout[1]]
 
 
 def torchvision_builder(arch: str):
@@ -301,13 +323,12 @@ def torchvision_wrapped(
     """torchvision.models.<arch>(weights=None, num_classes=...) with exits after `exits_after` (wrap_model)."""
     builder = torchvision_builder(arch)
     if exits_after is None:
-        family = next((k for k in _DEFAULT_EXITS if arch.startswith(k)), None)
-        if family is None:
+        exits_after = default_exits(arch)
+        if exits_after is None:
             raise SdtoolError(
                 f"torchvision:{arch} has no default exit points; set model.exits_after to the names "
                 "of the modules after which exits go"
             )
-        exits_after = _DEFAULT_EXITS[family]
     try:
         module = builder(weights=None, num_classes=num_classes)
     except TypeError as e:
