@@ -8,7 +8,7 @@ Both models take forward + loss + backward + SGD step on the same random batch, 
 the medians. Goal (issue tracker): ratio <= 1.25 on the CPU. `--memory-format both` runs the two models
 in each memory format within the same alternation (four steps per round), so the channels_last /
 contiguous speed-up of each mode is measured side by side too: it is the evidence behind the CPU rule
-of `train.channels_last: auto` (sdtool/engine.py).
+of `train.channels_last: auto` (sdtool/device.py).
 """
 
 from __future__ import annotations
