@@ -36,7 +36,7 @@ import torch
 from common import cifar10_recipe, machine, write_json
 
 from sdtool import checkpoint
-from sdtool.deploy import export_bundle
+from sdtool.deploy import BundleOptions, export_bundle
 from sdtool.early_exit import ExitPolicy, leave_costs, leave_times
 from sdtool.engines import OrtEngine, TorchEngine
 from sdtool.evaluate import bundle_for_checkpoint, data_for_checkpoint
@@ -87,9 +87,7 @@ def measure(name: str, ckpt: Path, args) -> dict:
         str(ckpt),
         str(out),
         FitOptions(fit=True, max_drop=args.max_drop, cost=args.cost),
-        batch_size=args.batch,
-        threads=max(args.threads),
-        latency_batch=args.batch,
+        BundleOptions(batch_size=args.batch, threads=max(args.threads), latency_batch=args.batch),
         quiet=True,
     )
     export_s = time.perf_counter() - t0

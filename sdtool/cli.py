@@ -7,14 +7,14 @@ traceback only under `--debug`).
 from __future__ import annotations
 
 import functools
-import sys
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from sdtool import __version__
+from sdtool.cli_eval import EVAL_EPILOG, EXPORT_EPILOG, eval_, export
+from sdtool.cli_options import DEVICE_HELP, Engine, EngineOpt, JsonOpt, SetOpt, ThreadsOpt
 from sdtool.errors import SdtoolError
 
 app = typer.Typer(
@@ -25,74 +25,6 @@ app = typer.Typer(
     help="sdtool: self-distillation, real early exit and structured pruning for CNNs.",
 )
 _state = {"debug": False}
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (progress goes to stderr).")]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a recipe key, e.g. --set train.epochs=3 (repeatable).")
-]
-
-
-class Engine(str, Enum):
-    torch = "torch"
-    onnxruntime = "onnxruntime"
-
-
-class Cost(str, Enum):
-    macs = "macs"
-    latency = "latency"
-
-
-# Threshold fitting: one option set, shared by `eval --early-exit` and `export --early-exit`.
-FitOpt = Annotated[
-    bool, typer.Option("--fit-thresholds", help="Early exit: fit thresholds on the validation split first.")
-]
-MaxDropOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--max-drop", help="Fit: least cost with top-1 at most D points below the deepest exit (default 0.5)."
-    ),
-]
-BudgetOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--budget", help="Fit: best top-1 within F x the reference cost (the deepest exit alone, in --cost units)."
-    ),
-]
-PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Early exit: max_softmax (default) or entropy.")]
-FallbackOpt = Annotated[
-    str | None, typer.Option("--fallback", help="Early exit: who answers the rest: deepest (default) or ensemble.")
-]
-CostOpt = Annotated[
-    Cost,
-    typer.Option(
-        "--cost",
-        help=(
-            "Fit: what a sample costs: macs, or latency measured per exit step on this "
-            "machine (in --engine; export: onnxruntime)."
-        ),
-    ),
-]
-SweepOpt = Annotated[
-    Path | None,
-    typer.Option("--sweep-out", help="Fit: write the accuracy-vs-MACs sweep (JSON, CSV, PNG) to this folder."),
-]
-EngineOpt = Annotated[
-    Engine,
-    typer.Option("--engine", help="Inference engine for timings: torch (eager, batch norm folded) or onnxruntime."),
-]
-ThreadsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--threads",
-        help="CPU threads of the engine (default: torch's setting, or the cores this process may use for onnxruntime).",
-    ),
-]
-
-
-def _fit_options(fit: bool, max_drop, budget, policy, fallback, cost: Cost, sweep_out):
-    from sdtool.exit_eval import FitOptions
-
-    return FitOptions(fit, max_drop, budget, policy, fallback, cost.value, str(sweep_out) if sweep_out else None)
 
 
 def _version(value: bool) -> None:
@@ -163,103 +95,9 @@ def train(
         report.print_json(result.to_json()) if json_ else report.fit_summary(result)
 
 
-@app.command(
-    "eval",
-    epilog="Example: sdtool eval runs/quickstart/best.safetensors --split test; "
-    "sdtool eval runs/sd/best.safetensors --early-exit --fit-thresholds --max-drop 0.5 --out runs/sd/ee.safetensors",
-)
-@_user_errors
-def eval_(
-    ckpt: Annotated[Path, typer.Argument(help="sdtool checkpoint (.safetensors).")],
-    data: Annotated[
-        str | None,
-        typer.Option(
-            "--data", help="Recipe file whose data section to use, or a data set name (default: the checkpoint's)."
-        ),
-    ] = None,
-    set_: SetOpt = None,
-    split: Annotated[str, typer.Option("--split", help="test or val.")] = "test",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, mps.")] = "auto",
-    early_exit: Annotated[
-        bool, typer.Option("--early-exit", help="Real early exit with fitted thresholds (docs/early-exit.md).")
-    ] = False,
-    fit_thresholds: FitOpt = False,
-    max_drop: MaxDropOpt = None,
-    budget: BudgetOpt = None,
-    policy: PolicyOpt = None,
-    fallback: FallbackOpt = None,
-    cost: CostOpt = Cost.macs,
-    sweep_out: SweepOpt = None,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", help="Fit: write a new checkpoint with the thresholds (nothing is written without it)."),
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option("--batch-size", help="Evaluation batch size (default: the recipe's eval_batch_size)."),
-    ] = None,
-    latency_images: Annotated[
-        int,
-        typer.Option(
-            "--latency-images", help="Early exit: images timed one by one for the batch-1 speed-up (0 = skip)."
-        ),
-    ] = 128,
-    engine: EngineOpt = Engine.torch,
-    threads: ThreadsOpt = None,
-    json_: JsonOpt = False,
-) -> None:
-    """Per-exit and ensemble accuracy (top-1/top-5, percent) and loss of a checkpoint; or real early exit."""
-    from sdtool import report
-    from sdtool.evaluate import eval_checkpoint
-
-    if split not in ("test", "val"):
-        raise SdtoolError(f"--split {split!r} is not allowed; use test or val")
-    if early_exit:
-        from sdtool.exit_eval import eval_early_exit
-
-        rep = eval_early_exit(
-            str(ckpt),
-            data,
-            set_,
-            split,
-            device,
-            fit=fit_thresholds,
-            max_drop=max_drop,
-            budget=budget,
-            policy=policy,
-            fallback=fallback,
-            sweep_out=str(sweep_out) if sweep_out else None,
-            out=str(out) if out else None,
-            batch_size=batch_size,
-            latency_images=latency_images,
-            quiet=json_,
-            engine=engine.value,
-            cost=cost.value,
-            threads=threads,
-        )
-        report.print_json(rep) if json_ else report.early_exit_view(rep)
-        return
-    if (
-        fit_thresholds
-        or max_drop is not None
-        or budget is not None
-        or policy
-        or fallback
-        or sweep_out
-        or out
-        or cost != Cost.macs
-        or engine != Engine.torch
-        or threads is not None
-    ):
-        raise SdtoolError(
-            "--fit-thresholds, --max-drop, --budget, --policy, --fallback, --cost, --sweep-out, --out, "
-            "--engine and --threads belong to early exit; add --early-exit"
-        )
-    rep = eval_checkpoint(str(ckpt), data, set_, split, device, batch_size=batch_size)
-    if json_:
-        report.print_json(rep)
-    else:
-        report.out.print(report.accuracy_table(rep, title=f"{ckpt} on {rep['data']} {split} ({rep['n']} images)"))
+# `eval` and `export` are defined in sdtool.cli_eval (their option lists are long); registered here, in
+# the order `--help` lists the commands.
+app.command("eval", epilog=EVAL_EPILOG)(_user_errors(eval_))
 
 
 @app.command(epilog="Example: sdtool inspect runs/quickstart/best.safetensors --json")
@@ -307,7 +145,7 @@ def profile(
         typer.Option("--input-size", help="Input height and width (default: the checkpoint's or data set's)."),
     ] = None,
     batch: Annotated[int, typer.Option("--batch", help="Batch size N for latency (batch 1 is always measured).")] = 32,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, auto.")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help=f"Device for latency: {DEVICE_HELP}.")] = "cpu",
     latency: Annotated[
         bool, typer.Option("--latency/--no-latency", help="Measure latency (MACs and parameters are always counted).")
     ] = True,
@@ -328,92 +166,7 @@ def profile(
     report.print_json(rep) if json_ else report.profile_view(rep)
 
 
-@app.command(
-    epilog="Example: sdtool export runs/sd/best.safetensors --exit 2 --format onnx --out exit2.onnx; "
-    "sdtool export runs/sd/ee.safetensors --early-exit --out runs/sd/bundle"
-)
-@_user_errors
-def export(
-    ckpt: Annotated[Path, typer.Argument(help="sdtool checkpoint (.safetensors).")],
-    out: Annotated[Path, typer.Option("--out", help="Output file (a new folder with --early-exit).")],
-    format_: Annotated[
-        str, typer.Option("--format", help="safetensors (an sdtool checkpoint), pt2 (torch.export) or onnx.")
-    ] = "safetensors",
-    exit_: Annotated[
-        int | None, typer.Option("--exit", help="Keep only what exit K (1-based) needs: a compact standalone model.")
-    ] = None,
-    check: Annotated[
-        bool, typer.Option("--check/--no-check", help="Run the written file and compare it with PyTorch.")
-    ] = True,
-    early_exit: Annotated[
-        bool, typer.Option("--early-exit", help="Write a deployable early-exit bundle (ONNX Runtime; docs/deploy.md).")
-    ] = False,
-    fit_thresholds: FitOpt = False,
-    max_drop: MaxDropOpt = None,
-    budget: BudgetOpt = None,
-    policy: PolicyOpt = None,
-    fallback: FallbackOpt = None,
-    cost: CostOpt = Cost.macs,
-    sweep_out: SweepOpt = None,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            "--data", help="Fit: recipe file whose data section to use, or a data set name (default: the checkpoint's)."
-        ),
-    ] = None,
-    set_: SetOpt = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option("--batch-size", help="Fit: batch size of the validation pass and of --cost latency's timing."),
-    ] = None,
-    latency_batch: Annotated[
-        int,
-        typer.Option(
-            "--latency-batch", help="Bundle: batch size at which each step's latency is recorded (besides batch 1)."
-        ),
-    ] = 64,
-    threads: ThreadsOpt = None,
-    json_: JsonOpt = False,
-) -> None:
-    """Export the multi-exit net, one exit as a compact standalone model, or an early-exit bundle."""
-    from sdtool import report
-
-    fit_opts = _fit_options(fit_thresholds, max_drop, budget, policy, fallback, cost, sweep_out)
-    if early_exit:
-        from sdtool.deploy import export_bundle
-
-        if format_ != "onnx" and format_ != "safetensors":
-            raise SdtoolError("--early-exit writes an ONNX bundle; drop --format or use --format onnx")
-        if exit_ is not None:
-            raise SdtoolError("--early-exit exports every exit; export one exit with --exit K alone, then bundle that")
-        if not check:
-            raise SdtoolError("a bundle is always checked against PyTorch before it is written; drop --no-check")
-        if not fit_thresholds and (data or set_ or batch_size):
-            raise SdtoolError("--data, --set and --batch-size belong to threshold fitting; add --fit-thresholds")
-        rep = export_bundle(str(ckpt), str(out), fit_opts, data, set_, batch_size, threads, latency_batch, quiet=json_)
-        report.print_json(rep) if json_ else report.bundle_view(rep)
-        return
-    if (
-        fit_thresholds
-        or fit_opts.max_drop is not None
-        or budget is not None
-        or policy
-        or fallback
-        or sweep_out
-        or data
-        or set_
-        or batch_size
-        or threads
-        or cost != Cost.macs
-        or latency_batch != 64
-    ):
-        raise SdtoolError(
-            "threshold fitting, --data, --set, --batch-size, --threads and --latency-batch belong to --early-exit"
-        )
-    from sdtool.export import export as run_export
-
-    rep = run_export(str(ckpt), str(out), format_, exit_, check)
-    report.print_json(rep) if json_ else report.export_view(rep)
+app.command(epilog=EXPORT_EPILOG)(_user_errors(export))
 
 
 @app.command(
@@ -498,7 +251,7 @@ def prune(
     ] = None,
     set_: SetOpt = None,
     device: Annotated[
-        str, typer.Option("--device", help="Device for --eval: auto, cpu, cuda, mps (pruning runs on the CPU).")
+        str, typer.Option("--device", help=f"Device for --eval: {DEVICE_HELP}; pruning runs on the CPU.")
     ] = "auto",
     json_: JsonOpt = False,
 ) -> None:
@@ -609,4 +362,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

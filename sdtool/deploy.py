@@ -21,13 +21,25 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from sdtool import __version__, checkpoint, runtime
+from sdtool.early_exit import early_exit_forward, leave_costs
 from sdtool.errors import SdtoolError
+from sdtool.exit_fit import ExitContext, FitOptions, PolicyChoice, choose_policy, stored_fit
+from sdtool.exit_policy import ExitPolicy, confidence
+
+if TYPE_CHECKING:
+    from sdtool.checkpoint import Checkpoint
+    from sdtool.engines import OrtEngine
+    from sdtool.meta import InputSpec
+    from sdtool.models.multi_exit import MultiExitNet
 
 
 def _check_out(out: Path, src: Path) -> None:
@@ -37,28 +49,41 @@ def _check_out(out: Path, src: Path) -> None:
         raise SdtoolError(f"--out {out} is the checkpoint being exported; choose a new folder")
 
 
+@dataclass
+class BundleOptions:
+    """How `export --early-exit` runs, besides how its thresholds are chosen (FitOptions).
+
+    data, overrides, batch_size: a threshold fit's data (as for `sdtool eval`; default: the
+    checkpoint's) and the batch size of its validation pass and of `--cost latency`'s timing (default:
+    the recipe's eval_batch_size); threads: ONNX Runtime's CPU threads (default: the cores this process
+    may use); latency_batch: the batch size at which each step's latency is measured for the manifest
+    (batch 1 is always measured too); repeats: timed runs per figure (0 = do not measure).
+    """
+
+    data: str | None = None
+    overrides: list[str] | None = None
+    batch_size: int | None = None
+    threads: int | None = None
+    latency_batch: int = 64
+    repeats: int = 5
+
+    def check(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise SdtoolError(f"--threads must be at least 1, got {self.threads}")
+        if self.latency_batch < 1 or self.repeats < 0:
+            raise SdtoolError(f"--latency-batch must be at least 1, got {self.latency_batch}")
+
+
 def export_bundle(
-    path: str,
-    out: str,
-    opts=None,
-    data: str | None = None,
-    overrides: list[str] | None = None,
-    batch_size: int | None = None,
-    threads: int | None = None,
-    latency_batch: int = 64,
-    repeats: int = 5,
-    quiet: bool = False,
+    path: str, out: str, opts: FitOptions | None = None, run: BundleOptions | None = None, quiet: bool = False
 ) -> dict:
     """Write the early-exit bundle of checkpoint `path` to folder `out` (see the module doc).
 
-    opts: early_exit.FitOptions; without `opts.fit` the checkpoint's stored thresholds are used.
-    latency_batch: the batch size at which each step's latency is measured for the manifest
-    (batch 1 is always measured too); repeats: timed runs per figure (0 = do not measure).
+    opts: how thresholds are chosen; without `opts.fit` the checkpoint's stored thresholds are used.
+    run: the fit's data, threads and the latency measured for the manifest (default BundleOptions()).
     """
     from sdtool import report
-    from sdtool.early_exit import leave_costs
     from sdtool.engines import OrtEngine, bundle_layout
-    from sdtool.exit_eval import FitOptions, choose_policy
     from sdtool.onnx_graphs import model_pieces, require_onnx
     from sdtool.profile import exit_costs
 
@@ -67,88 +92,39 @@ def export_bundle(
     started = checkpoint.now()
     opts = opts or FitOptions()
     opts.check()
-    if threads is not None and threads < 1:
-        raise SdtoolError(f"--threads must be at least 1, got {threads}")
-    if latency_batch < 1 or repeats < 0:
-        raise SdtoolError(f"--latency-batch must be at least 1, got {latency_batch}")
-    src, outp = Path(path), Path(out)
-    _check_out(outp, src)
-    ckpt = checkpoint.load_checkpoint(path)
+    run = run or BundleOptions()
+    run.check()
+    outp = Path(out)
+    _check_out(outp, Path(path))
+    ckpt, spec_in = _deployable(path, opts)
     model, meta = ckpt.model, ckpt.meta
     size = meta.input_size
-    spec_in = meta.input
-    if spec_in is None or not spec_in.mean or not spec_in.std:
-        raise SdtoolError(f"{path} records no input normalisation (mean, std); it cannot be deployed without it")
-    if model.num_exits > 1 and not opts.fit and meta.thresholds is None:  # before the slow export
-        raise SdtoolError(
-            f"{path} has no fitted thresholds; add --fit-thresholds (and --max-drop D or --budget F), "
-            f"or fit them first with sdtool eval {path} --early-exit --fit-thresholds --out NEW"
-        )
     costs = exit_costs(model, (size, size))
-    src_sha = ckpt.sha256
     log(f"exporting {path} to ONNX and cutting it into exit steps")
-    pieces = model_pieces(model, size, identity={"source_sha256": src_sha})
-    engine = OrtEngine(model, size, threads=threads, pieces=pieces, ensemble=meta.ensemble)
-    fit_rep = sweep_rep = None
-    warnings: list[str] = []
-    if model.num_exits == 1:  # `export --exit K` output: one step, nothing to decide
-        from sdtool.early_exit import ExitPolicy
-
-        if opts.fit:
-            raise SdtoolError(f"{path} has a single exit; there are no thresholds to fit")
-        pol = ExitPolicy("max_softmax", [], "deepest", meta.ensemble)
+    pieces = model_pieces(model, size, identity={"source_sha256": ckpt.sha256})
+    engine = OrtEngine(model, size, threads=run.threads, pieces=pieces, ensemble=meta.ensemble)
+    if model.num_exits > 1:
+        choice = choose_policy(path, ckpt, opts, _fit_context(ckpt, run, costs, engine, log) if opts.fit else None)
+    elif opts.fit:  # `export --exit K` output: one step, nothing to decide
+        raise SdtoolError(f"{path} has a single exit; there are no thresholds to fit")
     else:
-        needs_data = opts.fit
-        cfg = bundle = None
-        if needs_data:
-            cfg, bundle = ckpt.data(data, overrides, "val")
-        bs = batch_size or (cfg.eval_batch_size if cfg else latency_batch)
-        pol, fit_rep, sweep_rep, warnings = choose_policy(
-            path, model, meta, cfg, bundle, opts, costs, torch.device("cpu"), bs, engine, log
-        )
+        choice = PolicyChoice(ExitPolicy("max_softmax", [], "deepest", meta.ensemble))
     manifest, graphs = bundle_layout(
         pieces,
-        pol,
+        choice.policy,
         size,
         spec_in.channels,
         spec_in.mean,
         spec_in.std,
         model.num_classes,
-        src_sha,
+        ckpt.sha256,
         meta.class_names,
     )
-    timing = None
-    if repeats > 0:
-        log(f"timing each step in ONNX Runtime (batch 1 and {latency_batch})")
-        timing = {str(b): engine.piece_times(size, b, warmup=2, repeats=repeats) for b in sorted({1, latency_batch})}
-    leave = leave_costs(costs, pol.computed())
-    for k, step in enumerate(manifest["steps"]):
-        e = costs["exits"][k]
-        step["macs"] = {"alone": e["macs"], "stages": e["stages_macs"], "head": e["head_macs"], "leave": leave[k]}
-        if timing:
-            step["latency_ms_per_image"] = {
-                b: {"stages": t["stages_ms"][k], "head": t["head_ms"][k]} for b, t in timing.items()
-            }
-    manifest.update(
-        {
-            "sdtool_version": __version__,
-            "created": checkpoint.now(),
-            "model": model.spec,
-            "reference_macs": costs["reference"]["macs"],
-            "deepest_latency_ms_per_image": {b: t["deepest_ms"] for b, t in timing.items()} if timing else None,
-            "runtime_settings": engine.settings,
-            "source": {
-                "path": str(path),
-                "sha256": src_sha,
-                "lineage": [e.to_json() for e in meta.lineage],
-                "thresholds_fitted_on": (fit_rep and {k: v for k, v in fit_rep.items() if k != "piece_times"})
-                or (meta.thresholds.fitted_on if meta.thresholds else None),
-            },
-            "runtime": runtime.RUNTIME_FILE,
-        }
-    )
-    check = _write(outp, manifest, graphs, model, size, threads)
-    rep = {
+    timing = _step_times(engine, size, run, log)
+    _add_step_costs(manifest, costs, choice.policy, timing)
+    manifest.update(_provenance(path, ckpt, costs, timing, engine.settings, choice.fit))
+    check = _write(outp, manifest, graphs, model, size, run.threads)
+    return {
         "checkpoint": str(path),
         "out": str(outp),
         "format": "onnx early-exit bundle",
@@ -157,16 +133,82 @@ def export_bundle(
         "files": sorted([*graphs, runtime.MANIFEST, runtime.RUNTIME_FILE]),
         "bundle_size": sum(f.stat().st_size for f in outp.iterdir()),
         "check": check,
-        "fit": fit_rep,
-        "sweep": sweep_rep,
-        "warnings": warnings,
+        "fit": choice.fit,
+        "sweep": choice.sweep,
+        "warnings": choice.warnings,
         "timing": timing,
         "started": started,
     }
-    return rep
 
 
-def _write(out: Path, manifest: dict, graphs: dict[str, bytes], model, size: int, threads: int | None) -> dict:
+def _deployable(path: str, opts: FitOptions) -> tuple[Checkpoint, InputSpec]:
+    """The checkpoint and its input spec, refused before the slow export when a bundle cannot be made."""
+    ckpt = checkpoint.load_checkpoint(path)
+    spec_in = ckpt.meta.input
+    if spec_in is None or not spec_in.mean or not spec_in.std:
+        raise SdtoolError(f"{path} records no input normalisation (mean, std); it cannot be deployed without it")
+    if ckpt.model.num_exits > 1 and not opts.fit and ckpt.meta.thresholds is None:
+        raise SdtoolError(
+            f"{path} has no fitted thresholds; add --fit-thresholds (and --max-drop D or --budget F), "
+            f"or fit them first with sdtool eval {path} --early-exit --fit-thresholds --out NEW"
+        )
+    return ckpt, spec_in
+
+
+def _step_times(engine: OrtEngine, size: int, run: BundleOptions, log: Callable[[str], None]) -> dict | None:
+    """Each step's measured latency at batch 1 and `run.latency_batch` (None with `run.repeats` 0)."""
+    if run.repeats <= 0:
+        return None
+    log(f"timing each step in ONNX Runtime (batch 1 and {run.latency_batch})")
+    batches = sorted({1, run.latency_batch})
+    return {str(b): engine.piece_times(size, b, warmup=2, repeats=run.repeats) for b in batches}
+
+
+def _fit_context(
+    ckpt: Checkpoint, run: BundleOptions, costs: dict, engine: OrtEngine, log: Callable[[str], None]
+) -> ExitContext:
+    """A threshold fit on the validation split, on the CPU, timed (`--cost latency`) in the bundle's engine."""
+    cfg, bundle = ckpt.data(run.data, run.overrides, "val")
+    return ExitContext(cfg, bundle, torch.device("cpu"), run.batch_size or cfg.eval_batch_size, costs, engine, log)
+
+
+def _add_step_costs(manifest: dict, costs: dict, pol: ExitPolicy, timing: dict | None) -> None:
+    """Each step's MACs (alone, stages, head, leaving there) and measured latency, into the manifest."""
+    leave = leave_costs(costs, pol.computed())
+    for k, step in enumerate(manifest["steps"]):
+        e = costs["exits"][k]
+        step["macs"] = {"alone": e["macs"], "stages": e["stages_macs"], "head": e["head_macs"], "leave": leave[k]}
+        if timing:
+            step["latency_ms_per_image"] = {
+                b: {"stages": t["stages_ms"][k], "head": t["head_ms"][k]} for b, t in timing.items()
+            }
+
+
+def _provenance(
+    path: str, ckpt: Checkpoint, costs: dict, timing: dict | None, settings: dict, fit_rep: dict | None
+) -> dict:
+    """The manifest's record of what was exported, by which sdtool, from which checkpoint, measured how."""
+    meta = ckpt.meta
+    return {
+        "sdtool_version": __version__,
+        "created": checkpoint.now(),
+        "model": ckpt.model.spec,
+        "reference_macs": costs["reference"]["macs"],
+        "deepest_latency_ms_per_image": {b: t["deepest_ms"] for b, t in timing.items()} if timing else None,
+        "runtime_settings": settings,
+        "source": {
+            "path": str(path),
+            "sha256": ckpt.sha256,
+            "lineage": [e.to_json() for e in meta.lineage],
+            "thresholds_fitted_on": stored_fit(fit_rep) or (meta.thresholds.fitted_on if meta.thresholds else None),
+        },
+        "runtime": runtime.RUNTIME_FILE,
+    }
+
+
+def _write(
+    out: Path, manifest: dict, graphs: dict[str, bytes], model: MultiExitNet, size: int, threads: int | None
+) -> dict:
     """Write the folder under a temporary name, check it with the runtime, then rename it into place."""
     parent = out.parent
     try:
@@ -201,12 +243,10 @@ TOLERANCE = 1e-3  # of the logits' scale: float32 graphs against eager PyTorch d
 
 
 @torch.no_grad()
-def check_bundle(folder: Path, model, size: int, threads: int | None = None) -> dict:
+def check_bundle(folder: Path, model: MultiExitNet, size: int, threads: int | None = None) -> dict:
     """Load the bundle with the runtime and compare it with PyTorch on random inputs: every shipped
     exit's logits, and early exit's choices (a different choice is allowed only where a confidence
     lies within 1e-4 of its threshold). A bundle that does not reproduce the model is refused."""
-    from sdtool.early_exit import ExitPolicy, confidence, early_exit_forward
-
     sess = runtime.EarlyExitSession(folder, threads=threads)
     x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
     ref, _ = model(x)
@@ -261,7 +301,7 @@ def predict(target: str, inputs: list[str], threads: int | None = None, resize: 
     p = Path(target)
     if p.is_dir():
         sess = runtime.EarlyExitSession(p, threads=threads)
-        images = runtime.load_images(inputs, sess.size, sess.channels, resize)
+        images = runtime.load_images(_paths(inputs), sess.size, sess.channels, resize)
         rows = sess.classify(images, top=top)
         engine, names = sess.settings, sess.class_names
     else:
@@ -275,6 +315,11 @@ def predict(target: str, inputs: list[str], threads: int | None = None, resize: 
         "predictions": rows,
         "classes": len(names) if names else None,
     }
+
+
+def _paths(inputs: list[str]) -> list[str | os.PathLike]:
+    """The inputs as runtime.load_images takes them (a list of either kind of path; list is invariant)."""
+    return list(inputs)
 
 
 def _sources(inputs: list[str]) -> list[str]:
@@ -291,8 +336,6 @@ def _sources(inputs: list[str]) -> list[str]:
 
 @torch.no_grad()
 def _predict_checkpoint(path: Path, inputs: list[str], threads: int | None, resize: bool, top: int):
-    from sdtool.early_exit import ExitPolicy, early_exit_forward
-
     if threads:
         torch.set_num_threads(threads)
     ckpt = checkpoint.load_checkpoint(path)
@@ -300,7 +343,7 @@ def _predict_checkpoint(path: Path, inputs: list[str], threads: int | None, resi
     spec = meta.input
     if spec is None or not spec.mean or not spec.std:
         raise SdtoolError(f"{path} records no input normalisation (mean, std); it cannot classify raw images")
-    images = runtime.load_images(inputs, spec.size, spec.channels, resize)
+    images = runtime.load_images(_paths(inputs), spec.size, spec.channels, resize)
     mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
     std = torch.tensor(spec.std).view(1, -1, 1, 1)
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std

@@ -4,10 +4,8 @@ A batch is driven exit by exit with `model.stages_to_exit(h, k)` and `model.exit
 rows that leave at exit k are written to the output and dropped from `h` (`index_select`) before the
 next stages run, so later stages only see the samples still undecided. A batch of one simply stops.
 
-Policies (the threshold of exit k is in the policy's own unit; `None` = exit k never answers):
-  * max_softmax - leave when max_c softmax(z)_c >= threshold;
-  * entropy     - leave when the entropy of softmax(z) (nats) <= threshold.
-Samples no shallow exit takes are answered by the deepest exit, or by the ensemble of all exits
+Policies (max_softmax, entropy; sdtool.exit_policy) say when a shallow exit answers. Samples no
+shallow exit takes are answered by the deepest exit, or by the ensemble of all exits
 (`losses.ensemble_logits` with the checkpoint's ensemble kind), which needs every exit computed.
 
 Costs: a sample leaving at exit k costs the stages up to exit k's stage plus the attention, head and
@@ -23,69 +21,30 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from sdtool.errors import SdtoolError
+
+# The policies live in the leaf module sdtool.exit_policy (shared with sdtool.thresholds); their names
+# stay importable from here.
+from sdtool.exit_policy import FALLBACKS, POLICIES, ExitPolicy, confidence, values_from_scores
 from sdtool.losses import ensemble_logits
-from sdtool.meta import Thresholds
 
-POLICIES = ("max_softmax", "entropy")
-FALLBACKS = ("deepest", "ensemble")
+if TYPE_CHECKING:
+    from sdtool.models.multi_exit import MultiExitNet
 
-
-@dataclass
-class ExitPolicy:
-    """Thresholds for the shallow exits (K-1 values, shallow to deep) and what answers the rest."""
-
-    policy: str
-    values: list[float | None]
-    fallback: str = "deepest"
-    ensemble: str = "logits"  # how the ensemble fallback combines logits
-
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise SdtoolError(f"unknown early-exit policy {self.policy!r}; use one of {', '.join(POLICIES)}")
-        if self.fallback not in FALLBACKS:
-            raise SdtoolError(f"unknown fallback {self.fallback!r}; use one of {', '.join(FALLBACKS)}")
-
-    def score_thresholds(self) -> list[float]:
-        """Thresholds on the confidence score (higher = more confident; +inf = never leave)."""
-        return [
-            math.inf if v is None else (float(v) if self.policy == "max_softmax" else -float(v)) for v in self.values
-        ]
-
-    def computed(self) -> list[bool]:
-        """Which exits' outputs are computed on a sample's way through (the last one always)."""
-        return [self.fallback == "ensemble" or v is not None for v in self.values] + [True]
-
-    @classmethod
-    def stored(cls, thresholds: Thresholds, ensemble: str, fallback: str | None = None) -> ExitPolicy:
-        """The policy a checkpoint's fitted thresholds describe (`fallback` overrides the stored one)."""
-        return cls(thresholds.policy, list(thresholds.values), fallback or thresholds.fallback, ensemble)
-
-    def to_thresholds(self, fitted_on: dict | None = None) -> Thresholds:
-        """What a checkpoint stores of this policy (`fitted_on`: the report of the fit that chose it)."""
-        return Thresholds(self.policy, list(self.values), self.fallback, fitted_on)
-
-    def to_meta(self, fitted_on: dict | None = None) -> dict:
-        return self.to_thresholds(fitted_on).to_json()
-
-
-def values_from_scores(policy: str, scores: list[float]) -> list[float | None]:
-    """Score thresholds back to the policy's unit (inf -> None, i.e. the exit never answers)."""
-    return [None if s == math.inf else (float(s) if policy == "max_softmax" else -float(s)) for s in scores]
-
-
-def confidence(logits: torch.Tensor, policy: str) -> torch.Tensor:
-    """Confidence score per row (N,), higher = more confident: max softmax, or minus the entropy."""
-    logp = F.log_softmax(logits.float(), dim=1)
-    if policy == "max_softmax":
-        return logp.max(dim=1).values.exp()
-    return (logp.exp() * logp).sum(dim=1)  # -H(p)
+__all__ = [
+    "FALLBACKS",
+    "POLICIES",
+    "ExitPolicy",
+    "confidence",
+    "early_exit_forward",
+    "leave_costs",
+    "leave_times",
+    "values_from_scores",
+]
 
 
 def leave_costs(costs: dict, computed: list[bool]) -> list[int]:
@@ -108,7 +67,7 @@ def leave_times(times: dict, computed: list[bool]) -> list[float]:
 
 
 @torch.no_grad()
-def early_exit_forward(model: nn.Module, x: torch.Tensor, policy: ExitPolicy) -> tuple[torch.Tensor, torch.Tensor]:
+def early_exit_forward(model: MultiExitNet, x: torch.Tensor, policy: ExitPolicy) -> tuple[torch.Tensor, torch.Tensor]:
     """Real early exit on a batch: (logits (N, classes), exit index (N,), 0-based; K-1 = the fallback).
 
     Each row's logits equal those of the all-exits forward for the exit that answered it (or the
@@ -123,10 +82,11 @@ def early_exit_forward(model: nn.Module, x: torch.Tensor, policy: ExitPolicy) ->
     thr = policy.score_thresholds()
     keep_all = policy.fallback == "ensemble"
     n = x.shape[0]
-    out = None
+    out: torch.Tensor | None = None
     exit_at = torch.full((n,), k_all - 1, dtype=torch.long, device=x.device)
     rows = torch.arange(n, device=x.device)  # original positions of the rows still in h
-    h, seen = x, []  # seen: earlier exits' logits of the remaining rows (ensemble fallback only)
+    h = x
+    seen: list[torch.Tensor] = []  # earlier exits' logits of the remaining rows (ensemble fallback only)
     for k in range(k_all):
         h = model.stages_to_exit(h, k)
         last = k == k_all - 1
@@ -151,4 +111,5 @@ def early_exit_forward(model: nn.Module, x: torch.Tensor, policy: ExitPolicy) ->
         stay = (~leave).nonzero().squeeze(1)
         h, rows = h.index_select(0, stay), rows.index_select(0, stay)
         seen = [s.index_select(0, stay) for s in seen]
+    assert out is not None  # allocated at the first exit computed, and the last exit always is
     return out, exit_at

@@ -101,8 +101,8 @@ def make_optimizer(recipe: Recipe, params: list[nn.Parameter]) -> torch.optim.Op
 
 
 def fit(
-    recipe: Recipe,
-    out: str | Path,
+    recipe: Recipe | None,
+    out: str | Path | None,
     init: str | None = None,
     resume: str | Path | None = None,
     extra: ExtraLoss | None = None,
@@ -110,7 +110,8 @@ def fit(
     quiet: bool = False,
     lineage_extra: dict | None = None,
 ) -> FitResult:
-    """Train per `recipe`, writing checkpoints and metrics under `out` (or continue `resume`).
+    """Train per `recipe`, writing checkpoints and metrics under `out` (or continue `resume`, whose run
+    folder holds the recipe: `recipe` and `out` are then ignored and may be None).
 
     Under torchrun every process calls this; rank 0 alone evaluates, writes files and shows progress.
     `extra` is an optional additional loss term (external-teacher distillation, see `ExtraLoss`): its
@@ -121,6 +122,8 @@ def fit(
     if resume is not None:
         run_dir, recipe, resumed = load_run(resume)
         init = resumed.init
+    elif recipe is None or out is None:
+        raise SdtoolError("fit needs a recipe and an output folder, or resume= a run folder")
     else:
         run_dir, resumed = new_run_dir(out), None
     plan = _Plan(recipe, run_dir, init, resumed, extra, command, lineage_extra or {}, quiet or not dist.is_main)

@@ -21,19 +21,33 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import torch
 from torch import nn
 
+from sdtool.choices import ENGINES
 from sdtool.errors import SdtoolError
 
 if TYPE_CHECKING:
+    from sdtool.exit_policy import ExitPolicy
     from sdtool.models.multi_exit import MultiExitNet
     from sdtool.runtime import EarlyExitSession
 
-ENGINES = ("torch", "onnxruntime")
+
+class InferenceEngine(Protocol):
+    """What timing early exit needs of an engine (TorchEngine, OrtEngine, exit_eval's accelerator one).
+    The CPU engines also measure `piece_times(size, batch, warmup, repeats)`."""
+
+    name: str
+    settings: dict[str, Any]
+
+    def set_policy(self, policy: ExitPolicy) -> None: ...
+
+    def early_exit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def deepest(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def check_engine(name: str) -> str:

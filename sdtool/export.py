@@ -21,17 +21,17 @@ import io
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from sdtool import checkpoint
+from sdtool.choices import FORMATS
 from sdtool.errors import SdtoolError
 from sdtool.meta import CheckpointMeta
 from sdtool.models.multi_exit import MultiExitNet
 from sdtool.onnx_graphs import require_onnx
-
-FORMATS = ("safetensors", "pt2", "onnx")
 
 
 class LogitsOnly(nn.Module):
@@ -156,7 +156,7 @@ def export(
     program = None
     if fmt == "safetensors":
         # One exit alone: the thresholds and metrics described the multi-exit net, not this exit.
-        changes = {"thresholds": None, "metrics": {}} if exit is not None else {}
+        changes: dict[str, Any] = {"thresholds": None, "metrics": {}} if exit is not None else {}
         exported = {"exit": exit, "of_exits": k_all, "format": fmt}
         command = f"export --exit {exit}" if exit else "export"
         ckpt.derive(command, model, started=started, lineage={"exported": exported}, **changes).save(outp)

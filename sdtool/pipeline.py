@@ -114,19 +114,21 @@ def run_pipeline(recipe: Recipe, out: str | Path, recipe_path: str | None = None
             )
 
     if ev.early_exit:
-        from sdtool.exit_eval import eval_early_exit
+        from sdtool.exit_eval import FitOptions, RunOptions, eval_early_exit
 
         log("pipeline: fit early-exit thresholds")
         final = out / "final.safetensors"
         ee = eval_early_exit(
             str(ckpt),
-            fit=True,
-            max_drop=ev.max_drop if ev.budget is None else None,
-            budget=ev.budget,
-            policy=ev.policy,
-            fallback=ev.fallback,
+            RunOptions(latency_images=0),
+            FitOptions(
+                fit=True,
+                max_drop=ev.max_drop if ev.budget is None else None,
+                budget=ev.budget,
+                policy=ev.policy,
+                fallback=ev.fallback,
+            ),
             out=str(final),
-            latency_images=0,
             quiet=quiet,
         )
         steps.append(

@@ -26,12 +26,16 @@ import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from sdtool.errors import SdtoolError
+
+if TYPE_CHECKING:
+    from sdtool.models.multi_exit import MultiExitNet
 
 MACS_NOTE = (
     "fvcore FlopCountAnalysis: one multiply-add = 1 MAC; batch-norm and upsampling included, "
@@ -77,7 +81,7 @@ def _params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def exit_costs(model: nn.Module, input_size: tuple[int, int]) -> dict:
+def exit_costs(model: MultiExitNet, input_size: tuple[int, int]) -> dict:
     """Parameters and MACs per exit (alone and cumulative), reference, ensemble and full net.
 
     Returns {"input_size", "parameters", "reference": {"exit", "macs", "params"}, "full": {...},
@@ -89,7 +93,8 @@ def exit_costs(model: nn.Module, input_size: tuple[int, int]) -> dict:
     by = module_macs(model, input_size)
     stage_macs = [by.get(f"stages.{i}", 0) for i in range(len(model.stages))]
     stage_params = [_params(s) for s in model.stages]
-    exits, head_sum_macs, head_sum_params = [], 0, 0
+    exits: list[dict[str, Any]] = []  # ints, and each exit's share of the reference (a float or None)
+    head_sum_macs = head_sum_params = 0
     for k, s in enumerate(model.exit_stages):
         parts = (f"attention.{k}", f"heads.{k}", f"classifiers.{k}")
         head_macs = sum(by.get(p, 0) for p in parts)
@@ -165,7 +170,12 @@ def _peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
 
 
 def measure_latency(
-    model: nn.Module, input_size: tuple[int, int], batch: int, device: torch.device, warmup: int = 3, repeats: int = 10
+    model: MultiExitNet,
+    input_size: tuple[int, int],
+    batch: int,
+    device: torch.device,
+    warmup: int = 3,
+    repeats: int = 10,
 ) -> dict:
     """Median latency (ms) of each exit alone (`forward_until`) and of the full net, at batch 1 and `batch`.
 
@@ -175,8 +185,10 @@ def measure_latency(
     model.eval()
     sizes = sorted({1, batch})
     inputs = {b: torch.randn(b, 3, *input_size, generator=torch.Generator().manual_seed(0)).to(device) for b in sizes}
-    runs = [(f"exit {k + 1}", lambda x, k=k: model.forward_until(x, k)) for k in range(model.num_exits)]
-    runs.append(("full", lambda x: model(x)))
+    runs: list[tuple[str, Callable[[torch.Tensor], object]]] = [
+        (f"exit {k + 1}", partial(model.forward_until, k=k)) for k in range(model.num_exits)
+    ]
+    runs.append(("full", model))
     rows = []
     for name, fn in runs:
         lat = {str(b): 1000 * median_seconds(partial(fn, inputs[b]), device, warmup, repeats) for b in sizes}
@@ -200,7 +212,7 @@ def measure_latency(
     }
 
 
-def _recipe_model(path: str, overrides: list[str] | None) -> tuple[nn.Module, int, str]:
+def _recipe_model(path: str, overrides: list[str] | None) -> tuple[MultiExitNet, int, str]:
     """Model from a recipe, built as training builds it: (model, input side, where num_classes came from)."""
     from sdtool.models import create_model
     from sdtool.models.from_recipe import model_args
@@ -212,7 +224,8 @@ def _recipe_model(path: str, overrides: list[str] | None) -> tuple[nn.Module, in
         classes, note = r.model.num_classes, "model.num_classes"
     if side is None:
         side = r.data.input_size or (224 if r.model.stem == "imagenet" else 32)
-    return create_model(r.model.name, **model_args(r, classes, side)), side, note
+    model = cast("MultiExitNet", create_model(r.model.name, **model_args(r, classes, side)))  # every builder makes one
+    return model, side, note
 
 
 def _data_info(cfg) -> tuple[int, int | None, str]:
@@ -237,7 +250,7 @@ def _data_info(cfg) -> tuple[int, int | None, str]:
 
 
 def measure_latency_ort(
-    model: nn.Module,
+    model: MultiExitNet,
     input_size: tuple[int, int],
     batch: int,
     threads: int | None = None,
@@ -264,9 +277,7 @@ def measure_latency_ort(
         sess = runtime.make_session(pieces.graphs[piece], so, piece)
         lat = {
             str(b): 1000
-            * median_seconds(
-                lambda s=sess, b=b: s.run(None, {"input": inputs[b]}), torch.device("cpu"), warmup, repeats
-            )
+            * median_seconds(partial(sess.run, None, {"input": inputs[b]}), torch.device("cpu"), warmup, repeats)
             for b in sizes
         }
         rows.append({"name": label, "latency_ms": lat, "peak_memory_bytes": None})
@@ -322,7 +333,7 @@ def profile(
         ckpt = load_checkpoint(target)
         model, side = ckpt.model, ckpt.meta.input_size
         source = {"kind": "checkpoint", "num_classes_from": "checkpoint"}
-    size = tuple(input_size) if input_size else (side, side)
+    size = (input_size[0], input_size[1]) if input_size else (side, side)
     if min(size) < 1:
         raise SdtoolError(f"--input-size must be positive, got {size}")
     model.eval()

@@ -35,14 +35,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sdtool.early_exit import confidence, values_from_scores
+from sdtool.choices import COSTS
 from sdtool.errors import SdtoolError
+from sdtool.exit_policy import confidence, values_from_scores
 from sdtool.losses import ensemble_logits
 
 N_QUANTILES = 100
-
-
-COSTS = ("macs", "latency")
 
 
 @dataclass
@@ -72,7 +70,7 @@ class ExitTable:
         """(stages (K,), heads (K,), reference) in MACs or in ms per image."""
         if (cost or self.cost) == "macs":
             return self.stages_macs, self.head_macs, self.reference_macs
-        if self.stages_ms is None:
+        if self.stages_ms is None or self.head_ms is None or self.reference_ms is None:
             raise SdtoolError("latency costs were not measured for this table")
         return self.stages_ms, self.head_ms, float(self.reference_ms)
 
@@ -201,9 +199,12 @@ def fit(t: ExitTable, policy: str, max_drop: float | None = None, budget: float 
     if budget is not None and not budget > 0:
         raise SdtoolError(f"--budget must be a positive fraction of the reference cost, got {budget}")
     deepest = 100.0 * float(t.correct[t.num_exits - 1].mean())
-    objective = "max_drop" if max_drop is not None else "budget"
     reference = t.costs()[2]
-    limit = deepest - max_drop if max_drop is not None else budget * reference
+    if max_drop is not None:
+        objective, limit = "max_drop", deepest - max_drop
+    else:
+        assert budget is not None  # exactly one of the two is given (checked above)
+        objective, limit = "budget", budget * reference
     cands = candidates(t)
     levels, acc, cost = shared_sweep(t)
     i = _best(_keys(objective, limit, acc, cost))
@@ -228,7 +229,7 @@ def fit(t: ExitTable, policy: str, max_drop: float | None = None, budget: float 
         "exit_fractions": (counts / t.n).tolist(),
         "values": values_from_scores(policy, thr.tolist()),
     }
-    if t.stages_ms is not None:
+    if t.stages_ms is not None and t.reference_ms is not None:  # measured times: both are set together
         ms = float(expected_cost(t, thr[None], exit_at, "latency")[0])
         res.update(
             expected_ms=ms,

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from sdtool import SdtoolError, checkpoint, runtime
 from sdtool.cli import app
-from sdtool.deploy import export_bundle
+from sdtool.deploy import BundleOptions, export_bundle
 from sdtool.early_exit import ExitPolicy, confidence, early_exit_forward
 from sdtool.engines import bundle_layout
 from sdtool.exit_eval import FitOptions
@@ -74,7 +74,11 @@ def bundle(ckpt, tmp_path_factory):
     """A bundle with thresholds fitted on the validation split (its rep, its folder)."""
     out = tmp_path_factory.mktemp("b") / "bundle"
     rep = export_bundle(
-        str(ckpt), str(out), FitOptions(fit=True, max_drop=50.0), threads=1, latency_batch=8, repeats=1, quiet=True
+        str(ckpt),
+        str(out),
+        FitOptions(fit=True, max_drop=50.0),
+        BundleOptions(threads=1, latency_batch=8, repeats=1),
+        quiet=True,
     )
     return rep, out
 
@@ -376,7 +380,7 @@ def test_pruned_and_one_exit_models_bundle(ckpt, tmp_path):
         "fallback": "deepest",
     }
     checkpoint.save(ee, model, meta)
-    rep = export_bundle(str(ee), str(tmp_path / "pb"), threads=1, repeats=0, quiet=True)
+    rep = export_bundle(str(ee), str(tmp_path / "pb"), run=BundleOptions(threads=1, repeats=0), quiet=True)
     assert rep["check"]["max_abs_diff"] <= 1e-4
     model, meta = checkpoint.load(ee)
     sess = runtime.EarlyExitSession(tmp_path / "pb", threads=1)
@@ -386,7 +390,7 @@ def test_pruned_and_one_exit_models_bundle(ckpt, tmp_path):
     assert (e_t.numpy() == e_o).all() and np.abs(z_o - z_t.numpy()).max() <= 1e-4
     one = tmp_path / "exit2.safetensors"
     export(str(ckpt), str(one), "safetensors", exit=2, check=False)
-    rep = export_bundle(str(one), str(tmp_path / "ob"), threads=1, repeats=0, quiet=True)
+    rep = export_bundle(str(one), str(tmp_path / "ob"), run=BundleOptions(threads=1, repeats=0), quiet=True)
     assert rep["exits"] == 1 and rep["check"]["max_abs_diff"] <= 1e-4
     z, e = runtime.EarlyExitSession(tmp_path / "ob", threads=1).predict(X.numpy())
     with torch.no_grad():
@@ -396,7 +400,7 @@ def test_pruned_and_one_exit_models_bundle(ckpt, tmp_path):
 
 def test_eval_engines_agree(bundle, ckpt):
     """eval --early-exit in onnxruntime and in torch: the same thresholds give the same accuracy."""
-    from sdtool.exit_eval import eval_early_exit
+    from sdtool.exit_eval import RunOptions, eval_early_exit
 
     _, out = bundle
     m = json.loads((out / "manifest.json").read_text())
@@ -407,7 +411,9 @@ def test_eval_engines_agree(bundle, ckpt):
     checkpoint.save(ee, model, meta)
     reps = {
         e: eval_early_exit(
-            str(ee), device="cpu", latency_images=4, repeats=1, quiet=True, engine=e, threads=1, batch_size=25
+            str(ee),
+            RunOptions(device="cpu", latency_images=4, repeats=1, engine=e, threads=1, batch_size=25),
+            quiet=True,
         )
         for e in ("torch", "onnxruntime")
     }

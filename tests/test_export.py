@@ -124,6 +124,8 @@ def test_exit_out_of_range_is_one_line(ckpt, tmp_path, bad):
     assert r.output.startswith("error:") and "exits 1..4" in r.output and not out.exists()
 
 
-def test_unknown_format_is_one_line(ckpt, tmp_path):
+def test_unknown_format_is_a_usage_error(ckpt, tmp_path):
+    # --format is a choice: Typer refuses other values (usage error, exit status 2) before the command runs.
     r = runner.invoke(app, ["export", str(ckpt), "--format", "tflite", "--out", str(tmp_path / "m")])
-    assert r.exit_code == 1 and r.output.count("\n") == 1 and "safetensors, pt2, onnx" in r.output
+    assert r.exit_code == 2 and "Invalid value for '--format'" in r.output
+    assert all(f"'{f}'" in r.output for f in ("safetensors", "pt2", "onnx")) and not (tmp_path / "m").exists()

@@ -1,0 +1,140 @@
+"""Output of `sdtool eval --early-exit`: its terminal view, and the accuracy-vs-MACs sweep files.
+
+Progress and logs go to stderr (sdtool.report's consoles), so `--json` output on stdout stays
+machine-readable.
+"""
+
+from __future__ import annotations
+
+import json
+
+from rich.table import Table
+
+from sdtool.report import err, fmt_macs, out
+
+
+def early_exit_view(rep: dict) -> None:
+    """`sdtool eval --early-exit`: exit histogram, accuracy, expected MACs, speed-ups, fit summary."""
+    table = Table(
+        title=f"early exit ({rep['policy']}, fallback {rep['fallback']}) on {rep['data']} "
+        f"{rep['split']} ({rep['n']} images)"
+    )
+    for col in ("exit", "threshold", "answers %", "top-1 % there", "MACs per sample"):
+        table.add_column(col, justify="right")
+    for e in rep["exits"]:
+        thr = "-" if e["threshold"] is None else f"{e['threshold']:.4f}"
+        name = str(e["exit"]) + (" (ensemble)" if e["answered_by"] == "ensemble" else "")
+        table.add_row(
+            name,
+            thr if e["exit"] < len(rep["exits"]) else "rest",
+            f"{100 * e['fraction']:.1f}",
+            "-" if e["top1"] is None else f"{e['top1']:.2f}",
+            fmt_macs(e["leave_macs"]),
+        )
+    out.print(table)
+    t = rep["timing"]
+    s = rep["wall_clock_speedup"]
+    lines = [
+        f"top-1 {rep['top1']:.2f}% (deepest exit alone {rep['deepest_top1']:.2f}%, drop "
+        f"{rep['accuracy_drop']:+.2f} points)",
+        f"expected MACs {fmt_macs(rep['expected_macs'])} = {rep['macs_fraction']:.3f} of the reference "
+        f"({fmt_macs(rep['reference_macs'])}): {rep['macs_speedup']:.2f}x fewer",
+        (
+            f"expected time {rep['expected_ms']:.3f} ms/image at batch {t['batch_n']['batch_size']}: predicted "
+            f"{rep['predicted_speedup']:.2f}x"
+            if rep.get("expected_ms") is not None
+            else ""
+        ),
+        f"wall-clock speed-up vs the deepest exit alone ({rep.get('engine', 'torch')}, {t['device']}, "
+        f"{t['threads']} threads): "
+        f"batch {t['batch_n']['batch_size']}: {s['batch_n']:.2f}x"
+        + (
+            f", batch 1: {s['batch_1']:.2f}x ({t['batch_1']['early_exit_ms_per_image']:.2f} vs "
+            f"{t['batch_1']['deepest_ms_per_image']:.2f} ms/image, {t['batch_1']['images']} images)"
+            if s.get("batch_1") is not None
+            else ""
+        ),
+    ]
+    f = rep.get("fit")
+    if f:
+        goal = (
+            f"max drop {f['max_drop']} points"
+            if f["objective"] == "max_drop"
+            else f"budget {f['budget']} of the reference"
+        )
+        lines.append(
+            f"fitted on val ({f['n']} images, {goal}): top-1 {f['top1']:.2f}% vs deepest "
+            f"{f['deepest_top1']:.2f}%, {f['macs_speedup']:.2f}x fewer MACs"
+            + ("" if f["feasible"] else " (constraint NOT met)")
+        )
+    if rep.get("sweep"):
+        lines.append(f"sweep written to {rep['sweep']['dir']}: {', '.join(rep['sweep']['files'])}")
+    lines.append(
+        f"thresholds written to {rep['written']}"
+        if rep.get("written")
+        else ("thresholds not saved (add --out PATH to write a checkpoint with them)" if f else "")
+    )
+    for line in lines:
+        if line:
+            out.print(line, highlight=False)
+    for w in rep.get("warnings", []):
+        err.print(f"warning: {w}", highlight=False)
+
+
+def write_sweep(sweep: dict, folder) -> list[str]:
+    """The accuracy-vs-MACs sweep as sweep.json, sweep.csv and sweep.png (matplotlib, Agg) in `folder`."""
+    import csv
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = Path(folder)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "sweep.json").write_text(json.dumps(sweep, indent=2) + "\n")
+    with open(d / "sweep.csv", "w", newline="") as fh:
+        wr = csv.writer(fh)
+        wr.writerow(["curve", "threshold_or_budget", "thresholds", "top1", "macs_fraction"])
+        for p in sweep["shared"]:
+            wr.writerow(["shared", p["threshold"], "", f"{p['top1']:.4f}", f"{p['macs_fraction']:.6f}"])
+        for p in sweep["fitted"]:
+            wr.writerow(
+                [
+                    "fitted",
+                    f"{p['budget']:.6f}",
+                    json.dumps(p["values"]),
+                    f"{p['top1']:.4f}",
+                    f"{p['macs_fraction']:.6f}",
+                ]
+            )
+        for p in sweep["exits_alone"]:
+            wr.writerow([f"exit {p['exit']} alone", "", "", f"{p['top1']:.4f}", f"{p['macs_fraction']:.6f}"])
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    for key, label, style in (("shared", "one shared threshold", "-"), ("fitted", "per-exit fit for a budget", "o-")):
+        pts = sorted((p["macs_fraction"], p["top1"]) for p in sweep[key])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=3, label=label)
+    alone = sweep["exits_alone"]
+    ax.scatter(
+        [p["macs_fraction"] for p in alone],
+        [p["top1"] for p in alone],
+        marker="s",
+        c="k",
+        zorder=3,
+        label="each exit alone",
+    )
+    ch = sweep.get("chosen")
+    if ch:
+        ax.scatter([ch["macs_fraction"]], [ch["top1"]], marker="*", s=160, c="tab:red", zorder=4, label="fitted")
+    ax.set_xlabel("expected MACs / reference (deepest exit alone)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(
+        f"early exit on the fitting split ({sweep['policy']}, fallback {sweep['fallback']}, n={sweep['n']})", fontsize=9
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(d / "sweep.png")
+    plt.close(fig)
+    return ["sweep.json", "sweep.csv", "sweep.png"]
