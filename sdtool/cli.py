@@ -15,6 +15,7 @@ import typer
 from sdtool import __version__
 from sdtool.cli_eval import EVAL_EPILOG, EXPORT_EPILOG, eval_, export
 from sdtool.cli_options import DEVICE_HELP, Engine, EngineOpt, JsonOpt, SetOpt, ThreadsOpt
+from sdtool.cli_prune import PRUNE_EPILOG, prune
 from sdtool.errors import SdtoolError
 
 app = typer.Typer(
@@ -158,11 +159,21 @@ def profile(
 ) -> None:
     """Parameters, MACs and measured latency per exit, of the ensemble and of the whole multi-exit net."""
     from sdtool import report
+    from sdtool.profile import ProfileOptions
     from sdtool.profile import profile as run_profile
 
-    rep = run_profile(
-        str(target), input_size, batch, device, latency, warmup, repeats, threads, set_, engine=engine.value
+    opts = ProfileOptions(
+        input_size=input_size,
+        batch=batch,
+        device=device,
+        latency=latency,
+        warmup=warmup,
+        repeats=repeats,
+        threads=threads,
+        overrides=set_,
+        engine=engine.value,
     )
+    rep = run_profile(str(target), opts)
     report.print_json(rep) if json_ else report.profile_view(rep)
 
 
@@ -199,78 +210,8 @@ def predict(
     report.print_json(rep) if json_ else report.predict_view(rep)
 
 
-@app.command(
-    epilog=(
-        "Example: sdtool prune runs/sd/best.safetensors --target-macs 0.5 --criterion "
-        "taylor --eval --out runs/pruned.safetensors"
-    )
-)
-@_user_errors
-def prune(
-    ckpt: Annotated[Path, typer.Argument(help="sdtool checkpoint (.safetensors).")],
-    out: Annotated[Path, typer.Option("--out", help="Where to write the pruned checkpoint.")],
-    ratio: Annotated[float | None, typer.Option("--ratio", help="Fraction of channels to remove, in (0, 1).")] = None,
-    target_macs: Annotated[
-        float | None,
-        typer.Option(
-            "--target-macs", help="Fraction of the full multi-exit MACs to keep, in (0, 1); reached within 2%."
-        ),
-    ] = None,
-    criterion: Annotated[str, typer.Option("--criterion", help="l1, l2, taylor, bn_scale, fpgm, lamp, random.")] = "l2",
-    global_: Annotated[
-        bool,
-        typer.Option(
-            "--global", help="Rank channels across all layers instead of pruning each layer by the same ratio."
-        ),
-    ] = False,
-    iterative_steps: Annotated[int, typer.Option("--iterative-steps", help="Reach the ratio in N pruning steps.")] = 1,
-    round_to: Annotated[int | None, typer.Option("--round-to", help="Keep channel counts multiples of N.")] = None,
-    protect_exits: Annotated[
-        bool,
-        typer.Option(
-            "--protect-exits/--no-protect-exits",
-            help=(
-                "Keep the shallow exits' own widths (head blocks, attention inner width); "
-                "classifiers always keep their classes."
-            ),
-        ),
-    ] = True,
-    taylor_batches: Annotated[
-        int, typer.Option("--taylor-batches", help="taylor: training batches whose gradients rank the channels.")
-    ] = 4,
-    eval_: Annotated[bool, typer.Option("--eval", help="Also report test accuracy per exit before and after.")] = False,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            "--data",
-            help=(
-                "Recipe file whose data section to use, or a data set name (default: the "
-                "checkpoint's); for taylor and --eval."
-            ),
-        ),
-    ] = None,
-    set_: SetOpt = None,
-    device: Annotated[
-        str, typer.Option("--device", help=f"Device for --eval: {DEVICE_HELP}; pruning runs on the CPU.")
-    ] = "auto",
-    json_: JsonOpt = False,
-) -> None:
-    """Structured pruning (Torch-Pruning) of every exit at once; writes a smaller checkpoint that reloads anywhere."""
-    from sdtool import report
-    from sdtool.prune import PruneOptions, prune_checkpoint
-
-    opts = PruneOptions(
-        criterion=criterion,
-        ratio=ratio,
-        target_macs=target_macs,
-        global_pruning=global_,
-        iterative_steps=iterative_steps,
-        round_to=round_to,
-        protect_exits=protect_exits,
-        taylor_batches=taylor_batches,
-    )
-    rep = prune_checkpoint(str(ckpt), str(out), opts, eval_, data, set_, device)
-    report.print_json(rep) if json_ else report.prune_view(rep)
+# `prune` is defined in sdtool.cli_prune (its options come from sdtool.prune_options).
+app.command(epilog=PRUNE_EPILOG)(_user_errors(prune))
 
 
 @app.command(epilog="Example: sdtool pipeline recipes/pipeline_quickstart.yaml --out runs/pipeline")

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -36,6 +37,9 @@ from sdtool.meta import CheckpointMeta
 from sdtool.prune_options import CRITERIA, PruneOptions
 from sdtool.prune_rules import make_importance
 from sdtool.pruner import _threads, full_macs, prune_model, prune_once
+
+if TYPE_CHECKING:
+    from sdtool.checkpoint import Checkpoint
 
 __all__ = ["CRITERIA", "PruneOptions", "full_macs", "make_importance", "prune_checkpoint", "prune_model", "prune_once"]
 
@@ -85,30 +89,17 @@ def prune_checkpoint(
 
     opts.check()
     path, out = Path(path), Path(out)
-    if out.exists() and out.resolve() == path.resolve():
-        raise SdtoolError("--out must differ from the input checkpoint (the pruned model is a new file)")
-    if out.exists() and out.is_dir():
-        raise SdtoolError(f"--out {out} is a folder; give the path of the pruned .safetensors file")
+    _check_out(path, out)
     ckpt = checkpoint.load_checkpoint(path)
-    model = ckpt.model
-    started = checkpoint.now()
-    size = ckpt.meta.input_size
-
-    batches, ev = None, None
-    if opts.criterion == "taylor" or evaluate:
-        cfg, bundle = ckpt.data(data, overrides, "test", train=opts.criterion == "taylor")
-        if opts.criterion == "taylor":
-            loader = bundle.loader("train", cfg.batch_size, shuffle=True, seed=opts.seed, workers=cfg.workers)
-            batches = _first_batches(loader, bundle.prepare, opts.taylor_batches)
-        if evaluate:
-            ev = _Evaluator(bundle, cfg, ckpt.meta.ensemble, device)
+    started, size = checkpoint.now(), ckpt.meta.input_size
+    batches, ev = _data_for_pruning(ckpt, opts, evaluate, data, overrides, device)
 
     with _threads(1):
-        before = exit_costs(model, (size, size))
-    acc_before = ev(model) if ev else None
+        before = exit_costs(ckpt.model, (size, size))
+    acc_before = ev(ckpt.model) if ev else None
     t0 = time.perf_counter()
-    loss = taylor_loss(ckpt.meta, model.num_exits) if batches else None
-    pruned, info = prune_model(model, opts, size, batches, loss)
+    loss = taylor_loss(ckpt.meta, ckpt.model.num_exits) if batches else None
+    pruned, info = prune_model(ckpt.model, opts, size, batches, loss)
     seconds = time.perf_counter() - t0
     with _threads(1):
         after = exit_costs(pruned, (size, size))
@@ -147,6 +138,27 @@ def prune_checkpoint(
         "accuracy": {"split": "test", "data": ev.data, "before": acc_before, "after": acc_after} if ev else None,
         "pruned_modules": len(child.meta.shapes),
     }
+
+
+def _check_out(path: Path, out: Path) -> None:
+    if out.exists() and out.resolve() == path.resolve():
+        raise SdtoolError("--out must differ from the input checkpoint (the pruned model is a new file)")
+    if out.exists() and out.is_dir():
+        raise SdtoolError(f"--out {out} is a folder; give the path of the pruned .safetensors file")
+
+
+def _data_for_pruning(
+    ckpt: Checkpoint, opts: PruneOptions, evaluate: bool, data: str | None, overrides: list[str] | None, device: str
+) -> tuple[list | None, _Evaluator | None]:
+    """taylor's gradient batches (training split) and the test-set evaluator for --eval, when asked for."""
+    if opts.criterion != "taylor" and not evaluate:
+        return None, None
+    cfg, bundle = ckpt.data(data, overrides, "test", train=opts.criterion == "taylor")
+    batches = None
+    if opts.criterion == "taylor":
+        loader = bundle.loader("train", cfg.batch_size, shuffle=True, seed=opts.seed, workers=cfg.workers)
+        batches = _first_batches(loader, bundle.prepare, opts.taylor_batches)
+    return batches, (_Evaluator(bundle, cfg, ckpt.meta.ensemble, device) if evaluate else None)
 
 
 def _brief(costs: dict, acc: dict | None) -> dict:

@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 from sdtool import SdtoolError, early_exit, engines, exit_eval, export, thresholds
 from sdtool.cli import app
 from sdtool.cli_options import Cost, Engine, Fallback, Format, Policy, Split
+from sdtool.cli_prune import Criterion
+from sdtool.prune_options import CRITERIA
 
 runner = CliRunner()
 
@@ -23,6 +25,7 @@ runner = CliRunner()
         (Engine, engines.ENGINES),
         (Format, export.FORMATS),
         (Split, exit_eval.SPLITS),
+        (Criterion, CRITERIA),
     ],
 )
 def test_enum_values_are_the_library_constant(enum, constant):
@@ -40,6 +43,7 @@ def test_enum_values_are_the_library_constant(enum, constant):
         (["eval", "m.safetensors", "--early-exit", "--engine", "tvm"], "--engine"),
         (["profile", "m.safetensors", "--engine", "tvm"], "--engine"),
         (["export", "m.safetensors", "--out", "x", "--format", "tflite"], "--format"),
+        (["prune", "m.safetensors", "--out", "x", "--ratio", "0.5", "--criterion", "magic"], "--criterion"),
         (["export", "m.safetensors", "--out", "x", "--early-exit", "--policy", "margin"], "--policy"),
     ],
 )

@@ -354,7 +354,6 @@ def _foreign(tmp_path):
         (["--ratio", "0"], "--ratio must be in (0, 1)"),
         (["--target-macs", "0.01"], "unreachable"),
         (["--target-macs", "1.2"], "--target-macs must be in (0, 1)"),
-        (["--ratio", "0.5", "--criterion", "magic"], "valid criteria: l1, l2, taylor, bn_scale, fpgm, lamp, random"),
         ([], "exactly one of --ratio"),
         (["--ratio", "0.5", "--target-macs", "0.5"], "exactly one of --ratio"),
         (["--ratio", "0.5", "--iterative-steps", "0"], "--iterative-steps"),
