@@ -109,17 +109,7 @@ def export_bundle(
         raise SdtoolError(f"{path} has a single exit; there are no thresholds to fit")
     else:
         choice = PolicyChoice(ExitPolicy("max_softmax", [], "deepest", meta.ensemble))
-    manifest, graphs = bundle_layout(
-        pieces,
-        choice.policy,
-        size,
-        spec_in.channels,
-        spec_in.mean,
-        spec_in.std,
-        model.num_classes,
-        ckpt.sha256,
-        meta.class_names,
-    )
+    manifest, graphs = bundle_layout(pieces, choice.policy, spec_in, model.num_classes, ckpt.sha256, meta.class_names)
     timing = _step_times(engine, size, run, log)
     _add_step_costs(manifest, costs, choice.policy, timing)
     manifest.update(_provenance(path, ckpt, costs, timing, engine.settings, choice.fit))

@@ -349,15 +349,13 @@ def _resume(run: Run) -> None:
 
 
 def _header(run: Run) -> str:
-    return report.run_header(
-        run.recipe,
-        run.model,
-        run.bundle,
-        run.device,
-        run.amp,
-        run.steps_per_epoch,
-        run.eval_split,
-        _size(run.bundle.val),
-        run.runtime,
-        run.dist.world_size,
+    setup = report.RunSetup(
+        device=run.device,
+        amp=run.amp,
+        steps=run.steps_per_epoch,
+        eval_split=run.eval_split,
+        n_val=_size(run.bundle.val),
+        runtime=run.runtime,
+        world=run.dist.world_size,
     )
+    return report.run_header(run.recipe, run.model, run.bundle, setup)

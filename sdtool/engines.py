@@ -29,6 +29,7 @@ from torch import nn
 
 from sdtool.choices import ENGINES
 from sdtool.errors import SdtoolError
+from sdtool.meta import InputSpec
 
 if TYPE_CHECKING:
     from sdtool.exit_policy import ExitPolicy
@@ -191,13 +192,11 @@ class OrtEngine:
         answers."""
         from sdtool.runtime import EarlyExitSession
 
+        normalized = InputSpec(size=self.size, channels=3, mean=[0.0] * 3, std=[1.0] * 3)  # x comes normalized
         manifest, graphs = bundle_layout(
             self.pieces,
             policy,
-            self.size,
-            3,
-            [0.0] * 3,
-            [1.0] * 3,
+            normalized,
             self.num_classes,
             source_sha256=(self.pieces.identity or {}).get("source_sha256"),
         )
@@ -254,22 +253,21 @@ class OrtEngine:
 def bundle_layout(
     pieces,
     policy,
-    size: int,
-    channels: int,
-    mean,
-    std,
+    spec: InputSpec,
     num_classes: int,
     source_sha256: str | None,
     class_names: list[str] | None = None,
 ) -> tuple[dict, dict[str, bytes]]:
     """The manifest core (steps, policy, input) and graph files an ExitPolicy needs from `pieces`.
 
+    spec: the input the graphs take (size, channels and the normalisation, which must be given).
     Step k uses the fused step graph, or the stages-only graph where exit k never answers under the
     deepest fallback (its head is neither run nor shipped).
     """
     from sdtool.onnx_graphs import INPUT, h_name, logits_name
     from sdtool.runtime import BUNDLE_FORMAT, BUNDLE_VERSION, sha256_bytes
 
+    assert spec.mean is not None and spec.std is not None, "the callers refuse a checkpoint without them"
     k_all = pieces.num_exits
     if len(policy.values) != k_all - 1:
         raise SdtoolError(
@@ -299,10 +297,10 @@ def bundle_layout(
         "num_classes": num_classes,
         "class_names": class_names,
         "input": {
-            "size": size,
-            "channels": channels,
-            "mean": list(mean),
-            "std": list(std),
+            "size": spec.size,
+            "channels": spec.channels,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
             "layout": "uint8 (N, H, W, C) images, or float32 (N, C, H, W) already normalized",
         },
         "policy": {

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sdtool import checkpoint, report
 from sdtool.errors import SdtoolError
 from sdtool.recipe import Recipe, apply_overrides, from_dict
+
+if TYPE_CHECKING:
+    from sdtool.prune import PruneOptions
 
 
 def _costs(path: Path) -> dict:
@@ -51,17 +55,40 @@ def run_pipeline(recipe: Recipe, out: str | Path, recipe_path: str | None = None
 
     Accuracies are deepest-exit top-1 on the test split (reported, never used to select anything).
     """
+    out = Path(out)
+    opts = _checked_options(recipe, out)
+    log = report.make_logger(quiet)
+    log("pipeline: train")
+    ckpt, step = _train(recipe, out, quiet)
+    steps = [step]
+    if opts is not None:
+        log("pipeline: prune")
+        ckpt, step, costs = _prune(recipe, opts, ckpt, out)
+        steps.append(step)
+        if recipe.prune.finetune_epochs > 0:
+            log("pipeline: fine-tune the pruned model")
+            ckpt, step = _finetune(recipe, ckpt, costs, out, quiet)
+            steps.append(step)
+    if recipe.eval.early_exit:
+        log("pipeline: fit early-exit thresholds")
+        ckpt, step = _early_exit(recipe, ckpt, out, quiet)
+        steps.append(step)
+    rep = {"recipe": recipe_path, "out": str(out), "final": str(ckpt), "steps": steps}
+    (out / "pipeline.json").write_text(json.dumps(rep, indent=2) + "\n")
+    return rep
+
+
+def _checked_options(recipe: Recipe, out: Path) -> PruneOptions | None:
+    """Every option the later steps use, checked before training starts; returns the prune options
+    (None when the recipe does not prune)."""
     from sdtool.distributed import from_env
-    from sdtool.engine import fit
-    from sdtool.prune import PruneOptions, prune_checkpoint
+    from sdtool.prune import PruneOptions
 
     if from_env().enabled:
         raise SdtoolError(
             "sdtool pipeline runs in one process; for several GPUs run its steps as commands "
             "(torchrun ... sdtool train, then sdtool prune, sdtool train --init ...)"
         )
-    log = report.make_logger(quiet)
-    out = Path(out)
     p, ev = recipe.prune, recipe.eval
     opts = PruneOptions.from_recipe(p) if p.enabled else None
     if opts is not None:
@@ -77,71 +104,60 @@ def run_pipeline(recipe: Recipe, out: str | Path, recipe_path: str | None = None
             )
     if (out / "pipeline.json").exists():
         raise SdtoolError(f"{out} already holds a pipeline run; choose a new --out folder")
+    return opts
 
-    steps = []
-    log("pipeline: train")
+
+def _train(recipe: Recipe, out: Path, quiet: bool) -> tuple[Path, dict]:
+    """Train with the recipe into OUT/train: (its best, else last, checkpoint, the step row)."""
+    from sdtool.engine import fit
+
     res = fit(recipe, out / "train", quiet=quiet)
     ckpt = res.best or res.last
-    steps.append(_step("train", ckpt, _deepest(res.test)))
+    return ckpt, _step("train", ckpt, _deepest(res.test))
 
-    if opts is not None:
-        log("pipeline: prune")
-        pruned = out / "pruned.safetensors"
-        pr = prune_checkpoint(ckpt, pruned, opts, evaluate=True, device=recipe.train.device)
-        steps.append(
-            _step(
-                "prune",
-                pruned,
-                _deepest(pr["accuracy"]["after"]),
-                costs=pr["after"]["full"],
-                note=f"{opts.criterion}: {pr['macs_fraction']:.2f} MACs, {pr['params_fraction']:.2f} params",
-            )
-        )
-        ckpt = pruned
-        if p.finetune_epochs > 0:
-            log("pipeline: fine-tune the pruned model")
-            ft = from_dict(apply_overrides(recipe.to_dict(), [f"train.epochs={p.finetune_epochs}"]))
-            res = fit(ft, out / "finetune", init=str(pruned), quiet=quiet)
-            ckpt = res.best or res.last
-            steps.append(
-                _step(
-                    "fine-tune",
-                    ckpt,
-                    _deepest(res.test),
-                    costs=pr["after"]["full"],
-                    note=f"{ft.sd.mode}, {p.finetune_epochs} ep.",
-                )
-            )
 
-    if ev.early_exit:
-        from sdtool.exit_eval import FitOptions, RunOptions, eval_early_exit
+def _prune(recipe: Recipe, opts: PruneOptions, ckpt: Path, out: Path) -> tuple[Path, dict, dict]:
+    """Prune `ckpt` into OUT/pruned.safetensors: (that path, the step row, the pruned net's full costs)."""
+    from sdtool.prune import prune_checkpoint
 
-        log("pipeline: fit early-exit thresholds")
-        final = out / "final.safetensors"
-        ee = eval_early_exit(
-            str(ckpt),
-            RunOptions(latency_images=0),
-            FitOptions(
-                fit=True,
-                max_drop=ev.max_drop if ev.budget is None else None,
-                budget=ev.budget,
-                policy=ev.policy,
-                fallback=ev.fallback,
-            ),
-            out=str(final),
-            quiet=quiet,
-        )
-        steps.append(
-            _step(
-                "early exit",
-                final,
-                ee["top1"],
-                costs=_costs(final),
-                note=f"{ee['macs_speedup']:.2f}x fewer MACs vs deepest",
-            )
-        )
-        ckpt = final
+    pruned = out / "pruned.safetensors"
+    pr = prune_checkpoint(ckpt, pruned, opts, evaluate=True, device=recipe.train.device)
+    costs = pr["after"]["full"]
+    note = f"{opts.criterion}: {pr['macs_fraction']:.2f} MACs, {pr['params_fraction']:.2f} params"
+    return pruned, _step("prune", pruned, _deepest(pr["accuracy"]["after"]), note, costs), costs
 
-    rep = {"recipe": recipe_path, "out": str(out), "final": str(ckpt), "steps": steps}
-    (out / "pipeline.json").write_text(json.dumps(rep, indent=2) + "\n")
-    return rep
+
+def _finetune(recipe: Recipe, pruned: Path, costs: dict, out: Path, quiet: bool) -> tuple[Path, dict]:
+    """Train the pruned model for prune.finetune_epochs into OUT/finetune: (its best, else last,
+    checkpoint, the step row). Fine-tuning keeps the shapes, so `costs` are the pruned net's."""
+    from sdtool.engine import fit
+
+    epochs = recipe.prune.finetune_epochs
+    ft = from_dict(apply_overrides(recipe.to_dict(), [f"train.epochs={epochs}"]))
+    res = fit(ft, out / "finetune", init=str(pruned), quiet=quiet)
+    ckpt = res.best or res.last
+    return ckpt, _step("fine-tune", ckpt, _deepest(res.test), f"{ft.sd.mode}, {epochs} ep.", costs)
+
+
+def _early_exit(recipe: Recipe, ckpt: Path, out: Path, quiet: bool) -> tuple[Path, dict]:
+    """Fit early-exit thresholds on the validation split per the eval section into OUT/final.safetensors:
+    (that path, the step row)."""
+    from sdtool.exit_eval import FitOptions, RunOptions, eval_early_exit
+
+    ev = recipe.eval
+    final = out / "final.safetensors"
+    ee = eval_early_exit(
+        str(ckpt),
+        RunOptions(latency_images=0),
+        FitOptions(
+            fit=True,
+            max_drop=ev.max_drop if ev.budget is None else None,
+            budget=ev.budget,
+            policy=ev.policy,
+            fallback=ev.fallback,
+        ),
+        out=str(final),
+        quiet=quiet,
+    )
+    note = f"{ee['macs_speedup']:.2f}x fewer MACs vs deepest"
+    return final, _step("early exit", final, ee["top1"], note, _costs(final))

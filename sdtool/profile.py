@@ -24,6 +24,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -295,45 +296,50 @@ def measure_latency_ort(
     }
 
 
-def profile(
-    target: str,
-    input_size: tuple[int, int] | None = None,
-    batch: int = 32,
-    device: str = "cpu",
-    latency: bool = True,
-    warmup: int = 3,
-    repeats: int = 10,
-    threads: int | None = None,
-    overrides: list[str] | None = None,
-    engine: str = "torch",
-) -> dict:
+@dataclass
+class ProfileOptions:
+    """How `profile` measures (the defaults are the CLI's).
+
+    input_size: (height, width), None = the checkpoint's or data set's side; batch: the latency batch N
+    (batch 1 is always measured); device: where torch latency runs; latency: False counts parameters
+    and MACs only; warmup, repeats: untimed runs, then timed ones (the median is reported); threads:
+    torch's or ONNX Runtime's thread count (None = their default); overrides: `--set` values, for a
+    recipe only; engine: torch (eager; the model as it is) or onnxruntime (its graphs, on the CPU).
+    """
+
+    input_size: tuple[int, int] | None = None
+    batch: int = 32
+    device: str = "cpu"
+    latency: bool = True
+    warmup: int = 3
+    repeats: int = 10
+    threads: int | None = None
+    overrides: list[str] | None = None
+    engine: str = "torch"
+
+    def check(self) -> None:
+        """Refuse bad counts, an unknown engine or a bad thread count, before any model is built."""
+        from sdtool.engines import check_engine
+
+        if self.batch < 1 or self.repeats < 1 or self.warmup < 0:
+            raise SdtoolError("--batch and --repeats must be at least 1 and --warmup at least 0")
+        check_engine(self.engine)
+        if self.threads is not None and self.threads < 1:
+            raise SdtoolError(f"--threads must be at least 1, got {self.threads}")
+
+
+def profile(target: str, opts: ProfileOptions | None = None) -> dict:
     """`sdtool profile`: costs of a checkpoint (.safetensors) or of the model a recipe (.yaml) builds.
 
-    engine: torch (eager; this model as it is) or onnxruntime (its graphs, on the CPU).
+    opts: input size, latency settings and engine (default ProfileOptions()). Returns the target,
+    where the class count came from, the model spec, `exit_costs` and "latency" (None without it).
     """
-    from sdtool.device import resolve_device
-    from sdtool.engines import check_engine
-
-    if batch < 1 or repeats < 1 or warmup < 0:
-        raise SdtoolError("--batch and --repeats must be at least 1 and --warmup at least 0")
-    check_engine(engine)
-    if threads is not None and threads < 1:
-        raise SdtoolError(f"--threads must be at least 1, got {threads}")
-    if threads and engine == "torch":
-        torch.set_num_threads(threads)
-    p = Path(target)
-    if p.suffix in (".yaml", ".yml"):
-        model, side, classes_from = _recipe_model(target, overrides)
-        source = {"kind": "recipe", "num_classes_from": classes_from}
-    else:
-        if overrides:
-            raise SdtoolError("--set applies to recipes only; a checkpoint's model is fixed")
-        from sdtool.checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(target)
-        model, side = ckpt.model, ckpt.meta.input_size
-        source = {"kind": "checkpoint", "num_classes_from": "checkpoint"}
-    size = (input_size[0], input_size[1]) if input_size else (side, side)
+    opts = opts or ProfileOptions()
+    opts.check()
+    if opts.threads and opts.engine == "torch":
+        torch.set_num_threads(opts.threads)
+    model, side, source = _load_target(target, opts.overrides)
+    size = (opts.input_size[0], opts.input_size[1]) if opts.input_size else (side, side)
     if min(size) < 1:
         raise SdtoolError(f"--input-size must be positive, got {size}")
     model.eval()
@@ -344,18 +350,37 @@ def profile(
         "num_classes": model.num_classes,
         **exit_costs(model, size),
     }
-    rep["latency"] = None
-    if latency and engine == "onnxruntime":
-        if device not in ("cpu", "auto"):
-            raise SdtoolError("--engine onnxruntime runs on the CPU; drop --device or use --device cpu")
-        rep["latency"] = measure_latency_ort(model, size, batch, threads, warmup, repeats)
-    elif latency:
-        dev = resolve_device(device)
-        rep["latency"] = measure_latency(model.to(dev), size, batch, dev, warmup, repeats)
-        rep["latency"]["engine"] = {
-            "engine": "torch",
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "batchnorm_folded": False,
-        }
+    rep["latency"] = _latency(model, size, opts) if opts.latency else None
     return rep
+
+
+def _load_target(target: str, overrides: list[str] | None) -> tuple[MultiExitNet, int, dict]:
+    """(model, input side, source fields of the report) of a recipe or a checkpoint."""
+    if Path(target).suffix in (".yaml", ".yml"):
+        model, side, classes_from = _recipe_model(target, overrides)
+        return model, side, {"kind": "recipe", "num_classes_from": classes_from}
+    if overrides:
+        raise SdtoolError("--set applies to recipes only; a checkpoint's model is fixed")
+    from sdtool.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(target)
+    return ckpt.model, ckpt.meta.input_size, {"kind": "checkpoint", "num_classes_from": "checkpoint"}
+
+
+def _latency(model: MultiExitNet, size: tuple[int, int], opts: ProfileOptions) -> dict:
+    """The report's "latency": measured in ONNX Runtime (CPU only) or in eager torch on `opts.device`."""
+    from sdtool.device import resolve_device
+
+    if opts.engine == "onnxruntime":
+        if opts.device not in ("cpu", "auto"):
+            raise SdtoolError("--engine onnxruntime runs on the CPU; drop --device or use --device cpu")
+        return measure_latency_ort(model, size, opts.batch, opts.threads, opts.warmup, opts.repeats)
+    dev = resolve_device(opts.device)
+    lat = measure_latency(model.to(dev), size, opts.batch, dev, opts.warmup, opts.repeats)
+    lat["engine"] = {
+        "engine": "torch",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batchnorm_folded": False,
+    }
+    return lat

@@ -9,6 +9,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -70,20 +71,32 @@ def epoch_progress(epoch: int, epochs: int, steps: int, quiet: bool) -> Iterator
         yield _Bar(progress, task)
 
 
-def run_header(
-    recipe, model, bundle, device, adt, steps: int, eval_split: str, n_val: int, runtime: dict, world: int = 1
-) -> str:
-    """The start line of a run; `runtime` is FitResult.runtime (memory format, threads, OpenMP wait policy)."""
+@dataclass(frozen=True)
+class RunSetup:
+    """How a run executes, for its start line; `runtime` is FitResult.runtime (memory format, threads,
+    OpenMP wait policy)."""
+
+    device: Any  # a torch.device
+    amp: Any  # the autocast dtype; None = off
+    steps: int  # per epoch
+    eval_split: str
+    n_val: int  # validation images
+    runtime: dict
+    world: int = 1  # processes
+
+
+def run_header(recipe, model, bundle, setup: RunSetup) -> str:
+    """The start line of a run: what is trained on which data (recipe, model, data bundle), and how."""
     from sdtool.cpu import describe
 
     n_params = sum(p.numel() for p in model.parameters())
-    amp = {None: "off"}.get(adt, str(adt).replace("torch.", ""))
+    s, amp = setup, {None: "off"}.get(setup.amp, str(setup.amp).replace("torch.", ""))
     return (
         f"{recipe.model.name} ({n_params / 1e6:.3f} M params, {model.num_exits} exits, mode {recipe.sd.mode}) "
-        f"on {recipe.data.name}: {len(bundle.train)} train / {n_val} val / {len(bundle.test)} test images, "
-        f"{steps} steps per epoch; device {device}, {describe(runtime)}, {runtime['memory_format']}, amp {amp}"
-        f"{f', {world} processes' if world > 1 else ''}; "
-        f"evaluating on {eval_split}"
+        f"on {recipe.data.name}: {len(bundle.train)} train / {s.n_val} val / {len(bundle.test)} test images, "
+        f"{s.steps} steps per epoch; device {s.device}, {describe(s.runtime)}, {s.runtime['memory_format']}, amp {amp}"
+        f"{f', {s.world} processes' if s.world > 1 else ''}; "
+        f"evaluating on {s.eval_split}"
     )
 
 

@@ -111,7 +111,45 @@ def _require(cond: bool, where: str, what: str) -> None:
 
 
 def check_manifest(m: Any, where: str) -> dict:  # m: parsed JSON, anything until checked here
-    """Validate the fields the runtime relies on (types and consistency), before any graph is loaded."""
+    """Validate the fields the runtime relies on (types and consistency), before any graph is loaded.
+
+    The first problem found raises, checked in this order: format and version, policy, input spec,
+    steps and thresholds, classes and source, then each step.
+    """
+    _check_format(m, where)
+    pol = m.get("policy")
+    _require(
+        isinstance(pol, dict)
+        and pol.get("policy") in POLICIES
+        and pol.get("fallback") in FALLBACKS
+        and pol.get("ensemble", "logits") in ENSEMBLES,
+        where,
+        "the manifest's policy is malformed",
+    )
+    _check_input(m.get("input"), where)
+    steps = m.get("steps")
+    _require(isinstance(steps, list) and len(steps) >= 1, where, "the manifest lists no graphs")
+    k_all = len(steps)
+    vals = pol.get("values")
+    _require(
+        isinstance(vals, list)
+        and len(vals) == k_all - 1
+        and all(x is None or isinstance(x, (int, float)) for x in vals),
+        where,
+        f"the policy needs {k_all - 1} thresholds (one per shallow exit)",
+    )
+    _check_classes(m, where)
+    _require(isinstance(m.get("source", {}), dict), where, "source must be an object")
+    for k, s in enumerate(steps):
+        last = k == k_all - 1
+        # An exit answers unless its threshold is "never" under the deepest fallback; the last one always does.
+        used = last or vals[k] is not None or pol["fallback"] != "deepest"
+        _check_step(s, k, last, used, where)
+    return m
+
+
+def _check_format(m: Any, where: str) -> None:
+    """An sdtool bundle manifest of a format version this runtime reads."""
     _require(
         isinstance(m, dict) and m.get("format") == BUNDLE_FORMAT,
         where,
@@ -124,43 +162,30 @@ def check_manifest(m: Any, where: str) -> dict:  # m: parsed JSON, anything unti
             f"{where} was written by a newer sdtool (bundle format {v}, this runtime reads up to "
             f"{BUNDLE_VERSION}); upgrade sdtool or use the sdtool_runtime.py shipped in the bundle"
         )
-    pol = m.get("policy")
-    _require(
-        isinstance(pol, dict)
-        and pol.get("policy") in POLICIES
-        and pol.get("fallback") in FALLBACKS
-        and pol.get("ensemble", "logits") in ENSEMBLES,
-        where,
-        "the manifest's policy is malformed",
-    )
-    inp = m.get("input")
 
-    def numbers(v) -> bool:
-        return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
 
+def _numbers(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+def _check_input(inp: Any, where: str) -> None:
+    """A positive size, and one mean and one positive std per channel."""
     _require(
         isinstance(inp, dict)
         and isinstance(inp.get("size"), int)
         and inp["size"] > 0
         and isinstance(inp.get("channels"), int)
-        and numbers(inp.get("mean"))
-        and numbers(inp.get("std"))
+        and _numbers(inp.get("mean"))
+        and _numbers(inp.get("std"))
         and len(inp["mean"]) == inp["channels"] == len(inp["std"])
         and all(s > 0 for s in inp["std"]),
         where,
         "the manifest's input spec (size, channels, mean, std) is malformed",
     )
-    steps = m.get("steps")
-    _require(isinstance(steps, list) and len(steps) >= 1, where, "the manifest lists no graphs")
-    k_all = len(steps)
-    vals = pol.get("values")
-    _require(
-        isinstance(vals, list)
-        and len(vals) == k_all - 1
-        and all(x is None or isinstance(x, (int, float)) for x in vals),
-        where,
-        f"the policy needs {k_all - 1} thresholds (one per shallow exit)",
-    )
+
+
+def _check_classes(m: dict, where: str) -> None:
+    """A positive num_classes, and class_names null or one string per class."""
     _require(isinstance(m.get("num_classes"), int) and m["num_classes"] > 0, where, "num_classes is missing")
     names = m.get("class_names")
     _require(
@@ -169,31 +194,28 @@ def check_manifest(m: Any, where: str) -> dict:  # m: parsed JSON, anything unti
         where,
         "class_names must be a list of num_classes strings (or null)",
     )
-    _require(isinstance(m.get("source", {}), dict), where, "source must be an object")
-    for k, s in enumerate(steps):
-        ok = (
-            isinstance(s, dict)
-            and isinstance(s.get("file"), str)
-            and isinstance(s.get("sha256"), str)
-            and isinstance(s.get("input"), str)
-            and (s.get("h") is None or isinstance(s["h"], str))
-            and (s.get("logits") is None or isinstance(s["logits"], str))
-        )
-        _require(ok, where, f"step {k + 1} is malformed")
-        name = s["file"]
-        _require(
-            "/" not in name and "\\" not in name and name not in ("", ".", "..") and name.endswith(".onnx"),
-            where,
-            f"step {k + 1} names {name!r}, which is not a graph file inside the bundle",
-        )
-        last = k == k_all - 1
-        _require(last or s.get("h") is not None, where, f"step {k + 1} does not pass its stage output on")
-        _require(
-            s.get("logits") is not None or (not last and vals[k] is None and pol["fallback"] == "deepest"),
-            where,
-            f"step {k + 1} has no exit logits but its exit is used",
-        )
-    return m
+
+
+def _check_step(s: Any, k: int, last: bool, used: bool, where: str) -> None:
+    """Step k (0-based): its fields, a graph file inside the bundle (no path can leave the folder), the
+    stage output passed on unless it is the last, and logits where its exit answers."""
+    ok = (
+        isinstance(s, dict)
+        and isinstance(s.get("file"), str)
+        and isinstance(s.get("sha256"), str)
+        and isinstance(s.get("input"), str)
+        and (s.get("h") is None or isinstance(s["h"], str))
+        and (s.get("logits") is None or isinstance(s["logits"], str))
+    )
+    _require(ok, where, f"step {k + 1} is malformed")
+    name = s["file"]
+    _require(
+        "/" not in name and "\\" not in name and name not in ("", ".", "..") and name.endswith(".onnx"),
+        where,
+        f"step {k + 1} names {name!r}, which is not a graph file inside the bundle",
+    )
+    _require(last or s.get("h") is not None, where, f"step {k + 1} does not pass its stage output on")
+    _require(s.get("logits") is not None or not used, where, f"step {k + 1} has no exit logits but its exit is used")
 
 
 def read_manifest(bundle: str | os.PathLike) -> tuple[Path, dict]:

@@ -22,6 +22,7 @@ from sdtool.deploy import BundleOptions, export_bundle
 from sdtool.early_exit import ExitPolicy, confidence, early_exit_forward
 from sdtool.engines import bundle_layout
 from sdtool.exit_eval import FitOptions
+from sdtool.meta import InputSpec
 from sdtool.onnx_graphs import model_pieces
 
 onnx = pytest.importorskip("onnx")
@@ -91,7 +92,7 @@ def model_and_pieces(ckpt):
 
 def _session(model_and_pieces, pol):
     model, pieces = model_and_pieces
-    manifest, graphs = bundle_layout(pieces, pol, 16, 3, [0.5] * 3, [0.25] * 3, 10, "x")
+    manifest, graphs = bundle_layout(pieces, pol, InputSpec(16, 3, [0.5] * 3, [0.25] * 3), 10, "x")
     return runtime.EarlyExitSession.from_memory(manifest, graphs, threads=1)
 
 
@@ -364,6 +365,7 @@ def test_predict_image_files(bundle, ckpt, tmp_path):
         assert r.exit_code == 1 and "is not a readable npz file" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_pruned_and_one_exit_models_bundle(ckpt, tmp_path):
     """A pruned model (structure from the recorded shapes) and an `export --exit` model bundle too."""
     from sdtool.export import export
@@ -445,9 +447,9 @@ def test_batchnorm_folding_keeps_outputs(ckpt):
 
 
 def test_profile_onnxruntime_engine(ckpt):
-    from sdtool.profile import profile
+    from sdtool.profile import ProfileOptions, profile
 
-    rep = profile(str(ckpt), batch=4, warmup=1, repeats=2, threads=1, engine="onnxruntime")
+    rep = profile(str(ckpt), ProfileOptions(batch=4, warmup=1, repeats=2, threads=1, engine="onnxruntime"))
     lat = rep["latency"]
     assert lat["engine"]["engine"] == "onnxruntime" and lat["threads"] == 1
     assert [r["name"] for r in lat["exits"]] == ["exit 1", "exit 2", "exit 3", "exit 4"]

@@ -19,7 +19,7 @@ from PIL import Image
 from sdtool.data import DataBundle, build_data, dataset_names, load_images_npz
 from sdtool.data.arrays import channel_stats
 from sdtool.data.augment import cutout, random_crop_flip
-from sdtool.data.loader import make_loader
+from sdtool.data.loader import Shard, make_loader
 from sdtool.data.sources import CIFAR_MEAN, CIFAR_STD, DIGITS_MEAN, DIGITS_STD
 from sdtool.errors import SdtoolError
 from sdtool.recipe import AugmentConfig, DataConfig
@@ -533,7 +533,7 @@ def test_loader_drop_last_and_distributed_shards():
     assert len(b.loader("train", 10, shuffle=True, seed=0, drop_last=True)) == 6
     shards = []
     for rank in (0, 1):
-        lo = make_loader(b.train, 8, shuffle=True, seed=0, distributed=True, num_replicas=2, rank=rank)
+        lo = make_loader(b.train, 8, shuffle=True, seed=0, shard=Shard(num_replicas=2, rank=rank))
         shards.append(epoch_order(lo, 2))
         assert hasattr(lo.sampler.sampler, "set_epoch") and len(lo) == 4
     assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == list(range(64))

@@ -21,7 +21,7 @@ from sdtool.data import sources  # noqa: F401  isort: skip
 from sdtool.data import cifar  # noqa: F401  isort: skip
 from sdtool.data import imagefolder  # isort: skip
 from sdtool.data.augment import cutout, normalize_, per_image_transform, random_crop_flip
-from sdtool.data.loader import make_loader
+from sdtool.data.loader import Shard, make_loader
 from sdtool.data.registry import get_loader
 from sdtool.data.splits import limit, split_fingerprint, stratified_split, val_count
 from sdtool.errors import SdtoolError
@@ -116,9 +116,9 @@ class DataBundle:
             shuffle,
             seed,
             workers=workers,
-            distributed=distributed,
             drop_last=drop_last,
             pin_memory=pin_memory,
+            shard=Shard() if distributed else None,
         )
 
 

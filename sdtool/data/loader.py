@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterator, Sized
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -110,28 +111,40 @@ class WorkerSeeder:
         random.seed(s)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Read one shard of the data per process (torch's DistributedSampler): this process is `rank` of
+    `num_replicas`, both taken from the process group when None."""
+
+    num_replicas: int | None = None
+    rank: int | None = None
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
     shuffle: bool,
     seed: int,
     workers: int = 0,
-    distributed: bool = False,
     drop_last: bool = False,
     pin_memory: bool = False,
-    num_replicas: int | None = None,
-    rank: int | None = None,
+    shard: Shard | None = None,
 ) -> DataLoader:
     """DataLoader over `dataset` whose `.sampler` (an EpochBatchSampler) has `set_epoch`.
 
-    distributed=True shards with torch's DistributedSampler (world size and rank from the process
-    group unless given), seeded the same way. `workers` is ignored (0) for datasets that fetch a batch
-    as one tensor op (`get_batch`): worker processes would only add copies there.
+    shard: read only this process's shard (DistributedSampler, seeded the same way); None = all of
+    it. `workers` is ignored (0) for datasets that fetch a batch as one tensor op (`get_batch`):
+    worker processes would only add copies there.
     """
     index_sampler: EpochSampler | DistributedSampler
-    if distributed:
+    if shard is not None:
         index_sampler = DistributedSampler(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed * SEED_STRIDE, drop_last=drop_last
+            dataset,
+            num_replicas=shard.num_replicas,
+            rank=shard.rank,
+            shuffle=shuffle,
+            seed=seed * SEED_STRIDE,
+            drop_last=drop_last,
         )
         rank = index_sampler.rank
     else:
