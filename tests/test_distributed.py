@@ -12,6 +12,7 @@ import pytest
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 
 
+@pytest.mark.slow
 def test_two_process_quickstart_checkpoint_matches_eval(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if torchrun is None:

@@ -196,6 +196,7 @@ def _train_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "sdtool", "train", *extra, "--out", str(out), "--json"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     """kill -9 during an epoch, resume, and end with bit-identical weights (CPU)."""
     rfile = tmp_path / "r.yaml"

@@ -202,6 +202,7 @@ def test_taylor_needs_data(model):
         prune_model(model, PruneOptions(criterion="taylor", ratio=0.3), SIZE)
 
 
+@pytest.mark.slow
 def test_checkpoint_reloads_in_a_fresh_process(trained, model, tmp_path):
     out = tmp_path / "pruned.safetensors"
     opts = PruneOptions(criterion="l2", target_macs=0.5)
@@ -270,6 +271,7 @@ def test_finetune_from_pruned_init_keeps_structure_and_lineage(trained, tmp_path
     assert adapters and all(shape == (32, 32) for shape in adapters.values())
 
 
+@pytest.mark.slow
 def test_pipeline_tiny(tmp_path):
     from sdtool.pipeline import run_pipeline
 

@@ -8,6 +8,8 @@ from sdtool import checkpoint
 from sdtool.engine import fit
 from sdtool.recipe import load_recipe
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the shipped recipes
+
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 TINY = [
