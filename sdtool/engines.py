@@ -39,16 +39,21 @@ if TYPE_CHECKING:
 
 class InferenceEngine(Protocol):
     """What timing early exit needs of an engine (TorchEngine, OrtEngine, exit_eval's accelerator one).
-    The CPU engines also measure `piece_times(size, batch, warmup, repeats)`."""
+    Engines with `times_pieces` (the CPU ones) also measure `piece_times(size, batch, warmup, repeats)`."""
 
     name: str
     settings: dict[str, Any]
+    times_pieces: bool
 
     def set_policy(self, policy: ExitPolicy) -> None: ...
 
     def early_exit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def deepest(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def piece_times(self, size: int, batch: int, warmup: int = 2, repeats: int = 5) -> dict[str, Any]:
+        """Per-image time of each exit's stages and head (only where `times_pieces`)."""
+        ...
 
 
 def check_engine(name: str) -> str:
@@ -88,6 +93,7 @@ def _median_ms_per_image(fn: Callable[[], object], n: int, warmup: int, repeats:
 
 
 class TorchEngine:
+    times_pieces = True
     name = "torch"
 
     def __init__(self, model: nn.Module, policy=None, fold_bn: bool = True, channels_last: bool | None = None):
@@ -154,6 +160,7 @@ class TorchEngine:
 
 
 class OrtEngine:
+    times_pieces = True
     """ONNX Runtime over the pieces of `model` (exported here once) or over given `pieces`."""
 
     name = "onnxruntime"

@@ -224,7 +224,7 @@ def _measure(eng: InferenceEngine, ctx: ExitContext, run: RunOptions, choice: Po
     bundle, bs, dev = ctx.bundle, ctx.batch_size, ctx.device
     eng.set_policy(choice.policy)
     times = (choice.fit or {}).get("piece_times")
-    if times is None and hasattr(eng, "piece_times"):
+    if times is None and eng.times_pieces:
         ctx.log(f"timing each exit's stages and head ({run.engine}, batch {bs})")
         times = eng.piece_times(bundle.input_size, bs)
 
@@ -255,6 +255,7 @@ class _DeviceTorchEngine:
     """Eager PyTorch on an accelerator (the unfolded model, synchronised around each call for timing)."""
 
     name = "torch"
+    times_pieces = False  # accelerator timings of single pieces are not what the fit's costs assume
 
     def __init__(self, model: MultiExitNet, dev: torch.device):
         self.model, self.dev = model, dev
@@ -263,6 +264,9 @@ class _DeviceTorchEngine:
 
     def set_policy(self, policy: ExitPolicy) -> None:
         self.policy = policy
+
+    def piece_times(self, size: int, batch: int, warmup: int = 2, repeats: int = 5) -> dict:
+        raise SdtoolError("--cost latency measures times on the CPU engines; add --device cpu")
 
     def early_exit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.policy is not None, "set_policy first"

@@ -177,7 +177,7 @@ def _fit_policy(path: str, ckpt: Checkpoint, opts: FitOptions, ctx: ExitContext)
     )
     times = None
     if opts.cost == "latency":
-        if ctx.engine is None or not hasattr(ctx.engine, "piece_times"):
+        if ctx.engine is None or not ctx.engine.times_pieces:
             raise SdtoolError("--cost latency measures times on the CPU engines; add --device cpu")
         ctx.log(f"timing each exit's stages and head ({ctx.engine.name}, batch {bs})")
         times = ctx.engine.piece_times(bundle.input_size, bs)

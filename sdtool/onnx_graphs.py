@@ -166,6 +166,8 @@ def cut_pieces(proto, num_exits: int, identity: dict | None = None) -> Pieces:
 
 def model_pieces(model: nn.Module, size: int, identity: dict | None = None) -> Pieces:
     """Export `model` once and cut it into pieces (see the module doc)."""
-    if not hasattr(model, "exit_stages"):
+    from sdtool.models.multi_exit import MultiExitNet
+
+    if not isinstance(model, MultiExitNet):
         raise SdtoolError("early-exit graphs need an sdtool multi-exit model")
-    return cut_pieces(export_proto(model.eval(), size), cast("MultiExitNet", model).num_exits, identity)
+    return cut_pieces(export_proto(model.eval(), size), model.num_exits, identity)

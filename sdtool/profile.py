@@ -89,7 +89,9 @@ def exit_costs(model: MultiExitNet, input_size: tuple[int, int]) -> dict:
     "ensemble": {...} | None, "exits": [{"exit", "stage", "params", "macs", "share_of_reference",
     "head_params", "head_macs", "stages_macs", "cumulative_macs", "cumulative_params"}]}.
     """
-    if not hasattr(model, "exit_stages"):
+    from sdtool.models.multi_exit import MultiExitNet
+
+    if not isinstance(model, MultiExitNet):
         raise SdtoolError("sdtool profile needs an sdtool multi-exit model (a checkpoint or recipe)")
     by = module_macs(model, input_size)
     stage_macs = [by.get(f"stages.{i}", 0) for i in range(len(model.stages))]
