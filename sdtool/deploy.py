@@ -32,8 +32,9 @@ import torch
 from sdtool import __version__, checkpoint, runtime
 from sdtool.early_exit import early_exit_forward, leave_costs
 from sdtool.errors import SdtoolError
-from sdtool.exit_fit import ExitContext, FitOptions, PolicyChoice, choose_policy, stored_fit
+from sdtool.exit_fit import ExitContext, FitOptions, PolicyChoice, choose_policy, stored_fit, written_with_sweep
 from sdtool.exit_policy import ExitPolicy, confidence
+from sdtool.outputs import write_error
 
 if TYPE_CHECKING:
     from sdtool.checkpoint import Checkpoint
@@ -42,11 +43,20 @@ if TYPE_CHECKING:
     from sdtool.models.multi_exit import MultiExitNet
 
 
-def _check_out(out: Path, src: Path) -> None:
+def _check_out(out: Path, src: Path, sweep_out: str | None) -> None:
+    """Both outputs, before any work (sdtool.outputs): the bundle folder (new or empty, room for about
+    the checkpoint's size: the steps hold its tensors once) and the fit's --sweep-out folder."""
+    from sdtool.exit_eval import check_outputs
+    from sdtool.outputs import check_dir, source_size
+
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SdtoolError(f"--out {out} already exists and is not an empty folder; choose a new folder for the bundle")
     if out.resolve() == src.resolve():
         raise SdtoolError(f"--out {out} is the checkpoint being exported; choose a new folder")
+    if sweep_out and Path(sweep_out).resolve() == out.resolve():
+        raise SdtoolError(f"--sweep-out {sweep_out} is also --out; give the sweep a folder of its own")
+    check_dir(out, "--out", empty=True, need_bytes=source_size(src))
+    check_outputs(str(src), None, sweep_out)
 
 
 @dataclass
@@ -95,7 +105,7 @@ def export_bundle(
     run = run or BundleOptions()
     run.check()
     outp = Path(out)
-    _check_out(outp, Path(path))
+    _check_out(outp, Path(path), opts.sweep_out)
     ckpt, spec_in = _deployable(path, opts)
     model, meta = ckpt.model, ckpt.meta
     size = meta.input_size
@@ -113,7 +123,7 @@ def export_bundle(
     timing = _step_times(engine, size, run, log)
     _add_step_costs(manifest, costs, choice.policy, timing)
     manifest.update(_provenance(path, ckpt, costs, timing, engine.settings, choice.fit))
-    check = _write(outp, manifest, graphs, model, size, run.threads)
+    check = written_with_sweep(choice, lambda: _write(outp, manifest, graphs, model, size, run.threads))
     return {
         "checkpoint": str(path),
         "out": str(outp),
@@ -208,7 +218,7 @@ def _write(
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary folder
     except OSError as e:
-        raise SdtoolError(f"cannot write {out}: {e.strerror or e}; choose another folder") from None
+        raise write_error(out, e) from None
     try:
         for name, data in graphs.items():
             (tmp / name).write_bytes(data)
@@ -224,7 +234,7 @@ def _write(
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
-            raise SdtoolError(f"cannot write {out}: {e.strerror or e}; free space or choose another folder") from None
+            raise write_error(out, e) from None
         raise
     return check
 

@@ -23,7 +23,15 @@ from sdtool.early_exit import early_exit_forward, leave_costs, leave_times
 from sdtool.errors import SdtoolError
 
 # The threshold choice moved to sdtool.exit_fit; its names stay importable from here.
-from sdtool.exit_fit import SEARCH_NOTE, ExitContext, FitOptions, PolicyChoice, choose_policy, stored_fit
+from sdtool.exit_fit import (
+    SEARCH_NOTE,
+    ExitContext,
+    FitOptions,
+    PolicyChoice,
+    choose_policy,
+    stored_fit,
+    written_with_sweep,
+)
 from sdtool.exit_policy import ExitPolicy
 from sdtool.profile import sync as _sync
 
@@ -176,8 +184,10 @@ def eval_early_exit(
     rep = _report(path, run.split, cfg.name, choice.policy, costs, _measure(eng, ctx, run, choice))
     rep.update(fit=choice.fit, sweep=choice.sweep, warnings=choice.warnings, written=None)
     if out:
-        _write_fitted(ckpt, choice, rep, started, out)
+        written_with_sweep(choice, lambda: _write_fitted(ckpt, choice, rep, started, out))
         rep["written"] = str(out)
+    else:
+        written_with_sweep(choice, lambda: None)
     return rep
 
 
@@ -194,7 +204,22 @@ def _checked(path: str, run: RunOptions, fit: FitOptions, out: str | None) -> Fi
         raise SdtoolError(f"--out {out} is the checkpoint being evaluated; write the fitted one to a new path")
     if run.threads is not None and run.threads < 1:
         raise SdtoolError(f"--threads must be at least 1, got {run.threads}")
+    check_outputs(path, out, fit.sweep_out)
     return fit
+
+
+def check_outputs(path: str, out: str | None, sweep_out: str | None) -> None:
+    """Both outputs of a fit, checked before any work (sdtool.outputs): the fitted checkpoint `out` (a
+    file about the size of checkpoint `path`) and the `sweep_out` folder. Both are checked first, so
+    neither is written when the other could not be."""
+    from sdtool.outputs import SWEEP_BYTES, check_dir, check_file, source_size
+
+    if sweep_out:
+        if out and Path(out).resolve() == Path(sweep_out).resolve():
+            raise SdtoolError(f"--sweep-out {sweep_out} is also --out; give the sweep a folder of its own")
+        check_dir(sweep_out, "--sweep-out", need_bytes=SWEEP_BYTES)
+    if out:
+        check_file(out, "--out", need_bytes=source_size(path))
 
 
 def _engine(run: RunOptions, model: MultiExitNet, size: int, dev: torch.device, ensemble: str) -> InferenceEngine:

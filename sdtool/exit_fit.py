@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import torch
 
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from sdtool.data import DataBundle
     from sdtool.engines import InferenceEngine
     from sdtool.recipe import DataConfig
+
+T = TypeVar("T")
 
 SEARCH_NOTE = (
     "per-exit thresholds from confidence percentiles, coordinate descent from two starts "
@@ -92,12 +94,29 @@ class ExitContext:
 
 @dataclass
 class PolicyChoice:
-    """The policy early exit runs, the fit report and sweep report when it was fitted, and warnings."""
+    """The policy early exit runs, the fit report and sweep report when it was fitted, and warnings.
+
+    `sweep_table` is the sweep still to be written to `sweep["dir"]`: the command writes it together
+    with its main output (`written_with_sweep`), so a failure leaves neither."""
 
     policy: ExitPolicy
     fit: dict | None = None
     sweep: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    sweep_table: dict | None = field(default=None, repr=False)
+
+
+def written_with_sweep(choice: PolicyChoice, write: Callable[[], T]) -> T:
+    """Run `write` (the command's main output; it may write nothing) and write the chosen sweep with it:
+    the sweep files are staged under temporary names first and renamed into place only after `write`
+    succeeded, so a failure of either leaves neither."""
+    from sdtool import report_exit
+    from sdtool.outputs import staged_write
+
+    if choice.sweep is None or choice.sweep_table is None:
+        return write()
+    table, folder = choice.sweep_table, choice.sweep["dir"]
+    return staged_write(lambda st: report_exit.stage_sweep(table, folder, st), write)
 
 
 def _split_info(meta: CheckpointMeta, bundle: DataBundle, cfg: DataConfig) -> tuple[dict, list[str]]:
@@ -188,13 +207,13 @@ def _fit_policy(path: str, ckpt: Checkpoint, opts: FitOptions, ctx: ExitContext)
         fit_rep["piece_times"] = times
     if not fit_rep["feasible"]:
         warnings.append("no thresholds meet the constraint on the validation split; the closest ones are used")
-    sweep_rep = None
-    if opts.sweep_out:
+    sweep_rep = sw = None
+    if opts.sweep_out:  # written by the command with its main output (written_with_sweep), not here
         sw = th.sweep(table, pol_name)
         keys = ("values", "top1", "macs_fraction", "objective", "max_drop", "budget")
         sw["chosen"] = {k: fit_rep[k] for k in keys}
-        sweep_rep = {"dir": str(opts.sweep_out), "files": report_exit.write_sweep(sw, opts.sweep_out)}
-    return PolicyChoice(ExitPolicy(pol_name, fit_rep["values"], fb, ens), fit_rep, sweep_rep, warnings)
+        sweep_rep = {"dir": str(opts.sweep_out), "files": list(report_exit.SWEEP_FILES)}
+    return PolicyChoice(ExitPolicy(pol_name, fit_rep["values"], fb, ens), fit_rep, sweep_rep, warnings, sw)
 
 
 def stored_fit(fit_rep: dict | None) -> dict | None:

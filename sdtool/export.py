@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdtool import checkpoint
+from sdtool import checkpoint, outputs
 from sdtool.choices import FORMATS
 from sdtool.errors import SdtoolError
 from sdtool.meta import CheckpointMeta
@@ -79,23 +79,34 @@ def _save_onnx(wrapper: nn.Module, x: torch.Tensor, out: Path, extra: dict) -> N
 
     import onnx
 
-    with (
-        tempfile.TemporaryDirectory(dir=out.parent) as tmp,
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(io.StringIO()),
-    ):  # the exporter prints progress lines
-        warnings.simplefilter("ignore")
+    # The exporter writes its file into a temporary folder beside `out` (the system's temporary folder
+    # may be small); a folder that cannot be written is the user's to fix, not an exporter failure.
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = tempfile.TemporaryDirectory(dir=out.parent)
+    except OSError as e:
+        raise SdtoolError(
+            f"--out {out}: cannot write in {out.parent} ({outputs.reason(e)}); choose another folder"
+        ) from None
+    with tmpdir as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # the exporter prints progress lines and warnings
         f = Path(tmp) / "model.onnx"
-        torch.onnx.export(
-            wrapper,
-            (x,),
-            str(f),
-            dynamo=True,
-            input_names=["input"],
-            output_names=extra["outputs"],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
-            external_data=False,
-        )
+        try:
+            torch.onnx.export(
+                wrapper,
+                (x,),
+                str(f),
+                dynamo=True,
+                input_names=["input"],
+                output_names=extra["outputs"],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
+                external_data=False,
+            )
+        except Exception as e:  # a failed write (disk full) wrapped by the exporter: name the folder
+            err = outputs.os_error(e)
+            if err is None:
+                raise
+            raise outputs.write_error(out, err) from None
         proto = onnx.load(str(f))
     onnx.helper.set_model_props(proto, {"sdtool": json.dumps(extra)})
     checkpoint.atomic_write_bytes(out, proto.SerializeToString())
@@ -138,6 +149,11 @@ def export(
         raise SdtoolError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         require_onnx()
+    outp = Path(out)
+    if outp.resolve() == Path(path).resolve():
+        raise SdtoolError(f"--out {out} is the checkpoint being exported; choose another path")
+    # Before any work: the file holds the source's tensors at most (fewer with --exit), in any format.
+    outputs.check_file(outp, "--out", need_bytes=outputs.source_size(path))
     ckpt = checkpoint.load_checkpoint(path)
     model, meta = ckpt.model, ckpt.meta
     k_all = model.num_exits
@@ -147,10 +163,6 @@ def export(
         from sdtool.models.truncate import truncate
 
         model = truncate(model, exit - 1).eval()
-    outp = Path(out)
-    if outp.resolve() == Path(path).resolve():
-        raise SdtoolError(f"--out {out} is the checkpoint being exported; choose another path")
-    outp.parent.mkdir(parents=True, exist_ok=True)
     size = meta.input_size
     wrapper = LogitsOnly(model).eval()
     program = None

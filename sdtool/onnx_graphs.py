@@ -102,6 +102,14 @@ def export_proto(model: nn.Module, size: int, channels: int = 3):
                 external_data=False,
             )
         except Exception as e:  # noqa: BLE001 - an exporter failure is a limitation to report in one line
+            from sdtool.outputs import os_error, reason
+
+            err = os_error(e)
+            if err is not None:  # the graph could not be written: the temporary folder's problem, not the model's
+                raise SdtoolError(
+                    f"cannot write the ONNX graph in the temporary folder {tmp} ({reason(err)}); "
+                    "free space there or set TMPDIR to another folder"
+                ) from None
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise SdtoolError(
                 f"ONNX export failed ({type(e).__name__}: {first}); use the torch engine, or report this model"

@@ -9,14 +9,26 @@ Each probes what it can without leaving anything behind (a probe file is created
 folder, so read-only file systems, permissions and full disks show up as the OS reports them) and ends
 in one line naming the path and the fix. `need_bytes` adds a free-space check where the size of the
 first write can be estimated (statvfs; skipped where the platform has none).
+
+How much each command asks for (`need_bytes`): the size of the source checkpoint for a file derived from
+it (prune, export in any format, eval --fit-thresholds, an early-exit bundle: each holds the same
+tensors or fewer, so the estimate errs on the safe side), `SWEEP_BYTES` for a sweep folder, and nothing
+where the size is not known before the run (a pipeline's folder: its model is built from the data).
+
+A write that still fails later (the disk fills up meanwhile) goes through `write_error`: one line naming
+the path and the OS reason. `Staged` writes several files under temporary names and renames them into
+place only once the command's main output is written, so a failure leaves neither.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from sdtool.errors import SdtoolError
 
@@ -31,8 +43,45 @@ _WHY = {
 }
 
 
+SWEEP_BYTES = 1 << 20  # sweep.json, .csv and .png: a few hundred kB at most
+
+T = TypeVar("T")
+
+
 def _reason(e: OSError) -> str:
     return _WHY.get(e.errno or 0, e.strerror or str(e))
+
+
+def reason(e: OSError) -> str:
+    """The OS error in words a user acts on ("the file system is read-only", "no space left on the device")."""
+    return _reason(e)
+
+
+def os_error(e: BaseException) -> OSError | None:
+    """The failed write behind `e`, if any: exporters wrap it in their own exception types. Only the
+    errors a user fixes by freeing space or choosing another folder count (`_WHY`), so an unrelated
+    OSError handled inside the exporter does not turn its own failure into a write error."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError) and cur.errno in _WHY:
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def write_error(path: str | Path, e: OSError) -> SdtoolError:
+    """The one line for a write that failed after the checks passed (typically the disk filled up meanwhile)."""
+    return SdtoolError(f"cannot write {path} ({_reason(e)}); nothing was written. Free space or choose another path")
+
+
+def source_size(path: str | Path) -> int:
+    """`need_bytes` for a file derived from checkpoint `path`: its size (0 when unreadable: loading it says why)."""
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return 0
 
 
 def _existing_parent(path: Path) -> Path:
@@ -96,3 +145,80 @@ def check_dir(path: str | Path, option: str = "--out", empty: bool = False, need
         raise SdtoolError(f"{option} {p} is not empty; choose a new folder")
     _writable_folder(p, option, p, need_bytes)
     return p
+
+
+class Staged:
+    """Files written under temporary names beside their final ones, renamed into place by `commit`.
+
+    A command with two outputs (a checkpoint or bundle and a sweep) stages the second, writes the first,
+    then commits; if either write fails, `abort` removes the temporary files and any folder created
+    for them, so nothing is left behind.
+    """
+
+    def __init__(self) -> None:
+        self._files: list[tuple[Path, Path]] = []
+        self._made: list[Path] = []
+
+    def folder(self, path: str | Path) -> Path:
+        """Create `path` (and missing parents), remembering what was created for `abort`."""
+        p = Path(path)
+        missing = []
+        q = p
+        while not q.exists() and q.parent != q:
+            missing.append(q)
+            q = q.parent
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(p, e) from None
+        self._made += missing
+        return p
+
+    def path(self, final: Path) -> Path:
+        """A new temporary file beside `final` to write instead of it."""
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        except OSError as e:
+            raise write_error(final, e) from None
+        os.close(fd)
+        self._files.append((Path(tmp), final))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; these are ordinary files
+        return Path(tmp)
+
+    def commit(self) -> None:
+        try:
+            for tmp, _ in self._files:
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+            for tmp, final in self._files:
+                os.replace(tmp, final)
+        except OSError as e:
+            self.abort()
+            raise write_error(self._files[0][1].parent, e) from None
+        self._files, self._made = [], []
+
+    def abort(self) -> None:
+        for tmp, _ in self._files:
+            tmp.unlink(missing_ok=True)
+        for d in self._made:  # deepest first, as created
+            with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+                d.rmdir()
+        self._files, self._made = [], []
+
+
+def staged_write(stage: Callable[[Staged], object], write: Callable[[], T]) -> T:
+    """Stage the side outputs (`stage` writes them into a `Staged`), run the main `write`, then rename the
+    side outputs into place: a failure in either leaves none of them."""
+    st = Staged()
+    try:
+        stage(st)
+        result = write()
+        st.commit()
+    except BaseException as e:
+        st.abort()
+        if isinstance(e, OSError):
+            raise write_error(e.filename or "the output", e) from None
+        raise
+    return result

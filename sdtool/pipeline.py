@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from sdtool import checkpoint, report
 from sdtool.errors import SdtoolError
+from sdtool.outputs import check_dir
 from sdtool.recipe import Recipe, apply_overrides, from_dict
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def run_pipeline(recipe: Recipe, out: str | Path, recipe_path: str | None = None
         ckpt, step = _early_exit(recipe, ckpt, out, quiet)
         steps.append(step)
     rep = {"recipe": recipe_path, "out": str(out), "final": str(ckpt), "steps": steps}
-    (out / "pipeline.json").write_text(json.dumps(rep, indent=2) + "\n")
+    checkpoint.atomic_write_bytes(out / "pipeline.json", (json.dumps(rep, indent=2) + "\n").encode())
     return rep
 
 
@@ -104,6 +105,9 @@ def _checked_options(recipe: Recipe, out: Path) -> PruneOptions | None:
             )
     if (out / "pipeline.json").exists():
         raise SdtoolError(f"{out} already holds a pipeline run; choose a new --out folder")
+    # Before training (sdtool.outputs): a folder that can be created and written. Its size is not known
+    # yet (the model is built once the data set is loaded); each step's own write checks its file.
+    check_dir(out, "--out")
     return opts
 
 

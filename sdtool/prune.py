@@ -141,10 +141,15 @@ def prune_checkpoint(
 
 
 def _check_out(path: Path, out: Path) -> None:
+    """Before any work (sdtool.outputs): a file path whose folder can be written, with room for about the
+    source checkpoint's size (the pruned one is smaller)."""
+    from sdtool.outputs import check_file, source_size
+
     if out.exists() and out.resolve() == path.resolve():
         raise SdtoolError("--out must differ from the input checkpoint (the pruned model is a new file)")
     if out.exists() and out.is_dir():
         raise SdtoolError(f"--out {out} is a folder; give the path of the pruned .safetensors file")
+    check_file(out, "--out", need_bytes=source_size(path))
 
 
 def _data_for_pruning(

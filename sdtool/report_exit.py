@@ -81,36 +81,67 @@ def early_exit_view(rep: dict) -> None:
         err.print(f"warning: {w}", highlight=False)
 
 
+SWEEP_FILES = ["sweep.json", "sweep.csv", "sweep.png"]
+
+
 def write_sweep(sweep: dict, folder) -> list[str]:
-    """The accuracy-vs-MACs sweep as sweep.json, sweep.csv and sweep.png (matplotlib, Agg) in `folder`."""
-    import csv
+    """The accuracy-vs-MACs sweep as sweep.json, sweep.csv and sweep.png (matplotlib, Agg) in `folder`,
+    all three or none (written under temporary names, then renamed)."""
+    from sdtool.outputs import staged_write
+
+    return staged_write(lambda st: stage_sweep(sweep, folder, st), lambda: list(SWEEP_FILES))
+
+
+def stage_sweep(sweep: dict, folder, st) -> list[str]:
+    """Write the sweep files under temporary names into `st` (a sdtool.outputs.Staged); `st.commit()`
+    puts them in place. A failed write names the file and leaves nothing (the caller aborts `st`)."""
     from pathlib import Path
 
+    from sdtool.outputs import write_error
+
+    d = st.folder(Path(folder))
+    paths = {name: st.path(d / name) for name in SWEEP_FILES}
+    name = ""
+    try:
+        name = "sweep.json"
+        paths[name].write_text(json.dumps(sweep, indent=2) + "\n")
+        name = "sweep.csv"
+        with open(paths[name], "w", newline="") as fh:
+            _sweep_csv(sweep, fh)
+        name = "sweep.png"
+        _sweep_png(sweep, paths[name])
+    except OSError as e:
+        raise write_error(d / name, e) from None
+    return list(SWEEP_FILES)
+
+
+def _sweep_csv(sweep: dict, fh) -> None:
+    import csv
+
+    wr = csv.writer(fh)
+    wr.writerow(["curve", "threshold_or_budget", "thresholds", "top1", "macs_fraction"])
+    for p in sweep["shared"]:
+        wr.writerow(["shared", p["threshold"], "", f"{p['top1']:.4f}", f"{p['macs_fraction']:.6f}"])
+    for p in sweep["fitted"]:
+        wr.writerow(
+            [
+                "fitted",
+                f"{p['budget']:.6f}",
+                json.dumps(p["values"]),
+                f"{p['top1']:.4f}",
+                f"{p['macs_fraction']:.6f}",
+            ]
+        )
+    for p in sweep["exits_alone"]:
+        wr.writerow([f"exit {p['exit']} alone", "", "", f"{p['top1']:.4f}", f"{p['macs_fraction']:.6f}"])
+
+
+def _sweep_png(sweep: dict, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    d = Path(folder)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "sweep.json").write_text(json.dumps(sweep, indent=2) + "\n")
-    with open(d / "sweep.csv", "w", newline="") as fh:
-        wr = csv.writer(fh)
-        wr.writerow(["curve", "threshold_or_budget", "thresholds", "top1", "macs_fraction"])
-        for p in sweep["shared"]:
-            wr.writerow(["shared", p["threshold"], "", f"{p['top1']:.4f}", f"{p['macs_fraction']:.6f}"])
-        for p in sweep["fitted"]:
-            wr.writerow(
-                [
-                    "fitted",
-                    f"{p['budget']:.6f}",
-                    json.dumps(p["values"]),
-                    f"{p['top1']:.4f}",
-                    f"{p['macs_fraction']:.6f}",
-                ]
-            )
-        for p in sweep["exits_alone"]:
-            wr.writerow([f"exit {p['exit']} alone", "", "", f"{p['top1']:.4f}", f"{p['macs_fraction']:.6f}"])
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     for key, label, style in (("shared", "one shared threshold", "-"), ("fitted", "per-exit fit for a budget", "o-")):
         pts = sorted((p["macs_fraction"], p["top1"]) for p in sweep[key])
@@ -135,6 +166,7 @@ def write_sweep(sweep: dict, folder) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(d / "sweep.png")
-    plt.close(fig)
-    return ["sweep.json", "sweep.csv", "sweep.png"]
+    try:
+        fig.savefig(path, format="png")  # the temporary name has no .png suffix to infer it from
+    finally:
+        plt.close(fig)
