@@ -31,13 +31,30 @@ def data_config(meta: CheckpointMeta, data: str | None = None, overrides: list[s
     base = meta.recorded_recipe() or {}
     raw: dict[str, Any] = {"data": dict(base.get("data") or {})}
     if data is not None:
-        raw["data"] = (load_yaml(data).get("data") or {}) if Path(data).suffix in (".yaml", ".yml") else {"name": data}
+        raw["data"] = (load_yaml(data).get("data") or {}) if _is_recipe(data) else {"name": data}
     for o in overrides or []:
         if not o.startswith("data."):
             raise SdtoolError(f"--set {o}: only data.* keys apply when evaluating a checkpoint")
     if not raw["data"]:
         raise SdtoolError("the checkpoint records no data set; pass --data RECIPE.yaml or --data NAME")
     return from_dict(apply_overrides(raw, overrides or [])).data
+
+
+def _is_recipe(data: str) -> bool:
+    """Whether `--data` names a recipe file (else a data set name); a file or folder that is neither is
+    refused here, where its path says what went wrong, rather than as an unknown data-set name."""
+    from sdtool.data import dataset_names
+
+    p = Path(data)
+    if p.suffix in (".yaml", ".yml"):
+        return True
+    if data not in dataset_names() and p.exists():
+        kind = "folder" if p.is_dir() else "file"
+        raise SdtoolError(
+            f"--data {data} is a {kind}, neither a recipe (.yaml or .yml) nor a data set name "
+            f"({', '.join(dataset_names())}); pass --data RECIPE.yaml or --data NAME"
+        )
+    return False
 
 
 def checked_bundle(

@@ -12,6 +12,7 @@ sdtool.recipe`), so the reference cannot drift from the code.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,16 +38,21 @@ class ModelConfig:
         "Backbone registry name (`sdtool models` lists them), or `torchvision:ARCH` for a "
         "torchvision model wrapped with exits (see `exits_after`).",
     )
-    num_classes: int | None = _f(None, "Classes; null takes the data set's count.")
+    num_classes: int | None = _f(None, "Classes; null takes the data set's count. 1 to 10^7.")
     stem: Literal["cifar", "imagenet"] = _f(
         "cifar", "`cifar`: 3x3 stride-1 conv, no max-pool (32x32 inputs); `imagenet`: 7x7/2 conv + max-pool."
     )
     width: int | None = _f(
         None,
         "Base channel width; null = the model's standard (ResNet18-152 and VGG: 64, CIFAR ResNets and WRN: 16, "
-        "resnet8x4/32x4: 64). 16 makes a ResNet18 small and CPU-friendly.",
+        "resnet8x4/32x4: 64). 16 makes a ResNet18 small and CPU-friendly. At most 65536, and the model's "
+        "parameters (4 bytes each) must fit in the machine's memory.",
     )
-    width_mult: float | None = _f(None, "mobilenet_v2 / shufflenet_v2_x1_0 width multiplier; null = 1.0.")
+    width_mult: float | None = _f(
+        None,
+        "mobilenet_v2 / shufflenet_v2_x1_0 width multiplier; null = 1.0. At most 1024, and the parameters "
+        "must fit in memory (as `width`).",
+    )
     head: Literal["byot", "light", "pool"] = _f(
         "byot", "Shallow-exit head: `byot` (official SepConv stack), `light` (one SepConv), `pool` (GAP + Linear)."
     )
@@ -90,12 +96,24 @@ class DataConfig:
     train_file: str | None = _f(None, "npz: training arrays file (x uint8 NxHxWxC, y int), relative to `root`.")
     test_file: str | None = _f(None, "npz: test arrays file, relative to `root`.")
     download: bool = _f(False, "cifar10/cifar100: download when the files are missing (needs network access).")
-    input_size: int | None = _f(None, "Square input side in pixels; null = the data set's default.")
+    input_size: int | None = _f(
+        None,
+        "Square input side in pixels; null = the data set's default. At most 8192; in-memory data sets "
+        "(all but imagefolder) hold every image at this size, which must fit in the machine's memory.",
+    )
     val_size: float = _f(0, "Validation split held out of the training split: a fraction (<1) or a count; 0 = none.")
-    val_seed: int = _f(0, "Seed of the validation split (recorded in the checkpoint).")
-    batch_size: int = _f(128, "Training batch size (per process).")
-    eval_batch_size: int = _f(256, "Evaluation batch size.")
-    workers: int = _f(0, "DataLoader worker processes (0 = in the main process).")
+    val_seed: int = _f(0, "Seed of the validation split (recorded in the checkpoint); 0 to 10^12.")
+    batch_size: int = _f(
+        128,
+        "Training batch size (per process). One batch as float32 (batch x 3 x side x side x 4 bytes, times "
+        "1 + 2 x workers when workers prefetch) must fit in the machine's memory.",
+    )
+    eval_batch_size: int = _f(256, "Evaluation batch size; fits in memory as `batch_size`.")
+    workers: int = _f(
+        0,
+        "DataLoader worker processes (0 = in the main process); 0 to 256. Used by imagefolder and "
+        "AutoAugment; in-memory batches are one tensor op and ignore it.",
+    )
     limit_train: int | None = _f(
         None,
         (
@@ -104,13 +122,15 @@ class DataConfig:
         ),
     )
     limit_test: int | None = _f(None, "Use only N test images: a fixed class-stratified sample, the same in every run.")
-    fake_size: int = _f(256, "fake: number of training images (tests only).")
+    fake_size: int = _f(
+        256, "fake: number of training images (tests only); their pixels are generated in memory and must fit."
+    )
     augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "Training augmentation."})
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(10, "Training epochs.")
+    epochs: int = _f(10, "Training epochs; 1 to 100000.")
     optimizer: Literal["sgd", "adamw"] = _f("sgd", "Optimizer.")
     lr: float = _f(0.1, "Peak learning rate.")
     momentum: float = _f(0.9, "SGD momentum.")
@@ -121,9 +141,13 @@ class TrainConfig:
         None, "step: epochs at which lr is multiplied by `gamma`; null = official E//3, 2E//3, E-10."
     )
     gamma: float = _f(0.1, "step: lr factor at each milestone.")
-    warmup_epochs: float = _f(0, "Linear warm-up from 0 over this many epochs (fractions allowed).")
+    warmup_epochs: float = _f(0, "Linear warm-up from 0 over this many epochs (fractions allowed); at most 100000.")
     label_smoothing: float = _f(0.0, "Label smoothing of the hard-label cross-entropy terms.")
-    seed: int = _f(0, "Random seed (weights, data order, augmentation).")
+    seed: int = _f(
+        0,
+        "Random seed (weights, data order, augmentation); 0 to 10^12, so that the per-epoch data-order seed "
+        "(seed x 1000003 + epoch) fits torch's 64-bit generator seed.",
+    )
     device: str = _f("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
     amp: bool = _f(True, "Mixed precision on CUDA (bf16 where supported, else fp16 with a scaler); ignored on CPU.")
     channels_last: Literal["auto", True, False] = _f(
@@ -133,7 +157,7 @@ class TrainConfig:
         "on/off on any device. The choice is recorded in the run's `run.json` and kept by --resume.",
     )
     compile: bool = _f(False, "torch.compile the model.")
-    threads: int | None = _f(None, "CPU threads for torch (null = torch's default).")
+    threads: int | None = _f(None, "CPU threads for torch (null = torch's default); 1 to 1024.")
     sync_bn: bool = _f(False, "Multi-process runs: synchronise batch-norm statistics across processes (SyncBatchNorm).")
     limit_batches: int | None = _f(None, "Stop each training epoch after N batches (smoke tests).")
     eval_every: int = _f(1, "Evaluate every N epochs (and always after the last).")
@@ -177,7 +201,7 @@ class PruneConfig(PruneSettings):
 
     target_macs: float | None = _f(0.5, "Keep this fraction of the full multi-exit MACs (when `ratio` is null).")
     enabled: bool = _f(False, "Run the prune and fine-tune steps of a pipeline recipe.")
-    finetune_epochs: int = _f(10, "Fine-tuning epochs after pruning (pipeline recipes).")
+    finetune_epochs: int = _f(10, "Fine-tuning epochs after pruning (pipeline recipes); 0 to 100000.")
 
 
 @dataclass
@@ -253,6 +277,131 @@ def _check_values(r: Recipe) -> None:
         r.prune.check("recipe")  # the pruning settings' own ranges, shared with `sdtool prune`
     except SdtoolError as e:
         raise SdtoolError(f"{e}; fix the recipe or the --set value") from None
+    _check_bounds(r)
+    _check_memory(r)
+
+
+# Upper bounds on values that size time or memory. They are far above any real setting; what they stop is
+# a typo (an extra zero or three) turning into a run that never ends, a giant allocation or an overflow.
+EPOCHS_MAX = 100_000
+# torch seeds its generators with 64-bit integers, and the data order seeds one per epoch with
+# seed * 1_000_003 + epoch (sdtool/data/loader.py SEED_STRIDE): 10^12 keeps that below 2^63. numpy's
+# generators (the validation split) refuse negative seeds.
+SEED_MAX = 10**12
+WIDTH_MAX = 65_536  # beyond it the meta-device estimate below could overflow torch's 64-bit sizes
+WIDTH_MULT_MAX = 1024.0
+NUM_CLASSES_MAX = 10**7
+INPUT_SIZE_MAX = 8192
+WORKERS_MAX = 256
+THREADS_MAX = 1024
+# Models within these are far from any machine's memory (the largest registered one, wrn_28_10 at width 64,
+# is 0.6 G parameters), so building them on the meta device to count is skipped: it is not free for the
+# deepest ones (about 0.5 s for resnet152).
+_SMALL_WIDTH, _SMALL_WIDTH_MULT, _SMALL_CLASSES = 64, 4.0, 10_000
+
+
+def _num(v: float) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _check_bounds(r: Recipe) -> None:
+    d, t, m = r.data, r.train, r.model
+    checks = [
+        ("train.epochs", t.epochs, 1, EPOCHS_MAX),
+        ("train.warmup_epochs", t.warmup_epochs, 0, EPOCHS_MAX),
+        ("prune.finetune_epochs", r.prune.finetune_epochs, 0, EPOCHS_MAX),
+        ("train.seed", t.seed, 0, SEED_MAX),
+        ("data.val_seed", d.val_seed, 0, SEED_MAX),
+        ("model.width", m.width, 1, WIDTH_MAX),
+        ("model.width_mult", m.width_mult, 0, WIDTH_MULT_MAX),
+        ("model.num_classes", m.num_classes, 1, NUM_CLASSES_MAX),
+        ("data.input_size", d.input_size, 1, INPUT_SIZE_MAX),
+        ("data.workers", d.workers, 0, WORKERS_MAX),
+        ("train.threads", t.threads, 1, THREADS_MAX),
+    ]
+    for key, value, low, high in checks:
+        if value is not None and not low <= value <= high:
+            raise SdtoolError(
+                f"{key} must be from {_num(low)} to {_num(high)}, got {_num(value)}; fix the recipe or the --set value"
+            )
+
+
+def machine_memory() -> int | None:
+    """The machine's physical memory in bytes; None where the OS does not say (os.sysconf is POSIX only)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return total if total > 0 else None
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_fits(need: int, what: str, fix: str) -> None:
+    """Refuse `what` when it needs more bytes than the machine has memory (a lower bound: the estimates
+    count one copy of the data at stake, so nothing that could have run is refused)."""
+    total = machine_memory()
+    if total is not None and need > total:
+        raise SdtoolError(f"{what} needs {gib(need)}, more than this machine's {gib(total)} of memory; {fix}")
+
+
+def default_side(r: Recipe) -> int:
+    """The input side a run uses when data.input_size is null: imagefolder's 224, else CIFAR's 32 (npz files
+    have their own, unknown here; the data loader checks those)."""
+    return r.data.input_size or (224 if r.data.name == "imagefolder" or r.model.stem == "imagenet" else 32)
+
+
+def _model_parameters(r: Recipe, side: int) -> int | None:
+    """Parameters and buffers of the recipe's model, counted on the meta device (no memory is allocated);
+    None when the builder refuses the arguments (the run says so where it builds the model)."""
+    import torch
+
+    from sdtool.models import create_model
+    from sdtool.models.from_recipe import model_args
+
+    try:
+        with torch.device("meta"):
+            net = create_model(r.model.name, **model_args(r, r.model.num_classes or 10, side))
+    except SdtoolError:
+        return None
+    return sum(p.numel() for p in net.parameters()) + sum(b.numel() for b in net.buffers())
+
+
+def _check_memory(r: Recipe) -> None:
+    """Refuse settings whose data alone cannot fit in the machine's memory (see `check_fits`)."""
+    d, m = r.data, r.model
+    side = default_side(r)
+    # Worker processes each prefetch 2 batches (DataLoader's prefetch_factor); they run for imagefolder and
+    # the per-image AutoAugment path only (sdtool/data/loader.py ignores them for one-op batches).
+    prefetch = 1 + 2 * d.workers if d.workers and (d.name == "imagefolder" or d.augment.autoaugment) else 1
+    for key, batch in (("batch_size", d.batch_size), ("eval_batch_size", d.eval_batch_size)):
+        workers = f" (x{prefetch}: the {d.workers} workers prefetch 2 batches each)" if prefetch > 1 else ""
+        fix = [f"data.{key}"] + (["data.input_size"] if d.input_size else []) + (["data.workers"] if workers else [])
+        check_fits(
+            batch * 3 * side * side * 4 * prefetch,
+            f"data.{key}={batch}: one batch of {batch} float32 {side}x{side} RGB images{workers}",
+            "lower " + " or ".join(fix),
+        )
+    if d.name == "fake":
+        # The fake images are generated as float32 patterns plus int64 noise, summed in float32 and then cast to
+        # uint8: 17 bytes per pixel value at once.
+        check_fits(
+            d.fake_size * 3 * side * side * 17,
+            f"data.fake_size={d.fake_size}: generating {d.fake_size} fake {side}x{side} images",
+            "lower data.fake_size" + (" or data.input_size" if d.input_size else ""),
+        )
+    sizing = [(k, getattr(m, k)) for k in ("width", "width_mult", "num_classes") if getattr(m, k) is not None]
+    big = (m.width or 0) > _SMALL_WIDTH or (m.width_mult or 0) > _SMALL_WIDTH_MULT
+    params = _model_parameters(r, side) if big or (m.num_classes or 0) > _SMALL_CLASSES else None
+    if params is not None:
+        # The model is built on the host (CPU) before it moves to the device: its float32 weights must fit there.
+        check_fits(
+            params * 4,
+            f"{', '.join(f'model.{k}={_num(v)}' for k, v in sizing)}: {m.name} with {params:,} float32 parameters",
+            "lower " + " or ".join(f"model.{k}" for k, _ in sizing),
+        )
 
 
 def from_dict(data: dict) -> Recipe:
@@ -288,12 +437,44 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# A recipe is a page of YAML; a file this big is a data set or a checkpoint passed by mistake (and is not read
+# into memory to find out).
+RECIPE_MAX_BYTES = 1 << 20
+
+
+def read_recipe_text(p: Path) -> str:
+    """The text of the recipe file `p`: UTF-8, refused in one line when it is a folder, a binary file, too
+    big for a recipe, unreadable or in another encoding."""
+    fix = "pass the path of a YAML recipe (see recipes/)"
+    if p.is_dir():
+        raise SdtoolError(f"recipe {p} is a folder, not a file; {fix}")
+    if not p.is_file():
+        raise SdtoolError(f"recipe {p} not found; {fix}")
+    try:
+        size = p.stat().st_size
+        if size > RECIPE_MAX_BYTES:
+            raise SdtoolError(f"recipe {p} is {size / 2**20:.1f} MiB, too big for a YAML recipe; {fix}")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise SdtoolError(
+            f"recipe {p} could not be read ({e.strerror or e}); check the file and its permissions"
+        ) from None
+    # Text never holds NUL bytes, and binary files (checkpoints, images, archives, npz) practically always do.
+    if b"\0" in raw:
+        raise SdtoolError(f"recipe {p} is a binary file, not YAML text; {fix}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SdtoolError(
+            f"recipe {p} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise SdtoolError(f"recipe {p} not found; pass the path of a YAML recipe (see recipes/)")
+    text = read_recipe_text(p)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from sdtool.errors import SdtoolError
+from sdtool.recipe import check_fits
 
 NPZ_EXPECTED = "an .npz file with arrays x (uint8, N x H x W x C pixels) and y (N integer labels)"
 
@@ -107,6 +108,11 @@ def load_images_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise SdtoolError(f"{p.absolute()}: x has shape {x.shape}, expected N x H x W x C with C = 1 or 3")
+    if 0 in x.shape[1:3]:  # nothing to resize or crop: every later step would fail on empty images
+        raise SdtoolError(
+            f"{p.absolute()}: x holds {x.shape[1]}x{x.shape[2]}-pixel images (shape {x.shape}); "
+            f"images need at least 1x1 pixels: rewrite the file with the real pixels"
+        )
     if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
         raise SdtoolError(f"{p.absolute()}: y must be {len(x)} integer labels, got {y.dtype} {y.shape}")
     if len(y) and y.min() < 0:
@@ -137,6 +143,12 @@ def resize_uint8(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
     """
     if x.shape[-2:] == (size, size):
         return x
+    # In-memory data sets hold every image at the input size: refuse a size they cannot fit (uint8, one copy).
+    check_fits(
+        len(x) * x.shape[1] * size * size,
+        f"data.input_size={size}: holding {len(x)} images at {size}x{size} in memory",
+        "lower data.input_size (imagefolder reads images per batch instead)",
+    )
     shrink = size < max(x.shape[-2:])
     out = [
         F.interpolate(c.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)

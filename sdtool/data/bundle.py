@@ -10,6 +10,7 @@ Split order, fixed so that a recorded (val size, val seed) rebuilds the same val
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,7 +23,7 @@ from sdtool.data import cifar  # noqa: F401  isort: skip
 from sdtool.data import imagefolder  # isort: skip
 from sdtool.data.augment import cutout, normalize_, per_image_transform, random_crop_flip
 from sdtool.data.loader import Shard, make_loader
-from sdtool.data.registry import get_loader
+from sdtool.data.registry import Source, get_loader
 from sdtool.data.splits import limit, split_fingerprint, stratified_split, val_count
 from sdtool.errors import SdtoolError
 
@@ -137,6 +138,75 @@ def _check_augment(a: AugmentConfig) -> None:
             raise SdtoolError(f"{msg}; fix the recipe or the --set value")
 
 
+def _where(cfg: DataConfig, split: str) -> str:
+    """How a message names a split: npz by its file, imagefolder by its folder, the others by name."""
+    if cfg.name == "npz":
+        return f"npz {split} file {sources.npz_paths(cfg)[0 if split == 'train' else 1].absolute()}"
+    if cfg.name == "imagefolder":
+        return f"imagefolder {(Path(cfg.root) / ('train' if split == 'train' else 'val')).absolute()}"
+    return f"the {split} split of data set {cfg.name}"
+
+
+def _check_source(cfg: DataConfig, src: Source, train: bool, need_train: bool) -> None:
+    """Refuse empty splits and empty images before anything is built on them (an empty training split
+    would "train" 0 steps and save an untrained network; 0x0 images fail mid-run)."""
+    if len(src.test.labels) == 0:
+        raise SdtoolError(f"{_where(cfg, 'test')} holds 0 images; evaluation needs at least one: add test images")
+    if need_train and src.train is not None and len(src.train.labels) == 0:
+        why = "training needs images" if train else "the validation split (data.val_size) is cut from it"
+        raise SdtoolError(f"{_where(cfg, 'train')} holds 0 images; {why}: add training images")
+    if src.input_size < 1:
+        raise SdtoolError(
+            f"data set {cfg.name} gives {src.input_size}x{src.input_size}-pixel images; set data.input_size "
+            f"or fix the images"
+        )
+
+
+# Data sets whose classes the user's own files define. The others (digits, fake, cifar10, cifar100) have a
+# fixed class list that their real files fill; only the validation split can empty a class there.
+USER_LABELLED = ("npz", "imagefolder")
+
+
+def _check_classes(cfg: DataConfig, src: Source, labels: np.ndarray, held_out: bool) -> None:
+    """Every class needs a training image: one without any is never learnt, and its exits' accuracy and
+    thresholds would be fitted on a class the network cannot predict."""
+    k = len(src.class_names)
+    empty = np.flatnonzero(np.bincount(labels, minlength=k)[:k] == 0)
+    if len(empty) == 0:
+        return
+    shown = ", ".join(repr(src.class_names[i]) for i in empty[:5]) + (", ..." if len(empty) > 5 else "")
+    fix = (
+        "lower data.val_size or add training images of those classes"
+        if held_out
+        else "add training images of those classes, or relabel the data so that its classes 0..K-1 all have images"
+    )
+    after = " after the validation split is held out" if held_out else ""
+    raise SdtoolError(
+        f"{_where(cfg, 'train')} has no training image of {len(empty)} of its {k} classes{after} ({shown}); {fix}"
+    )
+
+
+def _check_train_size(cfg: DataConfig, n: int, size: int, in_memory: bool) -> None:
+    """Refuse training sets that cannot make one step, and random crops that can miss the image."""
+    # The training loader drops a final batch of one image (batch norm cannot train on it), so one image
+    # would make 0 steps: an "empty" run that saves an untrained network.
+    if n < 2:
+        causes = [k for k, on in (("data.val_size", cfg.val_size > 0), ("data.limit_train", cfg.limit_train)) if on]
+        cut = f" after {' and '.join(causes)}" if causes else ""
+        raise SdtoolError(
+            f"{_where(cfg, 'train')} leaves {n} training image{cut}; training needs at least 2 (a final batch of "
+            f"one is dropped): add training images" + (f" or change {' / '.join(causes)}" if causes else "")
+        )
+    a = cfg.augment
+    # In-memory crops pad by crop_padding and take offsets in [0, 2 x padding]: beyond the image side most
+    # crops would be fill alone. (imagefolder's RandomResizedCrop takes no padding.)
+    if in_memory and a.crop and a.crop_padding > size:
+        raise SdtoolError(
+            f"data.augment.crop_padding={a.crop_padding} is more than the {size}x{size} input images of data "
+            f"set {cfg.name}: most random crops would be padding alone; set it to at most {size}"
+        )
+
+
 def build_data(cfg: DataConfig, train: bool = True) -> DataBundle:
     """Load `cfg.name` and cut its splits. train=False skips the training set (it is still read
     when a validation split is asked for, since that split is carved out of it)."""
@@ -144,6 +214,7 @@ def build_data(cfg: DataConfig, train: bool = True) -> DataBundle:
     _check_augment(a)
     need_train = train or cfg.val_size > 0
     src = get_loader(cfg.name)(cfg, need_train)
+    _check_source(cfg, src, train, need_train)
     mean = tuple(float(v) for v in a.mean) if a.mean is not None else src.mean
     std = tuple(float(v) for v in a.std) if a.std is not None else src.std
     size = src.input_size
@@ -175,7 +246,12 @@ def build_data(cfg: DataConfig, train: bool = True) -> DataBundle:
                 "fingerprint": split_fingerprint(labels, val_idx),
             }
         if train:
+            if cfg.name in USER_LABELLED:
+                _check_classes(cfg, src, labels, held_out=False)
+            if cfg.val_size > 0:
+                _check_classes(cfg, src, labels[train_idx], held_out=True)
             train_idx = train_idx[limit(labels[train_idx], cfg.limit_train, "limit_train")]
+            _check_train_size(cfg, len(train_idx), size, src.in_memory)
             train_ds = src.train.subset(train_idx, train_tf)
     test_ds = src.test.subset(limit(src.test.labels, cfg.limit_test, "limit_test"), eval_tf)
 

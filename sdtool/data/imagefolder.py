@@ -48,8 +48,21 @@ class FileImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            img = im.convert("RGB")
+        # Files are only opened here, batch by batch (checking a million of them up front would take
+        # minutes); a file that does not decode is named rather than left to fail inside PIL or a transform.
+        # PIL refuses 0x0 images as undecodable, so that case lands here too.
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise SdtoolError(
+                f"imagefolder: {Path(path).absolute()} is not a readable image ({first}); remove or replace it"
+            ) from None
+        if 0 in img.size:
+            raise SdtoolError(
+                f"imagefolder: {Path(path).absolute()} is a {img.size[0]}x{img.size[1]} image; remove or replace it"
+            )
         return (self.transform(img) if self.transform is not None else img), label
 
 

@@ -79,12 +79,17 @@ def _square(x: torch.Tensor, size: int | None, what: Path) -> torch.Tensor:
     return resize_uint8(x, size or h)
 
 
+def npz_paths(cfg: DataConfig) -> tuple[Path, Path]:
+    """The npz data set's (training file, test file)."""
+    root = Path(cfg.root)
+    return root / (cfg.train_file or "train.npz"), root / (cfg.test_file or "test.npz")
+
+
 @register("npz")
 def load_npz_source(cfg: DataConfig, need_train: bool) -> Source:
     """`root/train_file` and `root/test_file` (x uint8 N x H x W x C, y ints); classes from `root/classes.txt`."""
     root = Path(cfg.root)
-    train_path = root / (cfg.train_file or "train.npz")
-    test_path = root / (cfg.test_file or "test.npz")
+    train_path, test_path = npz_paths(cfg)
     for path, key in ((test_path, "test_file"), (train_path, "train_file")):
         if not path.is_file() and (key == "test_file" or need_train):
             raise SdtoolError(
