@@ -9,20 +9,21 @@
     ckpt.meta.num_classes, ckpt.meta.input_size, ckpt.model.num_exits
     ckpt.derive("prune", model=smaller, metrics=m).save("pruned.safetensors")
 
-Loading never unpickles: safetensors holds raw tensors and the metadata is JSON. The metadata is
-checked field by field, and against the tensors' names, shapes and dtypes in the safetensors header,
-before any model is built with real memory or any tensor is read. Writes go to a temporary file in the
-target folder, are fsynced, then renamed, so a crash never leaves a half-written file under the final
-name. Every command that writes a checkpoint derives it from its parent with `Checkpoint.derive`, so
-each records its step in the lineage the same way.
+Loading never unpickles: safetensors holds raw tensors and the metadata is JSON. Before any model is built
+with real memory or any tensor is read, the metadata is checked field by field (types, signs, hard caps),
+and the structure it describes against this machine's memory and against the tensors' names, shapes and
+dtypes in the safetensors header. Writes go to a temporary file in the target folder, are fsynced, then
+renamed, so a crash never leaves a half-written file under the final name. Every command that writes a
+checkpoint derives it from its parent with `Checkpoint.derive`, so each records its step the same way.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -44,6 +45,7 @@ __all__ = [
     "ModelSpec",
     "Thresholds",
     "ValSplit",
+    "check_checkpoint",
     "load_checkpoint",
     "load_meta",
     "load",
@@ -90,7 +92,7 @@ def _read_raw(path: Path) -> tuple[Any, dict[str, tuple[list[int], str]]]:
         )
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than Python's stack
         raise SdtoolError(f"{path}: the sdtool metadata is not valid JSON; the file is damaged") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if not isinstance(version, int) or isinstance(version, bool):
@@ -260,19 +262,93 @@ def _check_rebuild(meta: CheckpointMeta, state: dict[str, torch.Tensor]) -> None
         )
 
 
+def _skeleton(meta: CheckpointMeta, where: str) -> MultiExitNet:
+    """The structure on PyTorch's meta device: shapes only, nothing allocated however large the sizes."""
+    try:
+        with torch.device("meta"):
+            return build_model(meta)
+    except SdtoolError as e:  # a builder's own check (e.g. model.exits): say which file
+        raise SdtoolError(f"{where}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a builder handed sizes it never expected (overflow, ...): the file's fault
+        spec, first = json.dumps(meta.model.to_json()), (str(e).splitlines() or [""])[0][:120]
+        raise SdtoolError(
+            f"{where}: the model spec {spec if len(spec) <= 120 else spec[:117] + '...'} cannot be built "
+            f"({type(e).__name__}: {first}); the file is damaged or was edited"
+        ) from e
+
+
+def machine_memory() -> int:
+    """This machine's physical memory in bytes (1 TiB where the OS does not report it)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        return 2**40
+
+
+def _activation_bytes(skeleton: MultiExitNet, channels: int, side: int, room: int) -> int:
+    """One image's activations: a generous bound (each leaf module's output as wide as the widest tensor, at
+    the input's side) where it fits in `room`, as the meta forward costs ~50 ms; else the input and each leaf's
+    output on the meta device, or the input alone where that does not run (never refuse a file that loads)."""
+    x = torch.empty(1, channels, side, side, device="meta")
+    sizes = [x.numel() * x.element_size()]
+    leaves = [m for m in skeleton.modules() if next(m.children(), None) is None]
+    widest = max([channels] + [t.shape[0] for t in skeleton.state_dict().values() if t.dim()])
+    if (bound := (channels + len(leaves) * widest) * side * side * x.element_size()) <= room:
+        return bound
+
+    def count(_m: torch.nn.Module, _args: Any, out: Any) -> None:
+        sizes.extend(t.numel() * t.element_size() for t in (out if isinstance(out, tuple) else (out,)))
+
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            skeleton.eval()(x)
+    except Exception:  # noqa: BLE001 - see the docstring
+        del sizes[1:]
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(sizes)
+
+
+def _check_memory(where: str, meta: CheckpointMeta, skeleton: MultiExitNet) -> None:
+    """Refuse a structure this machine cannot hold: its state dict's bytes (meta device) and one image's activations."""
+    have = machine_memory()
+    weights = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
+    sides, args = [meta.input_size], cast(Any, meta.model.args)  # a wrapped model's builder runs one image
+    while isinstance(args, dict):  # of input_size; truncated(base, base_args, exit) nests the base's arguments
+        sides.append(args["input_size"] if isinstance(args.get("input_size"), int) else 0)
+        args = args.get("base_args")
+    channels = meta.input.channels if meta.input is not None else 3
+    acts = _activation_bytes(skeleton, channels, max(sides), have - weights) if weights <= have else 0
+    if weights + acts > have:
+        total, w, a, m = ((n / 1e9) for n in (weights + acts, weights, acts, have))
+        raise SdtoolError(
+            f"{where}: the model described needs {total:.1f} GB ({w:.1f} GB of parameters and buffers, {a:.1f} GB "
+            f"of activations for one {max(sides)}x{max(sides)} image), more than this machine's {m:.1f} GB of "
+            "memory; the file is damaged or was edited"
+        )
+
+
+def check_checkpoint(path: str | Path) -> CheckpointMeta:
+    """The typed metadata, after every check `load_checkpoint` makes before it builds the model or reads a
+    tensor (metadata, structure, memory, tensor header); cheap, so a command can call it before slow work."""
+    raw, header = _read_raw(Path(path))
+    meta = CheckpointMeta.from_json(raw, str(path))
+    skeleton = _skeleton(meta, str(path))
+    _check_memory(str(path), meta, skeleton)
+    _check_tensors(str(path), skeleton.state_dict(), header)
+    return meta
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild the model from the file alone and load its weights (eval mode, on `device`).
 
-    Order matters for damaged or hostile files: the metadata is checked first, then the structure is
-    built on the meta device (no memory) and compared with the tensor header, and only then is the real
-    model built and the tensors read.
+    Order matters for damaged or hostile files: everything `check_checkpoint` checks (metadata, structure on
+    the meta device, memory, tensor header) comes first; only then is the real model built and tensors read.
     """
     path = Path(path)
-    raw, header = _read_raw(path)
-    meta = CheckpointMeta.from_json(raw, str(path))
-    with torch.device("meta"):
-        skeleton = build_model(meta)
-    _check_tensors(str(path), skeleton.state_dict(), header)
+    meta = check_checkpoint(path)
     model = build_model(meta)
     model.load_state_dict(load_tensors(path))
     return Checkpoint(model.to(device).eval(), meta, path)

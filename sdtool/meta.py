@@ -1,10 +1,12 @@
 """The typed metadata of an sdtool checkpoint, read and checked before any model is built.
 
 A checkpoint's `__metadata__["sdtool"]` is a JSON document; `CheckpointMeta.from_json` turns it into these
-dataclasses and refuses, in one line naming the field, a document whose fields have the wrong type, so
-that nothing downstream reads a string key or guesses at a type. `to_json` writes the same document
-back: files written by earlier versions load unchanged, and fields this version does not know are kept
-(`extra`) rather than dropped.
+dataclasses and refuses, in one line naming the field, a document whose fields have the wrong type, or
+whose sizes are not positive, exceed a hard cap or contradict each other (class names, per-channel
+normalisation, the builder's num_classes, conv groups), so that nothing downstream reads a string key,
+guesses at a type or hands a builder -4 (the memory a structure needs is checked by `sdtool.checkpoint`,
+on the meta device). `to_json` writes the same document back: files written by earlier versions load
+unchanged, and fields this version does not know are kept (`extra`) rather than dropped.
 
     meta = CheckpointMeta.from_json(raw, where="runs/sd/best.safetensors")
     meta.model.name, meta.input_size, meta.thresholds.values, meta.lineage[-1].command
@@ -13,6 +15,7 @@ back: files written by earlier versions load unchanged, and fields this version 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -21,6 +24,11 @@ from sdtool.errors import SdtoolError
 
 T = TypeVar("T")
 JSON = dict[str, Any]
+
+# Hard caps (docs/checkpoint.md, "Limits"). Everything else that sizes a tensor is bounded by the memory
+# the model it describes would take (sdtool.checkpoint), which never refuses a network this machine can hold.
+MAX_INPUT_SIZE = 8192  # pixels a side: 16x the 512 px of the largest usual inputs; one 3x8192^2 image is 0.8 GB
+MAX_CHANNELS = 1024  # input channels: images have 1-4, multispectral ones a few hundred
 
 
 class _Reader:
@@ -50,6 +58,10 @@ class _Reader:
             raise SdtoolError(f"{self.where}: the sdtool metadata lacks {self.prefix + key!r}; the file is damaged")
         return self.get(key, check, what)
 
+    def positive(self, key: str, at_most: int) -> Any:
+        """An integer from 1 to `at_most`: a field that sizes a tensor."""
+        return self.get(key, lambda v: _is_pos_int(v) and v <= at_most, f"a positive integer of at most {at_most}")
+
     def sub(self, key: str) -> _Reader | None:
         value = self.raw.get(key)
         return None if value is None else _Reader(value, self.where, f"{self.prefix}{key}.")
@@ -74,12 +86,51 @@ def _is_dict(v: Any) -> bool:
     return isinstance(v, dict)
 
 
+def _is_pos_int(v: Any) -> bool:
+    return _is_int(v) and v >= 1
+
+
+def _is_finite(v: Any) -> bool:
+    return _is_num(v) and math.isfinite(v)
+
+
 def _list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, list) and all(check(x) for x in v)
 
 
 def _known(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)} - {"extra"}
+
+
+# Builder arguments that size tensors or choose the structure, checked before any builder runs: a builder
+# handed "four" or -4 fails with a traceback (or, for a huge width, after allocating). Names no builder
+# takes are left to create_model, which names them; `null` means the builder's default where one exists.
+_BUILDER_ARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "num_classes": (_is_pos_int, "a positive integer"),
+    "width": (_is_pos_int, "a positive integer"),
+    "width_mult": (lambda v: _is_finite(v) and v > 0, "a positive number"),
+    "input_size": (lambda v: _is_pos_int(v) and v <= MAX_INPUT_SIZE, f"a positive integer of at most {MAX_INPUT_SIZE}"),
+    "exit": (_is_pos_int, "a positive integer (an exit number)"),
+    # Tuples too: `save` checks the spec of a model built from Python (`create_model(..., exits=(1, 2))`).
+    "exits": (lambda v: _list_of(_is_pos_int)(list(v) if isinstance(v, tuple) else v), "a list of positive integers"),
+    "exits_after": (lambda v: _list_of(_is_str)(list(v) if isinstance(v, tuple) else v), "a list of module names"),
+    "attention": (lambda v: isinstance(v, bool), "true or false"),
+    "split_layer1": (lambda v: isinstance(v, bool), "true or false"),
+    "base_args": (_is_dict, "an object of builder arguments"),
+    **{k: (_is_str, "a string") for k in ("arch", "base", "stem", "head")},
+}
+_NULLABLE_ARGS = {"exits", "exits_after"}
+
+
+def _check_builder_args(args: JSON, where: str, prefix: str, num_classes: int | None) -> None:
+    r = _Reader(args, where, prefix)
+    for key, (check, what) in _BUILDER_ARGS.items():
+        if key in args and not (args[key] is None and key in _NULLABLE_ARGS) and not check(args[key]):
+            r.fail(prefix + key, what, args[key])
+    if num_classes is not None and args.get("num_classes", num_classes) != num_classes:
+        r.fail(prefix + "num_classes", f"the checkpoint's num_classes ({num_classes})", args["num_classes"])
+    if "base_args" in args:  # truncated(base, base_args, exit): the base model's own arguments
+        _check_builder_args(args["base_args"], where, prefix + "base_args.", num_classes)
 
 
 @dataclass(frozen=True)
@@ -91,13 +142,13 @@ class ModelSpec:
     stages: list[str] | None = None  # wrapped models: where each stage starts and ends (informational)
 
     @classmethod
-    def from_json(cls, raw: Any, where: str, prefix: str = "model.") -> ModelSpec:
+    def from_json(cls, raw: Any, where: str, prefix: str = "model.", num_classes: int | None = None) -> ModelSpec:
+        """`num_classes`: the checkpoint's, which every `num_classes` among the arguments must equal."""
         r = _Reader(raw, where, prefix)
-        return cls(
-            name=r.required("name", _is_str, "a builder name (a string)"),
-            args=r.get("args", _is_dict, "an object of builder arguments") or {},
-            stages=r.get("stages", _list_of(_is_str), "a list of strings"),
-        )
+        name = r.required("name", _is_str, "a builder name (a string)")
+        args = r.get("args", _is_dict, "an object of builder arguments") or {}
+        _check_builder_args(args, where, prefix + "args.", num_classes)
+        return cls(name=name, args=args, stages=r.get("stages", _list_of(_is_str), "a list of strings"))
 
     def to_json(self) -> JSON:
         out: JSON = {"name": self.name, "args": self.args}
@@ -118,12 +169,13 @@ class InputSpec:
     @classmethod
     def from_json(cls, raw: Any, where: str) -> InputSpec:
         r = _Reader(raw, where, "input.")
-        floats = _list_of(_is_num)
+        channels = r.positive("channels", MAX_CHANNELS) or 3
+        per_channel = (lambda v: _list_of(_is_num)(v) and len(v) == channels, f"a list of {channels} numbers")
         return cls(
-            size=r.get("size", _is_int, "an integer") or 32,
-            channels=r.get("channels", _is_int, "an integer") or 3,
-            mean=r.get("mean", floats, "a list of numbers"),
-            std=r.get("std", floats, "a list of numbers"),
+            size=r.positive("size", MAX_INPUT_SIZE) or 32,
+            channels=channels,
+            mean=r.get("mean", *per_channel),
+            std=r.get("std", *per_channel),
         )
 
     def to_json(self) -> JSON:
@@ -250,6 +302,23 @@ class LineageEntry:
         return {**out, **self.extra}
 
 
+# The sizes `sdtool.models.shapes` records per module type (all positive; conv groups divide both channels).
+_SHAPE_FIELDS = {
+    "conv2d": ("in_channels", "out_channels", "groups"),
+    "batchnorm2d": ("num_features",),
+    "linear": ("in_features", "out_features"),
+}
+
+
+def _check_shape(raw: Any, where: str, prefix: str) -> None:
+    r = _Reader(raw, where, prefix)
+    kind = r.required("type", lambda v: isinstance(v, str) and v in _SHAPE_FIELDS, "conv2d, batchnorm2d or linear")
+    sizes = {key: r.required(key, _is_pos_int, "a positive integer") for key in _SHAPE_FIELDS[kind]}
+    if kind == "conv2d" and (sizes["in_channels"] % sizes["groups"] or sizes["out_channels"] % sizes["groups"]):
+        what = f"a divisor of in_channels ({sizes['in_channels']}) and out_channels ({sizes['out_channels']})"
+        r.fail(prefix + "groups", what, sizes["groups"])
+
+
 @dataclass(frozen=True)
 class CheckpointMeta:
     """Everything a checkpoint says about itself besides its tensors.
@@ -296,12 +365,15 @@ class CheckpointMeta:
         lineage = r.get("lineage", lambda v: isinstance(v, list), "a list", default=[]) or []
         shapes = r.get("shapes", _is_dict, "an object", default={}) or {}
         for name, s in shapes.items():
-            if not isinstance(s, dict):
-                r.fail(f"shapes.{name}", "an object", s)
+            _check_shape(s, where, f"shapes.{name}.")
+        num_classes = r.required("num_classes", _is_pos_int, "a positive integer")
+        class_names = r.get("class_names", _list_of(lambda v: isinstance(v, (str, int))), "a list of names")
+        if class_names is not None and len(class_names) != num_classes:
+            r.fail("class_names", f"a list of num_classes ({num_classes}) names", class_names)
         return cls(
-            model=ModelSpec.from_json(r.required("model", _is_dict, "an object"), where),
-            num_classes=r.required("num_classes", _is_int, "an integer"),
-            class_names=r.get("class_names", _list_of(lambda v: isinstance(v, (str, int))), "a list of names"),
+            model=ModelSpec.from_json(r.required("model", _is_dict, "an object"), where, num_classes=num_classes),
+            num_classes=num_classes,
+            class_names=class_names,
             input=opt("input", InputSpec.from_json),
             shapes=shapes,
             data=opt("data", DataRef.from_json),
