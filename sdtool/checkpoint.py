@@ -20,7 +20,6 @@ checkpoint derives it from its parent with `Checkpoint.derive`, so each records 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from safetensors import SafetensorError, safe_open
 
-from sdtool import __version__
+from sdtool import __version__, memory
 from sdtool.errors import SdtoolError
 from sdtool.fileio import META_KEY, atomic_write_bytes, load_tensors, now, save_tensors, sha256
 from sdtool.meta import CheckpointMeta, DataRef, InputSpec, LineageEntry, ModelSpec, Thresholds, ValSplit
@@ -279,10 +278,7 @@ def _skeleton(meta: CheckpointMeta, where: str) -> MultiExitNet:
 
 def machine_memory() -> int:
     """This machine's physical memory in bytes (1 TiB where the OS does not report it)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
-        return 2**40
+    return memory.machine_memory() or 2**40
 
 
 def _activation_bytes(skeleton: MultiExitNet, channels: int, side: int, room: int) -> int:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import sdtool.memory
 import sdtool.recipe
 from sdtool.cli import app
 
@@ -257,7 +258,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int] | None]:
 
 
 def assert_refused(tmp_path: Path, monkeypatch, setup, words: str) -> None:
-    monkeypatch.setattr(sdtool.recipe, "machine_memory", lambda: MEMORY)
+    monkeypatch.setattr(sdtool.memory, "machine_memory", lambda: MEMORY)
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory either
     args = setup(tmp_path)
     before = snapshot(tmp_path)
@@ -284,7 +285,7 @@ def test_degenerate_data_is_refused(case, tmp_path, monkeypatch):
 def test_bounds_keep_legitimate_settings(monkeypatch):
     """The large settings real runs use pass: WRN-28-10 at 10x base width (14 GiB of weights), 512-pixel
     ImageNet inputs at batch 256 with 16 workers (25 GiB of prefetched batches), a timestamp seed."""
-    monkeypatch.setattr(sdtool.recipe, "machine_memory", lambda: 64 * 2**30)
+    monkeypatch.setattr(sdtool.memory, "machine_memory", lambda: 64 * 2**30)
     sdtool.recipe.from_dict({"model": {"name": "wrn_28_10", "width": 160}})
     sdtool.recipe.from_dict(
         {

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from sdtool.errors import SdtoolError
-from sdtool.recipe import check_fits
+from sdtool.memory import check_fits
 
 NPZ_EXPECTED = "an .npz file with arrays x (uint8, N x H x W x C pixels) and y (N integer labels)"
 
