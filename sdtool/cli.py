@@ -45,7 +45,7 @@ def _main(
 
 
 def _user_errors(fn):
-    """Turn SdtoolError (and Ctrl-C) into one line on stderr and exit status 1."""
+    """Turn SdtoolError into one line on stderr and exit status 1, Ctrl-C into one line and status 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -56,8 +56,12 @@ def _user_errors(fn):
                 raise
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
+        except KeyboardInterrupt as e:
+            from sdtool.runlock import RESUME_HINT
+
+            # A run with a resume state loses at most the epoch in progress: say how to continue it.
+            resume = getattr(e, RESUME_HINT, None)
+            typer.echo(f"interrupted; continue with: {resume}" if resume else "interrupted", err=True)
             raise typer.Exit(130) from None
 
     return wrapper

@@ -332,11 +332,14 @@ def distill(
     With `resume`, the run folder's recipe (which names the teacher actually used) rebuilds the teacher.
     """
     from sdtool.engine import fit
+    from sdtool.outputs import check_dir
     from sdtool.runfolder import load_run
 
     if resume is not None:
         _, recipe, info = load_run(resume)
         init = info.init
+    # Before the teacher is loaded (fit checks again, and locks the folder, before data and student).
+    check_dir(resume if resume is not None else out, "--resume" if resume is not None else "--out")
     spec = teacher or recipe.distill.teacher
     weights = teacher_weights or recipe.distill.teacher_weights
     if not spec:

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from sdtool.errors import SdtoolError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -89,3 +95,20 @@ def any_flag(flag: bool, device: torch.device, ctx: DistContext) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def on_main(ctx: DistContext, device: torch.device, fn: Callable[[], T]) -> T | None:
+    """`fn()` on rank 0 alone (e.g. checking and locking the run folder); if it raises, every process raises
+    too (rank 0 its own error), so none goes on to wait for the others. None on the other ranks."""
+    if not ctx.enabled:
+        return fn()
+    result: T | None = None
+    failure: Exception | None = None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            failure = exc
+    if any_flag(failure is not None, device, ctx):
+        raise failure or SdtoolError("process 0 stopped; see its message")
+    return result

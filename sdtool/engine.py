@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sdtool import checkpoint, cpu, distributed, report
+from sdtool import checkpoint, cpu, distributed, report, runfolder, runlock
 from sdtool.data import DataBundle, build_data
 from sdtool.device import amp_dtype, resolve_device, use_channels_last
 from sdtool.distributed import DistContext
@@ -126,6 +126,8 @@ def fit(
         raise SdtoolError("fit needs a recipe and an output folder, or resume= a run folder")
     else:
         run_dir, resumed = new_run_dir(out), None
+        if init is not None:  # a damaged or hostile --init fails before any data is read (no allocation)
+            checkpoint.check_checkpoint(init)
     plan = _Plan(recipe, run_dir, init, resumed, extra, command, lineage_extra or {}, quiet or not dist.is_main)
     t = recipe.train
     if t.threads:
@@ -133,12 +135,21 @@ def fit(
     torch.manual_seed(t.seed)
     device = distributed.device_for(dist, resolve_device(t.device))
     distributed.init(dist, device)
+    option = "--resume" if resume is not None else "--out"
+    lock = None
     try:
+        # Before any data or model: a folder that cannot be written, or that another run writes, fails first.
+        lock = distributed.on_main(dist, device, lambda: runlock.open_folder(run_dir, option, runfolder.RUN_FILES))
         run = _open_run(plan, dist, device)
         for epoch in range(run.progress.start_epoch, t.epochs):
             commit_epoch(run, epoch, train_epoch(run, epoch))
         return final_test(run)
+    except KeyboardInterrupt as e:
+        runlock.note_resume(e, run_dir / STATE_FILE, command)
+        raise
     finally:
+        if lock is not None:
+            lock.release()
         distributed.shutdown(dist)
 
 
@@ -204,10 +215,16 @@ def _open_run(plan: _Plan, dist: DistContext, device: torch.device) -> Run:
     )
     if plan.resumed is not None:
         _resume(run)
-    elif dist.is_main:
-        start_run_folder(plan.run_dir, recipe, RunInfo(plan.init, parent_sha, plan.command, channels_last))
+    else:  # every process learns whether rank 0 could start the folder
+        info, need = RunInfo(plan.init, parent_sha, plan.command, channels_last), _first_epoch_bytes(model)
+        distributed.on_main(dist, device, lambda: start_run_folder(plan.run_dir, recipe, info, need))
     log(_header(run))
     return run
+
+
+def _first_epoch_bytes(model: nn.Module) -> int:
+    """About what the first epoch writes: last, best and the resume state (weights and optimizer buffers)."""
+    return 5 * sum(v.numel() * v.element_size() for v in model.state_dict().values())
 
 
 def _model_and_loss(

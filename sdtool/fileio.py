@@ -35,6 +35,20 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _new_file_mode() -> int:
+    """0o666 less the process's umask (usually 0644): what open() would give a new file."""
+    try:
+        with open("/proc/self/status") as f:  # Linux: read without changing it
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)  # elsewhere the umask can only be read by setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` via a fsynced temporary file in the same folder and a rename."""
     path = Path(path)
@@ -47,6 +61,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise SdtoolError(f"cannot write {path}: {e.strerror or e}; choose another folder") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # mkstemp makes the file 0600; give it the mode open() gives any new file
+                os.fchmod(f.fileno(), _new_file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

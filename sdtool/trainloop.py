@@ -7,14 +7,14 @@
 
 `train_epoch` trains one pass (the recipe's loss plus the optional `ExtraLoss` term, inside `TrainStep`) and
 returns the epoch's metrics row, summed over every process; a non-finite loss stops every process at once.
-`commit_epoch` evaluates (rank 0), writes `best.safetensors` when the deepest exit improved on a validation
-split, `last.safetensors`, the resume state (the epoch's commit point) and the metrics.jsonl row, then tells
-every process whether that failed. `final_test` reports the best (or last) checkpoint on the test split.
+`commit_epoch` checks the weights, evaluates (rank 0) and checks that loss (sdtool/finite.py), writes
+`best.safetensors` when the deepest exit improved on a validation split, `last.safetensors`, the resume state
+(the epoch's commit point) and the metrics.jsonl row, then tells every process whether that failed.
+`final_test` reports the best (or last) checkpoint on the test split.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -32,10 +32,11 @@ from sdtool.data.loader import EpochBatchSampler
 from sdtool.distributed import DistContext
 from sdtool.errors import SdtoolError
 from sdtool.evaluate import evaluate
+from sdtool.finite import check_eval, stop_unless_finite_loss, stop_unless_finite_weights
 from sdtool.losses import SelfDistillLoss
 from sdtool.models.multi_exit import MultiExitNet
 from sdtool.recipe import Recipe
-from sdtool.runfolder import BEST_FILE, LAST_FILE, METRICS_FILE
+from sdtool.runfolder import BEST_FILE, LAST_FILE, append_metrics
 from sdtool.schedule import lr_factor
 from sdtool.trainstate import gather_rng, save_state
 
@@ -237,7 +238,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
             sums.add(*_train_step(run, x, y))
             if (i + 1) % run.sync_every == 0 or i + 1 == run.steps_per_epoch:
                 ls = float(sums.loss)
-                _stop_unless_finite(run, epoch, i, ls, sums.seen)
+                stop_unless_finite_loss(run, epoch, i, ls, sums.seen)
                 bar.update(
                     i + 1,
                     loss=ls / sums.seen,
@@ -271,20 +272,6 @@ def _train_step(
     return loss, parts, deepest, y
 
 
-def _stop_unless_finite(run: Run, epoch: int, i: int, loss_sum: float, seen: int) -> None:
-    # Every process must take the same decision, or the others would hang in the next step.
-    if distributed.any_flag(not math.isfinite(loss_sum), run.device, run.dist):
-        kept = (
-            f"{run.run_dir / LAST_FILE} keeps the last good epoch"
-            if epoch > run.progress.start_epoch or run.resuming
-            else "no checkpoint was written"
-        )
-        raise SdtoolError(
-            f"loss became {loss_sum / seen if math.isfinite(loss_sum) else loss_sum} at epoch "
-            f"{epoch + 1}, step {i + 1} (lr {run.progress.lr:.3g}); {kept}; lower train.lr"
-        )
-
-
 def _train_row(run: Run, epoch: int, sums: _Sums, train_time: float) -> dict[str, Any]:
     """The epoch's metrics row: training sums over every process, the runtime, the extra term's numbers."""
     names = sorted(sums.parts)
@@ -313,12 +300,15 @@ def _train_row(run: Run, epoch: int, sums: _Sums, train_time: float) -> dict[str
 
 
 def commit_epoch(run: Run, epoch: int, row: dict[str, Any]) -> None:
-    """Rank 0 evaluates and writes the epoch's files; then every process learns whether that failed."""
+    """Rank 0 evaluates and writes the epoch's files; then every process learns whether that failed. Nothing
+    non-finite is written: the previous epoch's files stay, and the error names that epoch."""
+    stop_unless_finite_weights(run, epoch)
     rng = gather_rng(run.device, run.dist)  # every process's RNG states, for the resume state
     failure: BaseException | None = None
     if run.dist.is_main:
         try:
             _evaluate(run, epoch, row)
+            check_eval(run, epoch, row)
             _write_epoch(run, epoch, row, rng)
         except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
             failure = exc
@@ -355,8 +345,7 @@ def _write_epoch(run: Run, epoch: int, row: dict[str, Any], rng: dict[str, torch
         "world_size": run.dist.world_size,
     }
     save_state(run.run_dir, run.model, run.optimizer, run.criterion, run.scaler, rng, scalars, extra=run.extra)
-    with open(run.run_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_metrics(run.run_dir, row)
     run.log(report.epoch_line(row), table=report.epoch_table(row) if not run.quiet else None)
 
 
