@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -243,7 +243,7 @@ class Checkpoint:
 
 def _check_rebuild(meta: CheckpointMeta, state: dict[str, torch.Tensor]) -> None:
     """Refuse to write a file that would not load: rebuild the structure from the metadata (shapes only,
-    on the meta device) and compare every tensor's shape with the model's."""
+    on the meta device) and compare every tensor's shape and dtype with the model's."""
     problem = None
     try:
         with torch.device("meta"):
@@ -254,6 +254,12 @@ def _check_rebuild(meta: CheckpointMeta, state: dict[str, torch.Tensor]) -> None
         bad = [k for k in state if k not in rebuilt or rebuilt[k].shape != state[k].shape]
         if bad or len(rebuilt) != len(state):
             problem = (bad[0] if bad else next(k for k in rebuilt if k not in state)) + " would not reload"
+        elif cast := next((k for k in state if state[k].dtype != rebuilt[k].dtype), None):
+            # Loading never casts (a tensor of another dtype is refused), so neither may saving.
+            raise SdtoolError(
+                f"{cast} is {state[cast].dtype} but the model's builder makes {rebuilt[cast].dtype}; convert the "
+                "model back (e.g. model.float()) before saving it; nothing was written"
+            )
     if problem:
         raise SdtoolError(
             f"this model's structure cannot be recorded in the checkpoint format ({problem}); "
@@ -276,63 +282,13 @@ def _skeleton(meta: CheckpointMeta, where: str) -> MultiExitNet:
         ) from e
 
 
-def machine_memory() -> int:
-    """This machine's physical memory in bytes (1 TiB where the OS does not report it)."""
-    return memory.machine_memory() or 2**40
-
-
-def _activation_bytes(skeleton: MultiExitNet, channels: int, side: int, room: int) -> int:
-    """One image's activations: a generous bound (each leaf module's output as wide as the widest tensor, at
-    the input's side) where it fits in `room`, as the meta forward costs ~50 ms; else the input and each leaf's
-    output on the meta device, or the input alone where that does not run (never refuse a file that loads)."""
-    x = torch.empty(1, channels, side, side, device="meta")
-    sizes = [x.numel() * x.element_size()]
-    leaves = [m for m in skeleton.modules() if next(m.children(), None) is None]
-    widest = max([channels] + [t.shape[0] for t in skeleton.state_dict().values() if t.dim()])
-    if (bound := (channels + len(leaves) * widest) * side * side * x.element_size()) <= room:
-        return bound
-
-    def count(_m: torch.nn.Module, _args: Any, out: Any) -> None:
-        sizes.extend(t.numel() * t.element_size() for t in (out if isinstance(out, tuple) else (out,)))
-
-    hooks = [m.register_forward_hook(count) for m in leaves]
-    try:
-        with torch.no_grad():
-            skeleton.eval()(x)
-    except Exception:  # noqa: BLE001 - see the docstring
-        del sizes[1:]
-    finally:
-        for h in hooks:
-            h.remove()
-    return sum(sizes)
-
-
-def _check_memory(where: str, meta: CheckpointMeta, skeleton: MultiExitNet) -> None:
-    """Refuse a structure this machine cannot hold: its state dict's bytes (meta device) and one image's activations."""
-    have = machine_memory()
-    weights = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
-    sides, args = [meta.input_size], cast(Any, meta.model.args)  # a wrapped model's builder runs one image
-    while isinstance(args, dict):  # of input_size; truncated(base, base_args, exit) nests the base's arguments
-        sides.append(args["input_size"] if isinstance(args.get("input_size"), int) else 0)
-        args = args.get("base_args")
-    channels = meta.input.channels if meta.input is not None else 3
-    acts = _activation_bytes(skeleton, channels, max(sides), have - weights) if weights <= have else 0
-    if weights + acts > have:
-        total, w, a, m = ((n / 1e9) for n in (weights + acts, weights, acts, have))
-        raise SdtoolError(
-            f"{where}: the model described needs {total:.1f} GB ({w:.1f} GB of parameters and buffers, {a:.1f} GB "
-            f"of activations for one {max(sides)}x{max(sides)} image), more than this machine's {m:.1f} GB of "
-            "memory; the file is damaged or was edited"
-        )
-
-
 def check_checkpoint(path: str | Path) -> CheckpointMeta:
     """The typed metadata, after every check `load_checkpoint` makes before it builds the model or reads a
     tensor (metadata, structure, memory, tensor header); cheap, so a command can call it before slow work."""
     raw, header = _read_raw(Path(path))
     meta = CheckpointMeta.from_json(raw, str(path))
     skeleton = _skeleton(meta, str(path))
-    _check_memory(str(path), meta, skeleton)
+    memory.check_model_fits(str(path), meta, skeleton)
     _check_tensors(str(path), skeleton.state_dict(), header)
     return meta
 

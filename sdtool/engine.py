@@ -358,8 +358,8 @@ def _resume(run: Run) -> None:
     p = run.progress
     p.start_epoch, p.step = state["epoch"] + 1, state["step"]
     p.best_top1, p.started = state["best_top1"], state["started"]
-    if dist.is_main:
-        truncate_metrics(run_dir / METRICS_FILE, state.get("row"))
+    # Rank 0 repairs metrics.jsonl; if it cannot (a damaged row), every process stops with it, none waits.
+    distributed.on_main(dist, run.device, lambda: truncate_metrics(run_dir / METRICS_FILE, state.get("row")))
     run.log(f"resuming {run_dir} after epoch {p.start_epoch} of {epochs}")
     if p.start_epoch >= epochs:
         run.log("the run had already finished; nothing to do")

@@ -2,8 +2,9 @@
 
     RUN/.lock    {"pid": 4242, "host": "node7", "started": "2025-01-31T12:00:00+00:00"}
 
-`open_folder` checks the folder can be written (sdtool.outputs.check_dir), then creates the lock with
-O_CREAT|O_EXCL, so of two runs started on one folder exactly one gets it; the process that writes the run
+`open_folder` checks the folder can be written (sdtool.outputs.check_dir), then creates the lock by hard-linking
+a fully written private file into place (O_CREAT|O_EXCL where links are not supported), so of two runs
+started on one folder exactly one gets it, and nobody sees a lock without its holder; the process that writes the run
 holds it (rank 0 under torchrun) and `RunLock.release` removes it when the run ends, also on an error or
 Ctrl-C. A lock outlives only a process that was killed (kill -9, power loss): it is stale when its host is
 this host and its pid no longer runs (`os.kill(pid, 0)`); then it is taken over with one warning line. A
@@ -103,7 +104,9 @@ def remove_stale_temps(run_dir: Path, run_files: Iterable[str]) -> int:
     names, removed = set(run_files), 0
     for p in run_dir.iterdir():
         m = _TEMP.match(p.name)
-        if (m is not None and m["name"] in names) or p.name.startswith(".sdtool-probe-"):
+        # A lock's private copy (`.lock.PID.new`) or a stale lock moved aside (`.lock.stale.PID`), left by a kill.
+        lock_leftover = p.name.startswith(LOCK_FILE + ".") and (p.name.endswith(".new") or ".stale." in p.name)
+        if (m is not None and m["name"] in names) or p.name.startswith(".sdtool-probe-") or lock_leftover:
             try:
                 p.unlink()
                 removed += 1
@@ -126,7 +129,23 @@ def _missing_folders(run_dir: Path) -> list[Path]:
 
 
 def _create(path: Path, text: str) -> bool:
-    """Create `path` holding `text` unless it exists (atomic on local and NFSv3+ file systems)."""
+    """Create `path` holding `text` unless it exists. The text is written to a private file first and then
+    hard-linked into place, so no other start ever sees a lock without its holder (link fails if the name
+    exists); where hard links are not supported, an exclusive create is the fallback."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.new")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links on this file system (e.g. FAT, some network shares)
+        return _create_exclusive(path, text)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:
@@ -182,11 +201,22 @@ def _take_over_stale(path: Path, run_dir: Path) -> None:
             f"{run_dir} is locked by an sdtool run on another host ({holder}); this host cannot tell whether it "
             f"still runs: wait for it or stop it, or if it has ended delete {path}"
         )
-    if _alive(info["pid"]):
+    # Our own pid cannot hold another run's lock: the lock is left from an earlier process that had this pid
+    # (a restarted container often gets the same one).
+    if info["pid"] != os.getpid() and _alive(info["pid"]):
         raise SdtoolError(
             f"{run_dir} is in use by another sdtool run ({holder}); wait for it to end or stop it, "
             "or write to another --out folder"
         )
-    if path.read_text() == text:  # still the lock judged stale, not one a concurrent start just took
-        path.unlink(missing_ok=True)
-        warn(f"removed the stale lock of {run_dir} (pid {info['pid']} on {info['host']} has ended)")
+    # Rename, not unlink: of two starts that judged the same lock stale only one moves it away, so neither can
+    # remove a fresh lock the other has just created.
+    aside = path.with_name(f"{path.name}.stale.{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return  # another start took it over first; the caller tries again
+    if aside.read_text() != text:  # a fresh lock replaced the stale one before our rename: put it back
+        os.rename(aside, path)
+        return
+    aside.unlink(missing_ok=True)
+    warn(f"removed the stale lock of {run_dir} (pid {info['pid']} on {info['host']} has ended)")

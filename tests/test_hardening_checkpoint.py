@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import sdtool.cli
-from sdtool import checkpoint
+from sdtool import checkpoint, memory
 from sdtool.errors import SdtoolError
 from sdtool.meta import CheckpointMeta
 
@@ -80,6 +80,7 @@ HOSTILE = [
         "metadata field shapes.stages.0.0.0.groups must be a divisor",
     ),
     ("dtype", None, _first_weight(dtype=torch.int8), "stages.0.0.0.weight is I8, the model holds F32"),
+    ("dtype-bool", None, _first_weight(dtype=torch.bool), "stages.0.0.0.weight is BOOL, the model holds F32"),
     ("shape", None, _first_weight(shape=(5, 3, 3, 3)), "stages.0.0.0.weight has shape (5, 3, 3, 3)"),
 ]
 
@@ -182,10 +183,10 @@ def test_a_builder_check_names_the_file(tmp_path):
 
 
 def test_the_memory_bound_is_this_machines(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "machine_memory", lambda: 10**5)  # a 100 kB machine
+    monkeypatch.setattr(memory, "machine_memory", lambda: 10**5)  # a 100 kB machine
     with pytest.raises(SdtoolError, match=r"needs 0\.\d GB .* more than this machine's 0\.0 GB of memory"):
         checkpoint.load_checkpoint(FIXTURES / "trained.safetensors")
-    monkeypatch.setattr(checkpoint, "machine_memory", lambda: 2 * 10**6)  # weights fit; a 1024 px image does not
+    monkeypatch.setattr(memory, "machine_memory", lambda: 2 * 10**6)  # weights fit; a 1024 px image does not
     bad = _bad(tmp_path, lambda m: m["input"].update(size=1024))
     with pytest.raises(SdtoolError, match=r"GB of activations for one 1024x1024 image"):
         checkpoint.check_checkpoint(bad)
@@ -209,7 +210,7 @@ def _meta(name: str, args: dict, size: int) -> CheckpointMeta:
 def test_legitimate_large_settings_pass_every_bound(name, args, size):
     meta = _meta(name, args, size)
     skeleton = checkpoint._skeleton(meta, "legit")
-    checkpoint._check_memory("legit", meta, skeleton)  # does not raise
+    memory.check_model_fits("legit", meta, skeleton)  # does not raise
 
 
 def test_a_valid_checkpoint_loads_as_before():

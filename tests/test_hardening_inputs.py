@@ -141,6 +141,11 @@ CLASS2 = {
     ),
     "recipe-binary": (lambda t: ["train", str(binary(t)), "--out", str(t / "run")], "is a binary file"),
     "recipe-folder": (lambda t: ["profile", str(folder(t))], "is a folder, not a file"),
+    "recipe-folder-train": (lambda t: ["train", str(folder(t)), "--out", str(t / "run")], "is a folder, not a file"),
+    "seed-float-literal": (
+        lambda t: ["train", QUICK, "--out", str(t / "run"), *sets("train.seed=1e23")],
+        "train.seed: expected an integer",
+    ),
     "data-latin1": (lambda t: ["eval", str(CKPT), "--data", str(latin1(t))], "is not UTF-8 text"),
     "data-binary": (lambda t: ["eval", str(CKPT), "--data", str(binary(t))], "is a binary file"),
     "data-binary-not-yaml": (

@@ -201,6 +201,18 @@ def fail_lock_open(code: int = errno.EROFS):
     return open_
 
 
+def fail_lock_link(code: int = errno.EROFS):
+    """The lock is hard-linked into place where the file system allows (sdtool.runlock._create)."""
+    real = os.link
+
+    def link(src, dst, *args, **kwargs):
+        if str(dst).endswith(".lock"):
+            raise OSError(code, os.strerror(code))
+        return real(src, dst, *args, **kwargs)
+
+    return link
+
+
 # ------------------------------------------------------- class 4: an --out that cannot be written (train/distill)
 
 
@@ -247,7 +259,13 @@ OUT_CASES = {
         "last.safetensors",
         ("run", "run/recipe.yaml", "run/run.json", "run/best.safetensors"),
     ),
-    "lock_on_read_only": ("train", lambda t: t / "run", {(os, "open"): fail_lock_open()}, "lock file", ()),
+    "lock_on_read_only": (
+        "train",
+        lambda t: t / "run",
+        {(os, "open"): fail_lock_open(), (os, "link"): fail_lock_link()},
+        "lock file",
+        (),
+    ),
     "distill_out_is_a_file": ("distill", _setup_file, {}, "is a file, not a folder", ()),
     "distill_read_only": (
         "distill",
@@ -588,3 +606,21 @@ def test_real_processes_interrupted_then_resumed(tmp_path):
         res = resume(run)
         check(res, "tolerated", run, before, ["*"], warnings=1 if sig == signal.SIGINT else 2)
         assert rows(run) == list(range(1, done[-1] + 3)) and finite_files(run)
+
+
+def test_a_lock_left_by_our_own_pid_is_stale(tmp_path):
+    """A restarted container often gets the pid of the killed run: that lock is not a live writer."""
+    import json as _json
+    import socket as _socket
+
+    from sdtool import runlock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / runlock.LOCK_FILE).write_text(_json.dumps({"pid": os.getpid(), "host": _socket.gethostname()}))
+    (run / ".lock.999.new").write_text("x")  # a kill between writing a lock's private copy and linking it
+    lock = runlock.open_folder(run, "--out", [])
+    assert _json.loads((run / runlock.LOCK_FILE).read_text())["started"]  # ours now, with its start time
+    assert not (run / ".lock.999.new").exists()
+    lock.release()
+    assert not (run / runlock.LOCK_FILE).exists()

@@ -127,3 +127,12 @@ def test_thresholds_are_typed():
     ckpt = checkpoint.load_checkpoint(FIXTURES / "thresholds.safetensors")
     t = ckpt.meta.thresholds
     assert isinstance(t, Thresholds) and t.policy == "max_softmax" and len(t.values) == ckpt.model.num_exits - 1
+
+
+def test_a_model_of_another_dtype_is_not_saved(tmp_path):
+    """Loading refuses a tensor of another dtype, so saving refuses to write one (no silent cast either way)."""
+    ckpt = checkpoint.load_checkpoint(FIXTURES / "trained.safetensors")
+    ckpt.model.half()
+    with pytest.raises(SdtoolError, match=r"is torch.float16 but the model's builder makes torch.float32"):
+        ckpt.derive("half").save(tmp_path / "half.safetensors")
+    assert not any(tmp_path.iterdir())
