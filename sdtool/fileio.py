@@ -35,7 +35,7 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _new_file_mode() -> int:
+def new_file_mode() -> int:
     """0o666 less the process's umask (usually 0644): what open() would give a new file."""
     try:
         with open("/proc/self/status") as f:  # Linux: read without changing it
@@ -62,7 +62,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):  # mkstemp makes the file 0600; give it the mode open() gives any new file
-                os.fchmod(f.fileno(), _new_file_mode())
+                os.fchmod(f.fileno(), new_file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from sdtool.errors import SdtoolError
+from sdtool.fileio import new_file_mode
 
 _WHY = {
     errno.EROFS: "the file system is read-only",
@@ -182,12 +183,12 @@ class Staged:
             raise write_error(final, e) from None
         os.close(fd)
         self._files.append((Path(tmp), final))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; these are ordinary files
+        os.chmod(tmp, new_file_mode())  # mkstemp makes it private; these are ordinary files
         return Path(tmp)
 
-    def commit(self) -> None:
+    def commit(self, after_main: bool = False) -> None:
+        """Rename the staged files into place; `after_main`: the main output is already written (a failure
+        here then says so, and which staged files did reach their place)."""
         try:
             for tmp, _ in self._files:
                 with open(tmp, "rb") as fh:
@@ -195,8 +196,15 @@ class Staged:
             for tmp, final in self._files:
                 os.replace(tmp, final)
         except OSError as e:
+            placed = [str(final) for tmp, final in self._files if not tmp.exists() and final.exists()]
+            where = self._files[0][1].parent
             self.abort()
-            raise write_error(self._files[0][1].parent, e) from None
+            kept = (["the main output"] if after_main else []) + placed
+            raise SdtoolError(
+                f"cannot write {where} ({_reason(e)}); "
+                + (f"written: {', '.join(kept)}, the rest was not" if kept else "nothing was written")
+                + ". Free space or choose another path"
+            ) from None
         self._files, self._made = [], []
 
     def abort(self) -> None:
@@ -215,7 +223,7 @@ def staged_write(stage: Callable[[Staged], object], write: Callable[[], T]) -> T
     try:
         stage(st)
         result = write()
-        st.commit()
+        st.commit(after_main=True)
     except BaseException as e:
         st.abort()
         if isinstance(e, OSError):
