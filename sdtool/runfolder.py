@@ -45,7 +45,20 @@ class RunInfo:
     @classmethod
     def read(cls, run_dir: Path) -> RunInfo:
         path = run_dir / RUN_FILE
-        info = json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            info = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+            raise SdtoolError(f"{path} cannot be read ({e}); restore it, or start a new run") from None
+        types = {"init": str, "init_sha256": str, "command": str, "channels_last": bool}
+        bad = [
+            k
+            for k, t in types.items()
+            if isinstance(info, dict) and info.get(k) is not None and not isinstance(info[k], t)
+        ]
+        if not isinstance(info, dict) or bad:
+            raise SdtoolError(
+                f"{path} is damaged ({'field ' + bad[0] if bad else 'not an object'}); restore it, or start a new run"
+            )
         return cls(info.get("init"), info.get("init_sha256"), info.get("command"), info.get("channels_last"))
 
     def write(self, run_dir: Path) -> None:

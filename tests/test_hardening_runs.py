@@ -624,3 +624,20 @@ def test_a_lock_left_by_our_own_pid_is_stale(tmp_path):
     assert not (run / ".lock.999.new").exists()
     lock.release()
     assert not (run / runlock.LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("text", ["{broken", "[1, 2]", '{"init": 5}', b"\xff\xfe".decode("latin-1")])
+def test_a_damaged_run_json_is_refused_on_resume(tmp_path, text):
+    from typer.testing import CliRunner
+
+    from sdtool.cli import app
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("model: {width: 4}\n")
+    (run / "run.json").write_text(text)
+    before = {p: p.read_bytes() for p in run.iterdir()}
+    r = CliRunner().invoke(app, ["train", "--resume", str(run)])
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1].startswith("error: "), r.output
+    assert "run.json" in r.output and "Traceback" not in r.output
+    assert {p: p.read_bytes() for p in run.iterdir()} == before
