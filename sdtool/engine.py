@@ -258,6 +258,14 @@ def _load_data(recipe: Recipe, dist: DistContext) -> DataBundle:
     bundle = build_data(recipe.data, train=True)
     if dist.is_main:
         distributed.barrier(dist)
+    n, batch = _size(bundle.train), recipe.data.batch_size
+    if n < batch:
+        # Every epoch would be one short batch: the schedule, warm-up and batch-norm statistics are not what the
+        # recipe describes, and it is almost always a wrong batch or data size.
+        raise SdtoolError(
+            f"data set {recipe.data.name} leaves {n} training images, fewer than one batch of "
+            f"data.batch_size={batch}; set data.batch_size to at most {n} or add training images"
+        )
     return bundle
 
 

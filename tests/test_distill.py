@@ -178,7 +178,7 @@ def test_cli_distill_mismatch_is_one_line(tmp_path, teacher_ckpt):
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        "model: {name: resnet20, width: 4}\ndata: {name: fake, fake_size: 16, input_size: 40}\n"
+        "model: {name: resnet20, width: 4}\ndata: {name: fake, fake_size: 16, input_size: 40, batch_size: 8}\n"
         "train: {epochs: 1, limit_batches: 1}\n"
     )
     res = CliRunner().invoke(

@@ -190,6 +190,28 @@ def named_class_missing(t: Path) -> list[str]:
 
 
 CLASS3 = {
+    "fewer-than-one-batch": (
+        lambda t: [
+            "train",
+            QUICK,
+            "--out",
+            str(t / "run"),
+            *sets("data.name=fake", "data.fake_size=40", "data.val_size=0", "data.batch_size=64"),
+        ],
+        "40 training images, fewer than one batch of data.batch_size=64",
+    ),
+    "distill-fewer-than-one-batch": (
+        lambda t: [
+            "distill",
+            QUICK,
+            "--teacher",
+            str(CKPT),
+            "--out",
+            str(t / "run"),
+            *sets("data.name=fake", "data.fake_size=40", "data.val_size=0", "data.batch_size=64"),
+        ],
+        "fewer than one batch",
+    ),
     "train-empty": (
         lambda t: ["train", str(npz_recipe(t, [], TEN)), "--out", str(t / "run")],
         "train.npz holds 0 images",
