@@ -37,8 +37,9 @@ from sdtool.meta import CheckpointMeta, DataRef, InputSpec, ModelSpec, ValSplit
 from sdtool.models import create_model
 from sdtool.models.from_recipe import model_args
 from sdtool.models.multi_exit import MultiExitNet
+from sdtool.models.pretrained import load_pretrained, recorded
 from sdtool.recipe import Recipe
-from sdtool.runfolder import METRICS_FILE, RunInfo, load_run, new_run_dir, start_run_folder, truncate_metrics
+from sdtool.runfolder import LAST_FILE, METRICS_FILE, RunInfo, load_run, new_run_dir, start_run_folder, truncate_metrics
 from sdtool.trainloop import (
     ExtraLoss,
     FitResult,
@@ -59,7 +60,13 @@ def build_model(
     recipe: Recipe, bundle: DataBundle, init: str | None, log: Callable[[str], None]
 ) -> tuple[MultiExitNet, checkpoint.Checkpoint | None]:
     """The model to train: a fresh one from the recipe, or the structure and weights of `init` (returned
-    too, as the parent of the run's checkpoints)."""
+    too, as the parent of the run's checkpoints). `model.pretrained` is loaded by `fit` (load_pretrained)."""
+    if init is not None and recipe.model.pretrained is not None:
+        # Both would set the starting weights: --init a whole sdtool model, model.pretrained the backbone alone.
+        raise SdtoolError(
+            "--init and model.pretrained both set the starting weights; drop --init, or "
+            "--set model.pretrained=null to start from the checkpoint"
+        )
     num_classes = recipe.model.num_classes or bundle.num_classes
     if num_classes != bundle.num_classes:
         raise SdtoolError(
@@ -177,7 +184,7 @@ def _open_run(plan: _Plan, dist: DistContext, device: torch.device) -> Run:
     bundle = _load_data(recipe, dist)
     channels_last = _channels_last(plan.resumed, t.channels_last, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model, criterion, parent = _model_and_loss(plan, bundle, dist, device, memory_format, log)
+    model, criterion, parent, weights = _model_and_loss(plan, bundle, dist, device, memory_format, log)
     optimizer = make_optimizer(recipe, trainable_parameters(model, criterion, extra))
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     step = TrainStep(model, criterion, extra, torch.compile(model) if t.compile else None)
@@ -206,7 +213,7 @@ def _open_run(plan: _Plan, dist: DistContext, device: torch.device) -> Run:
         steps_per_epoch=len(train_loader) if t.limit_batches is None else min(len(train_loader), t.limit_batches),
         origin=_origin(recipe, bundle, model, parent, plan.init, parent_sha),
         command=plan.command,
-        lineage_extra=plan.lineage_extra,
+        lineage_extra={**plan.lineage_extra, **({"pretrained": weights} if weights else {})},
         runtime=_runtime(device, channels_last),
         log=log,
         quiet=plan.quiet,
@@ -234,10 +241,16 @@ def _model_and_loss(
     device: torch.device,
     memory_format: torch.memory_format,
     log: Callable[..., None],
-) -> tuple[MultiExitNet, SelfDistillLoss, checkpoint.Checkpoint | None]:
-    """The network and its loss on the device, the extra term bound to them; and the --init parent, if any."""
+) -> tuple[MultiExitNet, SelfDistillLoss, checkpoint.Checkpoint | None, dict[str, Any]]:
+    """The network and its loss on the device, the extra term bound to them; the --init parent, if any; and
+    the record of model.pretrained's weights ({} without them) for the lineage."""
     t, extra = plan.recipe.train, plan.extra
     model, parent = build_model(plan.recipe, bundle, plan.init, log)
+    weights: dict[str, Any] = {}
+    if plan.recipe.model.pretrained is not None:
+        # A resumed run's state replaces every weight: its record comes from its last checkpoint instead.
+        resumed = plan.resumed is not None
+        weights = recorded(plan.run_dir / LAST_FILE) if resumed else load_pretrained(model, plan.recipe.model, log)
     criterion = SelfDistillLoss.from_recipe(plan.recipe.sd, model.feature_dims, t.label_smoothing)
     if dist.enabled:
         torch.manual_seed(t.seed + 1_000_003 * dist.rank)  # different augmentation per process
@@ -249,7 +262,7 @@ def _model_and_loss(
     if extra is not None:
         extra.bind(model, bundle)  # lets the extra see the student and the data (hooks, widths, checks)
         extra.to(device)
-    return model, criterion, parent
+    return model, criterion, parent, weights
 
 
 def _load_data(recipe: Recipe, dist: DistContext) -> DataBundle:

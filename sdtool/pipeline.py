@@ -137,7 +137,8 @@ def _finetune(recipe: Recipe, pruned: Path, costs: dict, out: Path, quiet: bool)
     from sdtool.engine import fit
 
     epochs = recipe.prune.finetune_epochs
-    ft = from_dict(apply_overrides(recipe.to_dict(), [f"train.epochs={epochs}"]))
+    # The pruned checkpoint brings the weights: model.pretrained applied to the first training only.
+    ft = from_dict(apply_overrides(recipe.to_dict(), [f"train.epochs={epochs}", "model.pretrained=null"]))
     res = fit(ft, out / "finetune", init=str(pruned), quiet=quiet)
     ckpt = res.best or res.last
     return ckpt, _step("fine-tune", ckpt, _deepest(res.test), f"{ft.sd.mode}, {epochs} ep.", costs)

@@ -34,8 +34,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class ModelConfig:
     name: str = _f(
         "resnet18",
-        "Backbone registry name (`sdtool models` lists them), or `torchvision:ARCH` for a "
-        "torchvision model wrapped with exits (see `exits_after`).",
+        "Backbone registry name (`sdtool models` lists them, plugins included), or `torchvision:ARCH` / "
+        "`timm:NAME` for a torchvision or timm model wrapped with exits (see `exits_after`).",
     )
     num_classes: int | None = _f(None, "Classes; null takes the data set's count. 1 to 10^7.")
     stem: Literal["cifar", "imagenet"] = _f(
@@ -68,6 +68,19 @@ class ModelConfig:
         None,
         "ResNet family (resnet18 ... resnext50_32x4d): true cuts layer1 after its first block, giving 5 "
         "stages and an exit inside the full-resolution layer1 (`exits` picks among them); null = no cut.",
+    )
+    pretrained: str | None = _f(
+        None,
+        "Backbone weights to start from (docs/models.md, Pretrained weights): a torchvision weights name such as "
+        "IMAGENET1K_V1 (resnet18-152, wide_resnet50_2, resnext50_32x4d, mobilenet_v2, shufflenet_v2_x1_0, "
+        "torchvision:ARCH), read from torch's cache `torch.hub.get_dir()/checkpoints` and never downloaded; or a "
+        "local .pth/.pt state dict (loaded with weights_only=True) or .safetensors file (an sdtool checkpoint "
+        "too). Matched by name and shape; exits, attention and heads start fresh. Not with --init.",
+    )
+    pretrained_strict: bool | None = _f(
+        None,
+        "Refuse `pretrained` weights that leave a backbone tensor other than the stem convolution and the "
+        "classifier unloaded (another architecture or width); false loads whatever fits; null = true.",
     )
 
 

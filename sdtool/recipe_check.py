@@ -72,6 +72,16 @@ def _check_values(r: Recipe) -> None:
         raise SdtoolError(f"{e}; fix the recipe or the --set value") from None
     _check_bounds(r)
     _check_memory(r)
+    _check_pretrained(r)
+
+
+def _check_pretrained(r: Recipe) -> None:
+    """model.pretrained: a local file must exist, a torchvision weights name must exist for the model (whether
+    it is in torch's cache is looked at when the run starts: a recipe may be written before the download)."""
+    if r.model.pretrained is not None:
+        from sdtool.models.pretrained import check_setting
+
+        check_setting(r.model.name, r.model.pretrained)
 
 
 # Upper bounds on values that size time or memory. They are far above any real setting; what they stop is
