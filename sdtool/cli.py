@@ -128,12 +128,20 @@ def inspect(
 @app.command(epilog="Example: sdtool models")
 @_user_errors
 def models(json_: JsonOpt = False) -> None:
-    """List the registered backbones."""
+    """List the models a recipe can name: built-in, torchvision:ARCH and installed plugins (sdtool.models)."""
     from sdtool import report
-    from sdtool.models import list_models
+    from sdtool.models import model_entries, plugin_errors
 
-    names = list_models()
-    report.print_json(names) if json_ else typer.echo("\n".join(names))
+    entries = model_entries()
+    # A broken plugin is reported, one line each, and the listing goes on: it must not hide the others.
+    for line in plugin_errors():
+        typer.echo(f"warning: {line}", err=True)
+    if json_:
+        report.print_json(entries)
+        return
+    wide = [max(len(e[k]) for e in entries) for k in ("name", "source")]
+    for e in entries:
+        typer.echo(f"{e['name']:<{wide[0]}}  {e['source']:<{wide[1]}}  {e['description']}".rstrip())
 
 
 @app.command(
