@@ -24,6 +24,7 @@ TINY = {  # arguments that make a network small enough for a CPU test (and valid
     "resnet8x4": {"width": 8},
     "resnet32x4": {"width": 8},
     "torchvision_wrapped": {"arch": "resnet18", "exits_after": ["layer1", "layer2", "layer3"]},
+    "timm_wrapped": {"arch": "resnet10t"},  # the timm extra; tests/test_timm.py tests it further
 }
 VARIANTS = {  # built-ins in a non-default layout, tested like backbones of their own: (registry name, args)
     "resnet18[split_layer1]": ("resnet18", {"split_layer1": True}),  # 5 stages: an exit inside layer1
@@ -31,6 +32,8 @@ VARIANTS = {  # built-ins in a non-default layout, tested like backbones of thei
 
 
 def tiny(name):
+    if name == "timm_wrapped":
+        pytest.importorskip("timm")  # an optional extra (`pip install "sdtool[timm]"`)
     if name == "truncated":  # one exit of another model, standing alone
         return create_model("truncated", base="resnet20", base_args={"num_classes": 10, "width": 4}, exit=2)
     name, variant = VARIANTS.get(name, (name, {}))
@@ -217,7 +220,7 @@ def test_engine_model_args_skip_keys_a_builder_lacks():
 
 
 @pytest.mark.parametrize(
-    "name", [n for n in list_models() if n not in ("truncated", "torchvision_wrapped")] + list(VARIANTS)
+    "name", [n for n in list_models() if n not in ("truncated", "torchvision_wrapped", "timm_wrapped")] + list(VARIANTS)
 )
 def test_backbones_are_what_wrapping_their_stages_gives(name):
     """A built-in backbone is a preset of the exits-on-any-model mechanism: wrapping its stages (chained

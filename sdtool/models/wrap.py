@@ -23,7 +23,8 @@ Limits (each fails with one line saying which):
 
 Checkpoints store a registry name and JSON arguments, so a wrapped model is saved and reloaded through
 a registered builder: `torchvision_wrapped(arch, exits_after, ...)` for torchvision's models
-(`model.name: torchvision:resnet50` in a recipe), or your own `@register_model` function that builds
+(`model.name: torchvision:resnet50` in a recipe), `timm_wrapped` for timm's (`timm:NAME`,
+sdtool/models/timm_wrap.py), or your own `@register_model` function that builds
 your network and returns `wrap_model(...)` of it.
 """
 
@@ -51,16 +52,19 @@ _GLOBAL_POOL_FNS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d)
 class _Tracer(fx.Tracer):
     """torch.fx tracer that keeps the exit modules whole (one node each), so cuts fall on their outputs."""
 
-    def __init__(self, keep: set[str]):
+    def __init__(self, keep: set[str], leaves: tuple[type[nn.Module], ...] = ()):
         super().__init__()
         self.keep = keep
+        self.leaves: tuple[type[nn.Module], ...] = (ChannelShuffle, *leaves)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        # A ChannelShuffle stays one module so that the pruner finds it (see sdtool/prune.py).
-        return qualname in self.keep or isinstance(m, ChannelShuffle) or super().is_leaf_module(m, qualname)
+        # A ChannelShuffle stays one module so that the pruner finds it (see sdtool/prune.py). `leaves` are a
+        # library's layers that tracing would get wrong, e.g. timm's BatchNormAct2d, whose forward branches on
+        # self.training: traced through, the training-mode branch would be frozen into the graph.
+        return qualname in self.keep or isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
 
 
-def _trace(module: nn.Module, exits_after: list[str]) -> fx.GraphModule:
+def _trace(module: nn.Module, exits_after: list[str], leaves: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
     names = dict(module.named_modules())
     for name in exits_after:
         if name not in names or name == "":
@@ -70,7 +74,7 @@ def _trace(module: nn.Module, exits_after: list[str]) -> fx.GraphModule:
     if len(set(exits_after)) != len(exits_after):
         raise SdtoolError("model.exits_after lists a module twice; list each exit point once")
     try:
-        graph = _Tracer(set(exits_after)).trace(module)
+        graph = _Tracer(set(exits_after), leaves).trace(module)
     except Exception as e:  # noqa: BLE001 - any tracing failure means the same thing to the user
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
         raise SdtoolError(
@@ -179,17 +183,19 @@ def wrap_model(
     attention: bool = True,
     input_size: int = 32,
     exits: list[int] | None = None,
+    leaf_modules: tuple[type[nn.Module], ...] = (),
 ) -> MultiExitNet:
     """`module` cut after each module in `exits_after` (qualified names, e.g. "layer2" or "features.6").
 
     Stage k (1-based) ends at exits_after[k-1]; the last stage ends at the model's last feature map.
     `exits` chooses which stages get an exit (1-based; None = all, [] = only the final one); the
-    stage cuts themselves never change what the network computes.
+    stage cuts themselves never change what the network computes. Modules of the `leaf_modules` types are
+    traced as one call each, not through (a library's no-trace layers, e.g. timm's get_notrace_modules()).
     """
     if num_classes is None or num_classes < 1:
         raise SdtoolError("model.num_classes must be a positive integer (or null to take the data set's)")
     exits_after = list(exits_after or [])
-    gm = _trace(module, exits_after)
+    gm = _trace(module, exits_after, tuple(leaf_modules))
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     if sum(n.op == "placeholder" for n in nodes) != 1:
