@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from sdtool import checkpoint
+from sdtool import checkpoint, fileio
 from sdtool.errors import SdtoolError
 from sdtool.losses import ATLoss, FitNetLoss, KDLoss, ensemble_logits
 from sdtool.meta import CheckpointMeta
@@ -54,21 +54,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"teacher weights file {p} not found; pass --teacher-weights with a local .safetensors "
             "or .pth file (sdtool never downloads weights)"
         )
-    if p.suffix == ".safetensors":
-        return checkpoint.load_tensors(p)
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle errors of every kind mean "not a plain state dict"
-        raise SdtoolError(
-            f"{p} is not a plain state dict loadable with weights_only=True "
-            f"({(str(e).splitlines() or [''])[0][:100]}); save it with torch.save(model.state_dict())"
-        ) from None
-    for key in ("state_dict", "model"):  # common wrappers of training scripts
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise SdtoolError(f"{p} does not hold a state dict (a mapping of names to tensors)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return fileio.read_state_dict(p)
 
 
 def _torchvision_teacher(arch: str, weights: str | None) -> tuple[nn.Module, dict, list[str] | None]:

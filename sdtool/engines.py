@@ -86,6 +86,22 @@ def fold_batchnorm(model: nn.Module) -> MultiExitNet:
     return net
 
 
+def _times_report(
+    batch: int, stages: list[float], heads: list[float], deep: float, repeats: int, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """What `piece_times` returns, in every engine: per-image ms of each exit's stages and head, and of the
+    deepest exit alone, with the engine's settings."""
+    return {
+        "batch": batch,
+        "stages_ms": stages,
+        "head_ms": heads,
+        "deepest_ms": deep,
+        "unit": "ms per image",
+        "statistic": f"median of {repeats}",
+        **settings,
+    }
+
+
 def _median_ms_per_image(fn: Callable[[], object], n: int, warmup: int, repeats: int) -> float:
     from sdtool.profile import median_seconds
 
@@ -148,15 +164,7 @@ class TorchEngine:
             h = m.stages_to_exit(h_in, k)
             heads.append(_median_ms_per_image(partial(m.exit_output, k, h), batch, warmup, repeats))
         deep = _median_ms_per_image(lambda: self.deepest(x), batch, warmup, repeats)
-        return {
-            "batch": batch,
-            "stages_ms": stages,
-            "head_ms": heads,
-            "deepest_ms": deep,
-            "unit": "ms per image",
-            "statistic": f"median of {repeats}",
-            **self.settings,
-        }
+        return _times_report(batch, stages, heads, deep, repeats, self.settings)
 
 
 class OrtEngine:
@@ -246,15 +254,7 @@ class OrtEngine:
             heads.append(max(0.0, t_step - t_st))
             h = st.run(None, {src: h})[0]
         deep = _median_ms_per_image(lambda: self._deep.run(None, {"input": x}), batch, warmup, repeats)
-        return {
-            "batch": batch,
-            "stages_ms": stages,
-            "head_ms": heads,
-            "deepest_ms": deep,
-            "unit": "ms per image",
-            "statistic": f"median of {repeats}",
-            **self.settings,
-        }
+        return _times_report(batch, stages, heads, deep, repeats, self.settings)
 
 
 def bundle_layout(

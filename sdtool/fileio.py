@@ -99,3 +99,29 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
         raise SdtoolError(
             f"{path}: tensors could not be read (corrupt or truncated?): {str(e).splitlines()[0][:120]}"
         ) from None
+
+
+def read_state_dict(path: str | Path, what: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a `.safetensors` file or of a `.pth`/`.pt` state dict, read with
+    `torch.load(weights_only=True)` only, so a pickle that names any other object is refused (`what`
+    prefixes the error, e.g. "model.pretrained: "). Training scripts' wrappers ({"state_dict": ...},
+    {"model": ...}) and DistributedDataParallel's `module.` prefix are undone."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return load_tensors(p)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every unpickling failure means "not a plain state dict"
+        first = (str(e).splitlines() or [type(e).__name__])[0][:100]
+        raise SdtoolError(
+            f"{what}{p} is not a plain state dict loadable with weights_only=True ({first}); "
+            "save it with torch.save(model.state_dict()) or as .safetensors"
+        ) from None
+    for key in ("state_dict", "model"):  # common wrappers of training scripts
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise SdtoolError(
+            f"{what}{p} does not hold a state dict (a mapping of names to tensors); save model.state_dict()"
+        )
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}

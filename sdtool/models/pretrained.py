@@ -130,26 +130,9 @@ def cached_file(model_name: str, name: str) -> tuple[Path, str]:
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a .safetensors file or a .pth/.pt state dict; pickles of anything else are refused."""
-    if path.suffix == ".safetensors":
-        from sdtool.fileio import load_tensors
+    from sdtool.fileio import read_state_dict
 
-        return load_tensors(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every unpickling failure means "not a plain state dict"
-        first = (str(e).splitlines() or [type(e).__name__])[0][:100]
-        raise SdtoolError(
-            f"model.pretrained: {path} is not a plain state dict loadable with weights_only=True ({first}); "
-            "save it with torch.save(model.state_dict()) or as .safetensors"
-        ) from None
-    for key in ("state_dict", "model"):  # common wrappers of training scripts
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise SdtoolError(
-            f"model.pretrained: {path} does not hold a state dict (names to tensors); save model.state_dict()"
-        )
-    return {str(k).removeprefix("module."): v for k, v in obj.items()}  # DistributedDataParallel's prefix
+    return read_state_dict(path, "model.pretrained: ")
 
 
 def _torchvision_name(model: MultiExitNet, key: str) -> str | None:
@@ -305,10 +288,10 @@ def load_pretrained(model: MultiExitNet, cfg: ModelConfig, log: Callable[..., No
 def recorded(last: Path) -> dict[str, Any]:
     """The pretrained record of a resumed run, from its last checkpoint's lineage (the resume state replaces
     every weight, so the file is not read or hashed again)."""
-    from sdtool.checkpoint import read_meta
+    from sdtool.checkpoint import load_meta
 
     try:
-        entry = read_meta(last)["lineage"][-1]
-    except (SdtoolError, IndexError, KeyError):
+        lineage = load_meta(last).lineage
+    except SdtoolError:
         return {}
-    return dict(entry.get("pretrained") or {})  # lineage extras sit beside the entry's standard fields
+    return dict(lineage[-1].extra.get("pretrained") or {}) if lineage else {}

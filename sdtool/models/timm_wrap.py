@@ -31,6 +31,7 @@ from torch import nn
 
 from sdtool.errors import SdtoolError
 from sdtool.models.registry import register_model
+from sdtool.models.wrap import wrap_model
 
 _EXIT_REDUCTIONS = (4, 8, 16)  # the default exits: after the stages ending at these strides
 
@@ -78,9 +79,6 @@ def timm_wrapped(
     input_size: int = 32,
 ):
     """timm.create_model(<arch>, pretrained=False, num_classes=...) with exits after `exits_after` (wrap_model)."""
-    # Imported here, not at the top: wrap.py imports this module to register the builder.
-    from sdtool.models.wrap import wrap_model
-
     timm = import_timm(arch)
     _check_name(timm, arch)
     try:
