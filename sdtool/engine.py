@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sdtool import checkpoint, cpu, distributed, report, runfolder, runlock
+from sdtool import checkpoint, cpu, distributed, report, runfolder, runlock, scalars
 from sdtool.data import DataBundle, build_data
 from sdtool.device import amp_dtype, resolve_device, use_channels_last
 from sdtool.distributed import DistContext
@@ -137,6 +137,8 @@ def fit(
             checkpoint.check_checkpoint(init)
     plan = _Plan(recipe, run_dir, init, resumed, extra, command, lineage_extra or {}, quiet or not dist.is_main)
     t = recipe.train
+    if t.tensorboard and dist.is_main:
+        scalars.check_available()  # before any data is read
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)

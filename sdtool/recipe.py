@@ -174,6 +174,11 @@ class TrainConfig:
     limit_batches: int | None = _f(None, "Stop each training epoch after N batches (smoke tests).")
     eval_every: int = _f(1, "Evaluate every N epochs (and always after the last).")
     grad_clip: float | None = _f(None, "Clip the gradient norm to this value.")
+    tensorboard: bool = _f(
+        False,
+        "Also write each epoch's metrics as TensorBoard scalars to RUN_DIR/tensorboard/ (needs the `tensorboard` "
+        "extra); metrics.jsonl stays the record.",
+    )
 
 
 @dataclass

@@ -5,6 +5,7 @@ run.json                     `RunInfo`: what the run decided when it started, re
 metrics.jsonl                one row per finished epoch (sdtool/trainloop.py appends them)
 last.safetensors, best.safetensors, train_state.safetensors (sdtool/trainstate.py)
 .lock                        while a process writes the run (sdtool/runlock.py)
+tensorboard/                 with train.tensorboard: the metrics rows as TensorBoard scalars (sdtool/scalars.py)
 
 Every file but metrics.jsonl is replaced atomically (sdtool/fileio.py), so a crash leaves the old file or
 the new one; metrics.jsonl is appended to, and a line a crash cut short is dropped when the run resumes.

@@ -37,6 +37,7 @@ from sdtool.losses import SelfDistillLoss
 from sdtool.models.multi_exit import MultiExitNet
 from sdtool.recipe import Recipe
 from sdtool.runfolder import BEST_FILE, LAST_FILE, append_metrics
+from sdtool.scalars import ScalarLog
 from sdtool.schedule import lr_factor
 from sdtool.trainstate import gather_rng, save_state
 
@@ -174,6 +175,7 @@ class Run:
     quiet: bool
     resuming: bool
     progress: Progress
+    scalars: ScalarLog | None = None  # train.tensorboard: the TensorBoard view of the metrics rows
 
     @property
     def best_path(self) -> Path | None:
@@ -346,11 +348,17 @@ def _write_epoch(run: Run, epoch: int, row: dict[str, Any], rng: dict[str, torch
     }
     save_state(run.run_dir, run.model, run.optimizer, run.criterion, run.scaler, rng, scalars, extra=run.extra)
     append_metrics(run.run_dir, row)
+    if run.recipe.train.tensorboard:
+        if run.scalars is None:
+            run.scalars = ScalarLog(run.run_dir, p.start_epoch)
+        run.scalars.write(epoch, row)
     run.log(report.epoch_line(row), table=report.epoch_table(row) if not run.quiet else None)
 
 
 def final_test(run: Run) -> FitResult:
     """The result; rank 0 adds the best checkpoint's (else the last's) accuracy on the test split."""
+    if run.scalars is not None:
+        run.scalars.close()
     best = run.best_path if run.best_path is not None and run.best_path.exists() else None
     result = FitResult(
         run.run_dir,
