@@ -90,9 +90,12 @@ class AugmentConfig:
     crop_padding: int = _f(4, "Padding for the random crop, in pixels.")
     crop_fill: int = _f(128, "Fill value (0-255) of the crop padding (official: 128).")
     flip: bool = _f(True, "Random horizontal flip (training only).")
-    autoaugment: bool = _f(False, "AutoAugment with torchvision's CIFAR10 policy, per image (training only).")
-    autoaugment_policy: Literal["cifar10", "imagenet", "svhn"] | None = _f(
-        None, "AutoAugment policy; null = cifar10 for in-memory data sets, imagenet for imagefolder."
+    autoaugment: bool = _f(False, "AutoAugment per image (training only); the policy is `autoaugment_policy`.")
+    autoaugment_policy: Literal["cifar10", "imagenet", "svhn", "official_cifar10"] | None = _f(
+        None,
+        "AutoAugment policy: torchvision's cifar10, imagenet or svhn, or official_cifar10 (the CIFAR-10 policy "
+        "exactly as the self-distillation authors' code applies it: grey fill, bicubic shears, "
+        "counter-clockwise rotations only); null = cifar10 for in-memory data sets, imagenet for imagefolder.",
     )
     cutout: int = _f(0, "Cutout square side in pixels, one hole, on the [0,1] tensor; 0 = off (official: 16).")
     mean: list[float] | None = _f(None, "Normalize mean per channel; null = the data set's default.")
@@ -223,7 +226,12 @@ class PruneConfig(PruneSettings):
 
 @dataclass
 class EvalConfig:
-    split: Literal["test", "val"] = _f("test", "Split `sdtool eval` reports on.")
+    split: Literal["test", "val"] = _f(
+        "test",
+        # Removing the key would make every recipe, run folder and checkpoint that records it unloadable.
+        "Not read by any command (`sdtool eval --split` chooses the split); kept so that recipes, run "
+        "folders and checkpoints that record it still load.",
+    )
     early_exit: bool = _f(False, "Pipeline recipes: evaluate with early exit at the end.")
     policy: Literal["max_softmax", "entropy"] = _f("max_softmax", "Early-exit confidence measure.")
     fallback: Literal["deepest", "ensemble"] = _f("deepest", "Who answers samples no exit takes.")

@@ -7,6 +7,11 @@ distribution as the per-image PIL ops without any per-image Python work. AutoAug
 form, so when it is on, crop + flip + AutoAugment run per image on uint8 tensors
 (`per_image_transform`) and only /255, Cutout and Normalize stay batched.
 
+AutoAugment policies (`autoaugment`): `cifar10`, `imagenet` and `svhn` are torchvision's
+`v2.AutoAugment`; `official_cifar10` is the CIFAR-10 policy exactly as the self-distillation authors'
+code applies it (`official_autoaugment.py`: grey fill, bicubic shears, counter-clockwise rotations
+only, PIL's enhance ops). Both draw from torch's global CPU generator.
+
 Randomness: the batched ops draw from the default generator of the batch's device (so an engine that
 saves and restores torch RNG states resumes exactly) unless a `generator` on that device is passed.
 Draw order per call: crop rows, crop columns, flip coin (random_crop_flip); hole row, hole column (cutout).
@@ -18,11 +23,21 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-POLICIES = {
+from sdtool.data.official_autoaugment import OfficialCIFAR10AutoAugment
+
+POLICIES = {  # torchvision's policies
     "cifar10": v2.AutoAugmentPolicy.CIFAR10,
     "imagenet": v2.AutoAugmentPolicy.IMAGENET,
     "svhn": v2.AutoAugmentPolicy.SVHN,
 }
+OFFICIAL_CIFAR10 = "official_cifar10"
+
+
+def autoaugment(policy: str) -> torch.nn.Module:
+    """The per-image AutoAugment op for a recipe's `autoaugment_policy` value (PIL image or uint8 tensor)."""
+    if policy == OFFICIAL_CIFAR10:
+        return OfficialCIFAR10AutoAugment()
+    return v2.AutoAugment(POLICIES[policy])
 
 
 def random_crop_flip(
@@ -91,7 +106,7 @@ def per_image_transform(size: int, crop: bool, padding: int, fill: int, flip: bo
         ops.append(v2.RandomCrop(size, padding=padding, fill=fill))
     if flip:
         ops.append(v2.RandomHorizontalFlip())
-    ops.append(v2.AutoAugment(POLICIES[policy]))
+    ops.append(autoaugment(policy))
     return v2.Compose(ops)
 
 

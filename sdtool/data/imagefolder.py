@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import v2
 
-from sdtool.data.augment import POLICIES, Cutout
+from sdtool.data.augment import Cutout, autoaugment
 from sdtool.data.registry import Source, register
 from sdtool.errors import SdtoolError
 
@@ -90,7 +90,7 @@ def train_transform(a: AugmentConfig, size: int, mean: tuple[float, ...], std: t
     if a.flip:
         ops.append(v2.RandomHorizontalFlip())
     if a.autoaugment:
-        ops.append(v2.AutoAugment(POLICIES[a.autoaugment_policy or "imagenet"]))
+        ops.append(autoaugment(a.autoaugment_policy or "imagenet"))
     return v2.Compose(ops + _tail(mean, std, a.cutout))
 
 
