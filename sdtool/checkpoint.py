@@ -233,12 +233,19 @@ class Checkpoint:
         return Checkpoint(self.model, meta, path)
 
     def data(
-        self, data: str | None = None, overrides: list[str] | None = None, split: str = "test", train: bool = False
+        self,
+        data: str | None = None,
+        overrides: list[str] | None = None,
+        split: str = "test",
+        train: bool = False,
+        *,
+        allow_other_data: bool = False,
     ):
-        """The data to run this checkpoint on, checked against it (see `sdtool.checkpoint_data`)."""
+        """The data to run this checkpoint on, checked against it (see `sdtool.checkpoint_data`); a data set
+        other than the recorded one is refused unless `allow_other_data`."""
         from sdtool.checkpoint_data import checkpoint_data
 
-        return checkpoint_data(self, data, overrides, split, train)
+        return checkpoint_data(self, data, overrides, split, train, allow_other_data=allow_other_data)
 
 
 def _check_rebuild(meta: CheckpointMeta, state: dict[str, torch.Tensor]) -> None:

@@ -3,7 +3,8 @@
 eval, early exit, prune (taylor and --eval) and export's threshold fitting all go through
 `checkpoint_data`: the checkpoint's recorded data section (or `--data`), `data.*` overrides, then the
 checks that the data fits the network (input size, class count, a validation split when one is asked
-for) and the normalisation the network was trained with.
+for), that it is the data set the network was trained on (unless `allow_other_data`), and the
+normalisation the network was trained with.
 """
 
 from __future__ import annotations
@@ -94,7 +95,51 @@ def checkpoint_data(
     overrides: list[str] | None = None,
     split: str = "test",
     train: bool = False,
+    allow_other_data: bool = False,
 ) -> tuple[DataConfig, DataBundle]:
-    """`(cfg, bundle)` for running `ckpt` on `split` (see `data_config` and `checked_bundle`)."""
+    """`(cfg, bundle)` for running `ckpt` on `split` (see `data_config`, `checked_bundle` and
+    `check_same_data`; `allow_other_data` turns the refusal of another data set into a warning)."""
     cfg = data_config(ckpt.meta, data, overrides)
-    return cfg, checked_bundle(ckpt.path or "the checkpoint", ckpt.meta, cfg, split, train)
+    bundle = checked_bundle(ckpt.path or "the checkpoint", ckpt.meta, cfg, split, train)
+    check_same_data(ckpt.meta, cfg, data, overrides, allow_other_data)
+    return cfg, bundle
+
+
+def trained_on(meta: CheckpointMeta) -> str | None:
+    """The name of the data set the network was trained on, as recorded (None: not recorded)."""
+    if meta.data is not None:
+        return meta.data.name
+    name = ((meta.recorded_recipe() or {}).get("data") or {}).get("name")
+    return name if isinstance(name, str) else None
+
+
+def check_same_data(
+    meta: CheckpointMeta, cfg: DataConfig, data: str | None, overrides: list[str] | None, allow: bool
+) -> None:
+    """Refuse to score a network on a data set other than the one it was trained on (a warning on stderr
+    when `allow`). Called after `checked_bundle`, so another data set reaching this point has the same
+    input size and class count: such a run would otherwise give meaningless accuracy without a word.
+
+    Data sets are compared by name only: the same data set under another root folder (or other files of
+    the same kind) is taken to be a copy of it, or its held-out files, and is allowed.
+    """
+    recorded = trained_on(meta)
+    if recorded is None or cfg.name == recorded:
+        return
+    source = _name_source(data, overrides)
+    what = f"checkpoint was trained on {recorded}; {source} names {cfg.name} (same input size and class count)"
+    if not allow:
+        raise SdtoolError(f"{what}; pass --allow-other-data to score it anyway")
+    from sdtool.report import err
+
+    err.print(f"warning: {what}; scoring it anyway (--allow-other-data)", highlight=False, markup=False, soft_wrap=True)
+
+
+def _name_source(data: str | None, overrides: list[str] | None) -> str:
+    """Which option chose the data set's name, in the user's words."""
+    named = [o for o in overrides or [] if o.startswith("data.name=")]
+    if named:
+        return f"--set {named[-1]}"
+    if data is None:
+        return "the recorded recipe"
+    return f"--data {data}" if _is_recipe(data) else "--data"

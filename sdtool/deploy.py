@@ -67,7 +67,8 @@ class BundleOptions:
     checkpoint's) and the batch size of its validation pass and of `--cost latency`'s timing (default:
     the recipe's eval_batch_size); threads: ONNX Runtime's CPU threads (default: the cores this process
     may use); latency_batch: the batch size at which each step's latency is measured for the manifest
-    (batch 1 is always measured too); repeats: timed runs per figure (0 = do not measure).
+    (batch 1 is always measured too); repeats: timed runs per figure (0 = do not measure);
+    allow_other_data: fit on a data set other than the one the checkpoint was trained on (else refused).
     """
 
     data: str | None = None
@@ -76,6 +77,7 @@ class BundleOptions:
     threads: int | None = None
     latency_batch: int = 64
     repeats: int = 5
+    allow_other_data: bool = False
 
     def check(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -85,12 +87,18 @@ class BundleOptions:
 
 
 def export_bundle(
-    path: str, out: str, opts: FitOptions | None = None, run: BundleOptions | None = None, quiet: bool = False
+    path: str,
+    out: str,
+    opts: FitOptions | None = None,
+    run: BundleOptions | None = None,
+    quiet: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Write the early-exit bundle of checkpoint `path` to folder `out` (see the module doc).
 
     opts: how thresholds are chosen; without `opts.fit` the checkpoint's stored thresholds are used.
     run: the fit's data, threads and the latency measured for the manifest (default BundleOptions()).
+    quiet: no log lines; progress: progress bars on stderr (only on a terminal; not silenced by `quiet`).
     """
     from sdtool import report
     from sdtool.engines import OrtEngine, bundle_layout
@@ -114,13 +122,14 @@ def export_bundle(
     pieces = model_pieces(model, size, identity={"source_sha256": ckpt.sha256})
     engine = OrtEngine(model, size, threads=run.threads, pieces=pieces, ensemble=meta.ensemble)
     if model.num_exits > 1:
-        choice = choose_policy(path, ckpt, opts, _fit_context(ckpt, run, costs, engine, log) if opts.fit else None)
+        ctx = _fit_context(ckpt, run, costs, engine, log, progress) if opts.fit else None
+        choice = choose_policy(path, ckpt, opts, ctx)
     elif opts.fit:  # `export --exit K` output: one step, nothing to decide
         raise SdtoolError(f"{path} has a single exit; there are no thresholds to fit")
     else:
         choice = PolicyChoice(ExitPolicy("max_softmax", [], "deepest", meta.ensemble))
     manifest, graphs = bundle_layout(pieces, choice.policy, spec_in, model.num_classes, ckpt.sha256, meta.class_names)
-    timing = _step_times(engine, size, run, log)
+    timing = _step_times(engine, size, run, log, progress)
     _add_step_costs(manifest, costs, choice.policy, timing)
     manifest.update(_provenance(path, ckpt, costs, timing, engine.settings, choice.fit))
     check = written_with_sweep(choice, lambda: _write(outp, manifest, graphs, model, size, run.threads))
@@ -155,32 +164,39 @@ def _deployable(path: str, opts: FitOptions) -> tuple[Checkpoint, InputSpec]:
     return ckpt, spec_in
 
 
-def _step_times(engine: OrtEngine, size: int, run: BundleOptions, log: Callable[[str], None]) -> dict | None:
+def _step_times(
+    engine: OrtEngine, size: int, run: BundleOptions, log: Callable[[str], None], progress: bool
+) -> dict | None:
     """Each step's measured latency at batch 1 and `run.latency_batch` (None with `run.repeats` 0)."""
     if run.repeats <= 0:
         return None
     log(f"timing each step in ONNX Runtime (batch 1 and {run.latency_batch})")
     batches = sorted({1, run.latency_batch})
-    return {str(b): engine.piece_times(size, b, warmup=2, repeats=run.repeats) for b in batches}
+    return {str(b): engine.piece_times(size, b, warmup=2, repeats=run.repeats, progress=progress) for b in batches}
 
 
 def _fit_context(
-    ckpt: Checkpoint, run: BundleOptions, costs: dict, engine: OrtEngine, log: Callable[[str], None]
+    ckpt: Checkpoint, run: BundleOptions, costs: dict, engine: OrtEngine, log: Callable[[str], None], progress: bool
 ) -> ExitContext:
     """A threshold fit on the validation split, on the CPU, timed (`--cost latency`) in the bundle's engine."""
-    cfg, bundle = ckpt.data(run.data, run.overrides, "val")
-    return ExitContext(cfg, bundle, torch.device("cpu"), run.batch_size or cfg.eval_batch_size, costs, engine, log)
+    from sdtool.checkpoint_data import checkpoint_data
+
+    cfg, bundle = checkpoint_data(ckpt, run.data, run.overrides, "val", allow_other_data=run.allow_other_data)
+    bs = run.batch_size or cfg.eval_batch_size
+    return ExitContext(cfg, bundle, torch.device("cpu"), bs, costs, engine, log, progress)
 
 
 def _add_step_costs(manifest: dict, costs: dict, pol: ExitPolicy, timing: dict | None) -> None:
-    """Each step's MACs (alone, stages, head, leaving there) and measured latency, into the manifest."""
+    """Each step's MACs (alone, stages, head, leaving there) and measured latency (median, and the
+    fastest and slowest repeat as `stages_min`, `stages_max`, `head_min`, `head_max`), into the manifest."""
     leave = leave_costs(costs, pol.computed())
     for k, step in enumerate(manifest["steps"]):
         e = costs["exits"][k]
         step["macs"] = {"alone": e["macs"], "stages": e["stages_macs"], "head": e["head_macs"], "leave": leave[k]}
         if timing:
             step["latency_ms_per_image"] = {
-                b: {"stages": t["stages_ms"][k], "head": t["head_ms"][k]} for b, t in timing.items()
+                b: {f"{part}{s}": t[f"{part}_ms{s}"][k] for part in ("stages", "head") for s in ("", "_min", "_max")}
+                for b, t in timing.items()
             }
 
 
@@ -194,7 +210,10 @@ def _provenance(
         "created": checkpoint.now(),
         "model": ckpt.model.spec,
         "reference_macs": costs["reference"]["macs"],
-        "deepest_latency_ms_per_image": {b: t["deepest_ms"] for b, t in timing.items()} if timing else None,
+        **{
+            f"deepest_latency_ms_per_image{s}": {b: t[f"deepest_ms{s}"] for b, t in timing.items()} if timing else None
+            for s in ("", "_min", "_max")
+        },
         "runtime_settings": settings,
         "source": {
             "path": str(path),

@@ -51,7 +51,9 @@ class InferenceEngine(Protocol):
 
     def deepest(self, x: torch.Tensor) -> torch.Tensor: ...
 
-    def piece_times(self, size: int, batch: int, warmup: int = 2, repeats: int = 5) -> dict[str, Any]:
+    def piece_times(
+        self, size: int, batch: int, warmup: int = 2, repeats: int = 5, progress: bool = True
+    ) -> dict[str, Any]:
         """Per-image time of each exit's stages and head (only where `times_pieces`)."""
         ...
 
@@ -87,25 +89,38 @@ def fold_batchnorm(model: nn.Module) -> MultiExitNet:
 
 
 def _times_report(
-    batch: int, stages: list[float], heads: list[float], deep: float, repeats: int, settings: dict[str, Any]
+    batch: int, stages: list[list[float]], heads: list[dict], deep: list[float], repeats: int, settings: dict[str, Any]
 ) -> dict[str, Any]:
     """What `piece_times` returns, in every engine: per-image ms of each exit's stages and head, and of the
-    deepest exit alone, with the engine's settings."""
+    deepest exit alone (medians; `_min` / `_max`: the fastest and slowest repeat), with the engine's settings.
+
+    stages, deep: ms per image of each repeat; heads: a `timing.spread("head_ms", ...)` per exit."""
+    from sdtool.timing import spread, spread_lists
+
     return {
         "batch": batch,
-        "stages_ms": stages,
-        "head_ms": heads,
-        "deepest_ms": deep,
+        **spread_lists("stages_ms", stages),
+        **{k: [h[k] for h in heads] for k in ("head_ms", "head_ms_min", "head_ms_max")},
+        **spread("deepest_ms", deep),
         "unit": "ms per image",
         "statistic": f"median of {repeats}",
+        "spread": "min and max over the repeats (_min, _max)",
         **settings,
     }
 
 
-def _median_ms_per_image(fn: Callable[[], object], n: int, warmup: int, repeats: int) -> float:
-    from sdtool.profile import median_seconds
+def _ms_per_image(fn: Callable[[], object], n: int, warmup: int, repeats: int, tick: Callable[[], None]) -> list[float]:
+    """ms per image of each repeat of `fn` (a batch of `n`)."""
+    from sdtool.timing import repeat_seconds
 
-    return 1000.0 * median_seconds(fn, torch.device("cpu"), warmup, repeats) / n
+    return [1000.0 * t / n for t in repeat_seconds(fn, torch.device("cpu"), warmup, repeats, tick)]
+
+
+def _pieces_bar(engine: str, k_all: int, batch: int, runs: int, progress: bool):
+    """The progress bar of a `piece_times`: `runs` timed functions, each run warmup + repeats times."""
+    from sdtool.progress import progress as bar
+
+    return bar(f"timing {k_all} exits' pieces ({engine}), batch {batch}", runs, progress)
 
 
 class TorchEngine:
@@ -152,18 +167,22 @@ class TorchEngine:
         return self.model.forward_until(self._in(x), self.model.num_exits - 1)
 
     @torch.no_grad()
-    def piece_times(self, size: int, batch: int, warmup: int = 2, repeats: int = 5) -> dict:
+    def piece_times(self, size: int, batch: int, warmup: int = 2, repeats: int = 5, progress: bool = True) -> dict:
         """Per-image ms at `batch` of each exit's stages (from the previous exit's stage output) and of
-        its attention + head + classifier; and of the deepest exit alone."""
+        its attention + head + classifier; and of the deepest exit alone (see `_times_report`)."""
+        from sdtool.timing import spread
+
         m = self.model
         x = self._in(torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)))
         stages, heads, h = [], [], x
-        for k in range(m.num_exits):
-            h_in = h
-            stages.append(_median_ms_per_image(partial(m.stages_to_exit, h_in, k), batch, warmup, repeats))
-            h = m.stages_to_exit(h_in, k)
-            heads.append(_median_ms_per_image(partial(m.exit_output, k, h), batch, warmup, repeats))
-        deep = _median_ms_per_image(lambda: self.deepest(x), batch, warmup, repeats)
+        with _pieces_bar("torch", m.num_exits, batch, (2 * m.num_exits + 1) * (warmup + repeats), progress) as b:
+            for k in range(m.num_exits):
+                h_in = h
+                stages.append(_ms_per_image(partial(m.stages_to_exit, h_in, k), batch, warmup, repeats, b.advance))
+                h = m.stages_to_exit(h_in, k)
+                t = _ms_per_image(partial(m.exit_output, k, h), batch, warmup, repeats, b.advance)
+                heads.append(spread("head_ms", t))
+            deep = _ms_per_image(lambda: self.deepest(x), batch, warmup, repeats, b.advance)
         return _times_report(batch, stages, heads, deep, repeats, self.settings)
 
 
@@ -233,28 +252,56 @@ class OrtEngine:
             self._sessions[name] = runtime.make_session(self.pieces.graphs[name], self._so, name)
         return self._sessions[name]
 
-    def piece_times(self, size: int, batch: int, warmup: int = 2, repeats: int = 5) -> dict:
-        """As TorchEngine.piece_times; a head's time is (step time - stages-only time) of its exit."""
+    def piece_times(self, size: int, batch: int, warmup: int = 2, repeats: int = 5, progress: bool = True) -> dict:
+        """As TorchEngine.piece_times; a head's time is (step time - stages-only time) of its exit: the
+        difference of the medians, its range that of the differences within a repeat (each repeat times
+        the step and then the stages-only graph)."""
         from sdtool.onnx_graphs import h_name
 
         x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
         stages, heads, h = [], [], x
         k_all = self.num_exits
-        for k in range(k_all):
-            src = "input" if k == 0 else h_name(k - 1)
-            step = self._piece_session(f"step{k + 1}")
-            t_step = _median_ms_per_image(partial(step.run, None, {src: h}), batch, warmup, repeats)
-            if k == k_all - 1:  # the last step: its stages with the final pooling + classifier
-                stages.append(t_step)
-                heads.append(0.0)
-                break
-            st = self._piece_session(f"stages{k + 1}")
-            t_st = _median_ms_per_image(partial(st.run, None, {src: h}), batch, warmup, repeats)
-            stages.append(t_st)
-            heads.append(max(0.0, t_step - t_st))
-            h = st.run(None, {src: h})[0]
-        deep = _median_ms_per_image(lambda: self._deep.run(None, {"input": x}), batch, warmup, repeats)
+        with _pieces_bar("onnxruntime", k_all, batch, 2 * k_all * (warmup + repeats), progress) as b:
+            for k in range(k_all):
+                src = "input" if k == 0 else h_name(k - 1)
+                step = self._piece_session(f"step{k + 1}")
+                if k == k_all - 1:  # the last step: its stages with the final pooling + classifier
+                    stages.append(_ms_per_image(partial(step.run, None, {src: h}), batch, warmup, repeats, b.advance))
+                    heads.append({"head_ms": 0.0, "head_ms_min": 0.0, "head_ms_max": 0.0})
+                    break
+                st = self._piece_session(f"stages{k + 1}")
+                t_step, t_st = _paired_ms(
+                    partial(step.run, None, {src: h}), partial(st.run, None, {src: h}), batch, warmup, repeats, b
+                )
+                stages.append(t_st)
+                heads.append(_head_spread(t_step, t_st))
+                h = st.run(None, {src: h})[0]
+            deep = _ms_per_image(lambda: self._deep.run(None, {"input": x}), batch, warmup, repeats, b.advance)
         return _times_report(batch, stages, heads, deep, repeats, self.settings)
+
+
+def _paired_ms(
+    step: Callable[[], object], stages: Callable[[], object], n: int, warmup: int, repeats: int, bar
+) -> tuple[list[float], list[float]]:
+    """ms per image of `step` and of `stages`, timed one after the other in each repeat."""
+    t_step: list[float] = []
+    t_st: list[float] = []
+    for r in range(warmup + repeats):
+        a = _ms_per_image(step, n, 0, 1, bar.advance)[0]
+        c = _ms_per_image(stages, n, 0, 1, bar.advance)[0]
+        if r >= warmup:
+            t_step.append(a)
+            t_st.append(c)
+    return t_step, t_st
+
+
+def _head_spread(t_step: list[float], t_st: list[float]) -> dict[str, float]:
+    """A head's ms per image: median(step) - median(stages), with the range of the per-repeat differences."""
+    import statistics
+
+    diffs = [max(0.0, a - c) for a, c in zip(t_step, t_st, strict=True)]
+    med = max(0.0, statistics.median(t_step) - statistics.median(t_st))
+    return {"head_ms": med, "head_ms_min": min(diffs), "head_ms_max": max(diffs)}
 
 
 def bundle_layout(

@@ -22,18 +22,33 @@ def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[int]:
 
 @torch.no_grad()
 def collect_logits(
-    model: nn.Module, loader, prepare: Callable, device: torch.device, amp_dtype: torch.dtype | None = None
+    model: nn.Module,
+    loader,
+    prepare: Callable,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    *,
+    progress: bool = True,
+    label: str = "evaluating",
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """All exits' logits for a whole loader: ([K x (N, classes)] on the CPU in float32, labels (N,))."""
+    """All exits' logits for a whole loader: ([K x (N, classes)] on the CPU in float32, labels (N,)).
+
+    progress: a bar "label ... images done/total" on stderr (sdtool.progress: only on a terminal)."""
+    from sdtool.progress import images_in
+    from sdtool.progress import progress as bar
+
     model.eval()
     outs: list[list[torch.Tensor]] = []
     ys = []
-    for x, y in loader:
-        x = prepare(x.to(device, non_blocking=True), train=False)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, _ = model(x)
-        outs.append([z.float().cpu() for z in logits])
-        ys.append(y.cpu())
+    total = images_in(loader)
+    with bar(f"{label} (images)", total, progress) as b:
+        for x, y in loader:
+            x = prepare(x.to(device, non_blocking=True), train=False)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits, _ = model(x)
+            outs.append([z.float().cpu() for z in logits])
+            ys.append(y.cpu())
+            b.advance(len(y))
     if not outs:
         from sdtool.errors import SdtoolError
 
@@ -65,8 +80,10 @@ def evaluate(
     device: torch.device,
     ensemble: str = "logits",
     amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
 ) -> dict:
-    logits, y = collect_logits(model, loader, prepare, device, amp_dtype)
+    """`accuracy_report` of `model` over `loader` (a progress bar on stderr unless not `progress`)."""
+    logits, y = collect_logits(model, loader, prepare, device, amp_dtype, progress=progress)
     return accuracy_report(logits, y, ensemble)
 
 
@@ -86,14 +103,22 @@ def eval_checkpoint(
     split: str = "test",
     device: str = "auto",
     batch_size: int | None = None,
+    *,
+    allow_other_data: bool = False,
+    progress: bool = True,
 ) -> dict:
-    """`sdtool eval`: per-exit and ensemble accuracy of a checkpoint on a split of its data set."""
+    """`sdtool eval`: per-exit and ensemble accuracy of a checkpoint on a split of its data set.
+
+    allow_other_data: score it on a data set other than the one it was trained on (refused otherwise);
+    progress: show a progress bar on stderr (when stderr is a terminal).
+    """
     from sdtool.checkpoint import load_checkpoint
+    from sdtool.checkpoint_data import checkpoint_data
     from sdtool.device import resolve_device
 
     dev = resolve_device(device)
     ckpt = load_checkpoint(path, dev)
-    cfg, bundle = ckpt.data(data, overrides, split)
+    cfg, bundle = checkpoint_data(ckpt, data, overrides, split, allow_other_data=allow_other_data)
     loader = bundle.loader(split, batch_size or cfg.eval_batch_size, shuffle=False, seed=0, workers=cfg.workers)
-    rep = evaluate(ckpt.model, loader, bundle.prepare, dev, ckpt.meta.ensemble)
+    rep = evaluate(ckpt.model, loader, bundle.prepare, dev, ckpt.meta.ensemble, progress=progress)
     return {"checkpoint": str(path), "split": split, "data": cfg.name, **rep}

@@ -9,17 +9,14 @@ Two option sets say what to do: `RunOptions` (data, split, device, engine, timin
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from sdtool.choices import SPLITS
-from sdtool.early_exit import early_exit_forward, leave_costs, leave_times
+from sdtool.early_exit import leave_costs, leave_times
 from sdtool.errors import SdtoolError
 
 # The threshold choice moved to sdtool.exit_fit; its names stay importable from here.
@@ -33,7 +30,9 @@ from sdtool.exit_fit import (
     written_with_sweep,
 )
 from sdtool.exit_policy import ExitPolicy
-from sdtool.profile import sync as _sync
+
+# The timing moved to sdtool.exit_timing; its names stay importable from here.
+from sdtool.exit_timing import DeviceTorchEngine, run_split, time_batch1
 
 if TYPE_CHECKING:
     from sdtool.checkpoint import Checkpoint
@@ -60,8 +59,10 @@ class RunOptions:
     data, overrides: the data to run on, as for `sdtool eval` (default: the checkpoint's); split: test
     or val; device: auto, cpu, cuda, mps; batch_size: None = the recipe's eval_batch_size;
     latency_images: images timed one by one for the batch-1 speed-up (0 = skip), over `repeats`
-    passes; engine: torch (eager, batch norm folded) or onnxruntime (the bundle's graphs, in memory);
-    threads: the engine's CPU threads (torch's global setting, or every ONNX Runtime session's).
+    passes after one untimed pass (the median pass, and the fastest and slowest); engine: torch
+    (eager, batch norm folded) or onnxruntime (the bundle's graphs, in memory);
+    threads: the engine's CPU threads (torch's global setting, or every ONNX Runtime session's);
+    allow_other_data: run on a data set other than the one the checkpoint was trained on (else refused).
     """
 
     data: str | None = None
@@ -73,72 +74,7 @@ class RunOptions:
     repeats: int = 3
     engine: str = "torch"
     threads: int | None = None
-
-
-def _timed(fn):
-    t0 = time.perf_counter()
-    r = fn()
-    return r, time.perf_counter() - t0
-
-
-def run_split(engine, loader, prepare) -> dict:
-    """Early exit and the deepest exit alone over a whole split, batch by batch, side by side, in one engine.
-
-    Each batch is run by both (alternating which goes first) and only the model calls are timed, so
-    data loading does not dilute the ratio. The first batch is also run once untimed (warm-up).
-    """
-    exit_all, right_all, deep_right = [], [], 0
-    t_ee = t_deep = 0.0
-    with torch.no_grad():
-        for i, (x, y) in enumerate(loader):
-            x = prepare(x, train=False).contiguous()
-            if i == 0:
-                engine.early_exit(x), engine.deepest(x)
-            if i % 2:
-                zd, dt_d = _timed(partial(engine.deepest, x))
-                (z, e), dt_e = _timed(partial(engine.early_exit, x))
-            else:
-                (z, e), dt_e = _timed(partial(engine.early_exit, x))
-                zd, dt_d = _timed(partial(engine.deepest, x))
-            t_ee, t_deep = t_ee + dt_e, t_deep + dt_d
-            exit_all.append(e)
-            right_all.append(z.argmax(1) == y)
-            deep_right += int((zd.argmax(1) == y).sum())
-    if not exit_all:
-        raise SdtoolError("the evaluation split is empty")
-    return {
-        "exit_at": torch.cat(exit_all),
-        "right": torch.cat(right_all),
-        "deepest_right": deep_right,
-        "early_exit_s": t_ee,
-        "deepest_s": t_deep,
-    }
-
-
-def time_batch1(engine, xs: torch.Tensor, repeats: int = 3, warmup: int = 3) -> dict:
-    """Per-image latency at batch 1 over the images `xs` (prepared, (M, C, H, W), CPU): early exit vs the
-    deepest exit alone in one engine, interleaved image by image; the median over `repeats` passes."""
-    ones = [xs[j : j + 1].contiguous() for j in range(len(xs))]
-    with torch.no_grad():
-        for x in ones[:warmup]:
-            engine.early_exit(x)
-            engine.deepest(x)
-        tot_e, tot_d = [], []
-        for _ in range(repeats):
-            te = td = 0.0
-            for x in ones:
-                te += _timed(partial(engine.early_exit, x))[1]
-                td += _timed(partial(engine.deepest, x))[1]
-            tot_e.append(te)
-            tot_d.append(td)
-    e, d = statistics.median(tot_e), statistics.median(tot_d)
-    return {
-        "images": len(ones),
-        "repeats": repeats,
-        "early_exit_ms_per_image": 1000 * e / len(ones),
-        "deepest_ms_per_image": 1000 * d / len(ones),
-        "speedup": d / e,
-    }
+    allow_other_data: bool = False
 
 
 def eval_early_exit(
@@ -147,14 +83,17 @@ def eval_early_exit(
     fit: FitOptions | None = None,
     out: str | None = None,
     quiet: bool = False,
+    progress: bool = True,
 ) -> dict:
     """`sdtool eval --early-exit`: see docs/early-exit.md for the options and the JSON it returns.
 
     run: what to run and how (default RunOptions()); fit: how thresholds are chosen (default: the
-    checkpoint's stored ones); out: write the checkpoint with the fitted thresholds there. The timings
-    compare early exit with the deepest exit alone in `run.engine`.
+    checkpoint's stored ones); out: write the checkpoint with the fitted thresholds there; quiet: no
+    log lines on stderr; progress: progress bars on stderr (only when it is a terminal; not silenced by
+    `quiet`). The timings compare early exit with the deepest exit alone in `run.engine`.
     """
     from sdtool import checkpoint, report
+    from sdtool.checkpoint_data import checkpoint_data
     from sdtool.device import resolve_device
     from sdtool.profile import exit_costs
 
@@ -171,11 +110,11 @@ def eval_early_exit(
     model = ckpt.model
     if model.num_exits < 2:
         raise SdtoolError(f"{path} has a single exit; early exit needs a multi-exit model")
-    cfg, bundle = ckpt.data(run.data, run.overrides, run.split)
+    cfg, bundle = checkpoint_data(ckpt, run.data, run.overrides, run.split, allow_other_data=run.allow_other_data)
     costs = exit_costs(model, (bundle.input_size, bundle.input_size))
     bs = run.batch_size or cfg.eval_batch_size
     eng = _engine(run, model, bundle.input_size, dev, ckpt.meta.ensemble)
-    ctx = ExitContext(cfg, bundle, dev, bs, costs, eng, log)
+    ctx = ExitContext(cfg, bundle, dev, bs, costs, eng, log, progress)
     choice = choose_policy(path, ckpt, fit, ctx)
     if fit.fit and run.split == "val":
         choice.warnings.append(
@@ -228,7 +167,7 @@ def _engine(run: RunOptions, model: MultiExitNet, size: int, dev: torch.device, 
 
     if dev.type == "cpu":
         return make_engine(run.engine, model, size, None, run.threads, ensemble)
-    return _DeviceTorchEngine(model, dev)
+    return DeviceTorchEngine(model, dev)
 
 
 @dataclass
@@ -251,17 +190,18 @@ def _measure(eng: InferenceEngine, ctx: ExitContext, run: RunOptions, choice: Po
     times = (choice.fit or {}).get("piece_times")
     if times is None and eng.times_pieces:
         ctx.log(f"timing each exit's stages and head ({run.engine}, batch {bs})")
-        times = eng.piece_times(bundle.input_size, bs)
+        times = eng.piece_times(bundle.input_size, bs, progress=ctx.progress)
 
     ctx.log(f"early exit on the {run.split} split ({run.engine}), timed against the deepest exit alone")
     ds = getattr(bundle, run.split)
     prepare = (lambda x, train: bundle.prepare(x.to(dev), train=train)) if dev.type != "cpu" else bundle.prepare
-    split = run_split(eng, bundle.loader(run.split, bs, shuffle=False, seed=0, workers=ctx.cfg.workers), prepare)
+    loader = bundle.loader(run.split, bs, shuffle=False, seed=0, workers=ctx.cfg.workers)
+    split = run_split(eng, loader, prepare, ctx.progress)
     b1 = None
     if run.latency_images > 0:
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[: run.latency_images].tolist()
         xs = prepare(torch.stack([ds[i][0] for i in idx]), train=False)
-        b1 = time_batch1(eng, xs, repeats=run.repeats)
+        b1 = time_batch1(eng, xs, repeats=run.repeats, progress=ctx.progress)
     return _Measured(split, b1, bs, dev, eng.settings, times)
 
 
@@ -274,38 +214,6 @@ def _write_fitted(ckpt: Checkpoint, choice: PolicyChoice, rep: dict, started: st
     ckpt.derive(
         "eval --early-exit --fit-thresholds", step_metrics=metrics, started=started, thresholds=thresholds
     ).save(out)
-
-
-class _DeviceTorchEngine:
-    """Eager PyTorch on an accelerator (the unfolded model, synchronised around each call for timing)."""
-
-    name = "torch"
-    times_pieces = False  # accelerator timings of single pieces are not what the fit's costs assume
-
-    def __init__(self, model: MultiExitNet, dev: torch.device):
-        self.model, self.dev = model, dev
-        self.policy: ExitPolicy | None = None
-        self.settings = {"engine": "torch", "torch": torch.__version__, "device": str(dev), "batchnorm_folded": False}
-
-    def set_policy(self, policy: ExitPolicy) -> None:
-        self.policy = policy
-
-    def piece_times(self, size: int, batch: int, warmup: int = 2, repeats: int = 5) -> dict:
-        raise SdtoolError("--cost latency measures times on the CPU engines; add --device cpu")
-
-    def early_exit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.policy is not None, "set_policy first"
-        _sync(self.dev)  # the batch's own preparation is not billed to this call
-        r = early_exit_forward(self.model, x, self.policy)
-        _sync(self.dev)
-        return r[0].cpu(), r[1].cpu()
-
-    def deepest(self, x: torch.Tensor) -> torch.Tensor:
-        _sync(self.dev)
-        with torch.no_grad():
-            z = self.model.forward_until(x, self.model.num_exits - 1)
-        _sync(self.dev)
-        return z.cpu()
 
 
 def _exit_rows(pol: ExitPolicy, leave: list, exit_at: torch.Tensor, right: torch.Tensor) -> list[dict]:
@@ -381,6 +289,9 @@ def _report(path: str, split: str, data_name: str, pol: ExitPolicy, costs: dict,
         "engine": m.settings["engine"],
         "wall_clock_speedup": {
             "batch_1": m.batch_1["speedup"] if m.batch_1 else None,
+            # the range of the per-pass speed-ups (sdtool.timing); batch N is one pass over the split
+            "batch_1_min": m.batch_1["speedup_min"] if m.batch_1 else None,
+            "batch_1_max": m.batch_1["speedup_max"] if m.batch_1 else None,
             "batch_n": timing["batch_n"]["speedup"],
         },
         "timing": timing,

@@ -81,7 +81,7 @@ class ExitContext:
     """What choosing (and running) early exit on a checkpoint's data needs besides the options: the data
     (`cfg`, `bundle`; a fit uses its validation split), the device and batch size of its passes, the
     exits' costs (profile.exit_costs), the engine that runs and times it (it measures the piece times of
-    `--cost latency`; only CPU engines can), and where progress goes."""
+    `--cost latency`; only CPU engines can), where log lines go, and whether progress bars are shown."""
 
     cfg: DataConfig
     bundle: DataBundle
@@ -90,6 +90,7 @@ class ExitContext:
     costs: dict
     engine: InferenceEngine | None = None
     log: Callable[[str], None] = _quiet
+    progress: bool = True
 
 
 @dataclass
@@ -191,15 +192,16 @@ def _fit_policy(path: str, ckpt: Checkpoint, opts: FitOptions, ctx: ExitContext)
     pol_name, fb = opts.policy or "max_softmax", opts.fallback or "deepest"
     n_val = len(cast("Sized", bundle.val))  # torch's Dataset declares no __len__; sdtool's data sets all have one
     ctx.log(f"fitting thresholds on the validation split ({n_val} images)")
+    loader = bundle.loader("val", bs, shuffle=False, seed=0, workers=cfg.workers)
     logits, y = collect_logits(
-        ckpt.model, bundle.loader("val", bs, shuffle=False, seed=0, workers=cfg.workers), bundle.prepare, ctx.device
+        ckpt.model, loader, bundle.prepare, ctx.device, progress=ctx.progress, label="scoring val split"
     )
     times = None
     if opts.cost == "latency":
         if ctx.engine is None or not ctx.engine.times_pieces:
             raise SdtoolError("--cost latency measures times on the CPU engines; add --device cpu")
         ctx.log(f"timing each exit's stages and head ({ctx.engine.name}, batch {bs})")
-        times = ctx.engine.piece_times(bundle.input_size, bs)
+        times = ctx.engine.piece_times(bundle.input_size, bs, progress=ctx.progress)
     table = th.make_table(logits, y, ctx.costs, pol_name, fb, ens, times=times, cost=opts.cost)
     context, warnings = _split_info(ckpt.meta, bundle, cfg)
     fit_rep = {**th.fit(table, pol_name, max_drop=opts.max_drop, budget=opts.budget), **context}
@@ -212,7 +214,7 @@ def _fit_policy(path: str, ckpt: Checkpoint, opts: FitOptions, ctx: ExitContext)
         sw = th.sweep(table, pol_name)
         keys = ("values", "top1", "macs_fraction", "objective", "max_drop", "budget")
         sw["chosen"] = {k: fit_rep[k] for k in keys}
-        sweep_rep = {"dir": str(opts.sweep_out), "files": list(report_exit.SWEEP_FILES)}
+        sweep_rep = report_exit.sweep_report(opts.sweep_out)
     return PolicyChoice(ExitPolicy(pol_name, fit_rep["values"], fb, ens), fit_rep, sweep_rep, warnings, sw)
 
 

@@ -20,20 +20,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import statistics
-import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
 import torch
 from torch import nn
 
 from sdtool.errors import SdtoolError
+
+# The timing moved to sdtool.timing; its names stay importable from here.
+from sdtool.timing import measure_latency, measure_latency_ort, median_seconds, sync
+
+__all__ = [
+    "ProfileOptions",
+    "exit_costs",
+    "measure_latency",
+    "measure_latency_ort",
+    "median_seconds",
+    "module_macs",
+    "profile",
+    "sync",
+]
 
 if TYPE_CHECKING:
     from sdtool.models.multi_exit import MultiExitNet
@@ -138,83 +147,6 @@ def exit_costs(model: MultiExitNet, input_size: tuple[int, int]) -> dict:
     }
 
 
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so a timer measures it (a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall-clock seconds of `fn()` over `repeats` runs after `warmup` untimed ones (synchronised on CUDA)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-@torch.no_grad()
-def _peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Peak CUDA memory allocated during one call (weights included); None off CUDA, where torch
-    offers no allocator statistics and process RSS would mostly measure the Python heap."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return int(torch.cuda.max_memory_allocated(device))
-
-
-def measure_latency(
-    model: MultiExitNet,
-    input_size: tuple[int, int],
-    batch: int,
-    device: torch.device,
-    warmup: int = 3,
-    repeats: int = 10,
-) -> dict:
-    """Median latency (ms) of each exit alone (`forward_until`) and of the full net, at batch 1 and `batch`.
-
-    Returns {"device", "threads", "warmup", "repeats", "statistic": "median", "batch_sizes",
-    "exits": [{"exit", "latency_ms": {"1": ..., "N": ...}, "peak_memory_bytes"}], "full": {...}}.
-    """
-    model.eval()
-    sizes = sorted({1, batch})
-    inputs = {b: torch.randn(b, 3, *input_size, generator=torch.Generator().manual_seed(0)).to(device) for b in sizes}
-    runs: list[tuple[str, Callable[[torch.Tensor], object]]] = [
-        (f"exit {k + 1}", partial(model.forward_until, k=k)) for k in range(model.num_exits)
-    ]
-    runs.append(("full", model))
-    rows = []
-    for name, fn in runs:
-        lat = {str(b): 1000 * median_seconds(partial(fn, inputs[b]), device, warmup, repeats) for b in sizes}
-        rows.append(
-            {"name": name, "latency_ms": lat, "peak_memory_bytes": _peak_bytes(partial(fn, inputs[batch]), device)}
-        )
-    return {
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "warmup": warmup,
-        "repeats": repeats,
-        "statistic": "median",
-        "batch_sizes": sizes,
-        "peak_memory": (
-            f"CUDA max_memory_allocated at batch {batch}, weights included"
-            if device.type == "cuda"
-            else "not measured on CPU (no allocator statistics)"
-        ),
-        "exits": rows[:-1],
-        "full": rows[-1],
-    }
-
-
 def _recipe_model(path: str, overrides: list[str] | None) -> tuple[MultiExitNet, int, str]:
     """Model from a recipe, built as training builds it: (model, input side, where num_classes came from)."""
     from sdtool.models import create_model
@@ -252,52 +184,6 @@ def _data_info(cfg) -> tuple[int, int | None, str]:
         return 10, None, f"assumed 10 (data set {cfg.name} not readable here; set model.num_classes)"
 
 
-def measure_latency_ort(
-    model: MultiExitNet,
-    input_size: tuple[int, int],
-    batch: int,
-    threads: int | None = None,
-    warmup: int = 3,
-    repeats: int = 10,
-) -> dict:
-    """As `measure_latency`, in ONNX Runtime: each exit alone and the full net as graphs cut from one
-    export (sdtool.onnx_graphs), every session with the bundle runtime's settings."""
-    from sdtool import runtime
-    from sdtool.onnx_graphs import model_pieces
-
-    if input_size[0] != input_size[1]:
-        raise SdtoolError("--engine onnxruntime profiles square inputs; give --input-size S S")
-    side = input_size[0]
-    pieces = model_pieces(model.cpu().eval(), side)
-    so, settings = runtime.session_options(threads)
-    sizes = sorted({1, batch})
-    rng = np.random.default_rng(0)
-    inputs = {b: rng.standard_normal((b, 3, side, side)).astype(np.float32) for b in sizes}
-    k_all = model.num_exits
-    names = [(f"exit {k + 1}", "deepest" if k == k_all - 1 else f"alone{k + 1}") for k in range(k_all)]
-    rows = []
-    for label, piece in names + [("full", "full")]:
-        sess = runtime.make_session(pieces.graphs[piece], so, piece)
-        lat = {
-            str(b): 1000
-            * median_seconds(partial(sess.run, None, {"input": inputs[b]}), torch.device("cpu"), warmup, repeats)
-            for b in sizes
-        }
-        rows.append({"name": label, "latency_ms": lat, "peak_memory_bytes": None})
-    return {
-        "device": "cpu",
-        "engine": settings,
-        "threads": settings["intra_op_threads"],
-        "warmup": warmup,
-        "repeats": repeats,
-        "statistic": "median",
-        "batch_sizes": sizes,
-        "peak_memory": "not measured on CPU",
-        "exits": rows[:-1],
-        "full": rows[-1],
-    }
-
-
 @dataclass
 class ProfileOptions:
     """How `profile` measures (the defaults are the CLI's).
@@ -306,7 +192,8 @@ class ProfileOptions:
     (batch 1 is always measured); device: where torch latency runs; latency: False counts parameters
     and MACs only; warmup, repeats: untimed runs, then timed ones (the median is reported); threads:
     torch's or ONNX Runtime's thread count (None = their default); overrides: `--set` values, for a
-    recipe only; engine: torch (eager; the model as it is) or onnxruntime (its graphs, on the CPU).
+    recipe only; engine: torch (eager; the model as it is) or onnxruntime (its graphs, on the CPU);
+    progress: a progress bar on stderr while timing (shown only when stderr is a terminal).
     """
 
     input_size: tuple[int, int] | None = None
@@ -318,13 +205,14 @@ class ProfileOptions:
     threads: int | None = None
     overrides: list[str] | None = None
     engine: str = "torch"
+    progress: bool = True
 
     def check(self) -> None:
         """Refuse bad counts, an unknown engine or a bad thread count, before any model is built."""
         from sdtool.engines import check_engine
 
         if self.batch < 1 or self.repeats < 1 or self.warmup < 0:
-            raise SdtoolError("--batch and --repeats must be at least 1 and --warmup at least 0")
+            raise SdtoolError("--batch-size and --repeats must be at least 1 and --warmup at least 0")
         check_engine(self.engine)
         if self.threads is not None and self.threads < 1:
             raise SdtoolError(f"--threads must be at least 1, got {self.threads}")
@@ -376,9 +264,9 @@ def _latency(model: MultiExitNet, size: tuple[int, int], opts: ProfileOptions) -
     if opts.engine == "onnxruntime":
         if opts.device not in ("cpu", "auto"):
             raise SdtoolError("--engine onnxruntime runs on the CPU; drop --device or use --device cpu")
-        return measure_latency_ort(model, size, opts.batch, opts.threads, opts.warmup, opts.repeats)
+        return measure_latency_ort(model, size, opts.batch, opts.threads, opts.warmup, opts.repeats, opts.progress)
     dev = resolve_device(opts.device)
-    lat = measure_latency(model.to(dev), size, opts.batch, dev, opts.warmup, opts.repeats)
+    lat = measure_latency(model.to(dev), size, opts.batch, dev, opts.warmup, opts.repeats, opts.progress)
     lat["engine"] = {
         "engine": "torch",
         "torch": torch.__version__,

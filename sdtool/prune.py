@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,11 +78,16 @@ def prune_checkpoint(
     data: str | None = None,
     overrides: list[str] | None = None,
     device: str = "auto",
+    *,
+    allow_other_data: bool = False,
+    progress: bool = True,
 ) -> dict:
     """`sdtool prune`: prune the checkpoint at `path` and write the pruned one to `out` (atomically).
 
-    Nothing is written unless every step succeeds, and nothing is printed: a failure is one line.
-    Returns the report (see docs/pruning.md).
+    Nothing is written unless every step succeeds, and nothing is printed but progress bars on stderr
+    (`progress`; only when stderr is a terminal): a failure is one line. `allow_other_data`: use a data
+    set other than the one the checkpoint was trained on (else refused). Returns the report (see
+    docs/pruning.md).
     """
     from sdtool import checkpoint
     from sdtool.profile import exit_costs
@@ -92,14 +97,16 @@ def prune_checkpoint(
     _check_out(path, out)
     ckpt = checkpoint.load_checkpoint(path)
     started, size = checkpoint.now(), ckpt.meta.input_size
-    batches, ev = _data_for_pruning(ckpt, opts, evaluate, data, overrides, device)
+    batches, ev = _data_for_pruning(
+        ckpt, opts, evaluate, _DataArgs(data, overrides, allow_other_data), device, progress
+    )
 
     with _threads(1):
         before = exit_costs(ckpt.model, (size, size))
     acc_before = ev(ckpt.model) if ev else None
     t0 = time.perf_counter()
     loss = taylor_loss(ckpt.meta, ckpt.model.num_exits) if batches else None
-    pruned, info = prune_model(ckpt.model, opts, size, batches, loss)
+    pruned, info = prune_model(ckpt.model, opts, size, batches, loss, progress=progress)
     seconds = time.perf_counter() - t0
     with _threads(1):
         after = exit_costs(pruned, (size, size))
@@ -152,18 +159,31 @@ def _check_out(path: Path, out: Path) -> None:
     check_file(out, "--out", need_bytes=source_size(path))
 
 
+@dataclass(frozen=True)
+class _DataArgs:
+    """The data options of `prune_checkpoint`, as given."""
+
+    data: str | None
+    overrides: list[str] | None
+    allow_other_data: bool
+
+
 def _data_for_pruning(
-    ckpt: Checkpoint, opts: PruneOptions, evaluate: bool, data: str | None, overrides: list[str] | None, device: str
+    ckpt: Checkpoint, opts: PruneOptions, evaluate: bool, d: _DataArgs, device: str, progress: bool
 ) -> tuple[list | None, _Evaluator | None]:
     """taylor's gradient batches (training split) and the test-set evaluator for --eval, when asked for."""
+    from sdtool.checkpoint_data import checkpoint_data
+
     if opts.criterion != "taylor" and not evaluate:
         return None, None
-    cfg, bundle = ckpt.data(data, overrides, "test", train=opts.criterion == "taylor")
+    cfg, bundle = checkpoint_data(
+        ckpt, d.data, d.overrides, "test", train=opts.criterion == "taylor", allow_other_data=d.allow_other_data
+    )
     batches = None
     if opts.criterion == "taylor":
         loader = bundle.loader("train", cfg.batch_size, shuffle=True, seed=opts.seed, workers=cfg.workers)
         batches = _first_batches(loader, bundle.prepare, opts.taylor_batches)
-    return batches, (_Evaluator(bundle, cfg, ckpt.meta.ensemble, device) if evaluate else None)
+    return batches, (_Evaluator(bundle, cfg, ckpt.meta.ensemble, device, progress) if evaluate else None)
 
 
 def _brief(costs: dict, acc: dict | None) -> dict:
@@ -181,16 +201,19 @@ def _brief(costs: dict, acc: dict | None) -> dict:
 class _Evaluator:
     """Test accuracy per exit of a model, before and after pruning (on the device asked for)."""
 
-    def __init__(self, bundle, cfg, ensemble: str, device: str):
+    def __init__(self, bundle, cfg, ensemble: str, device: str, progress: bool = True):
         from sdtool.device import resolve_device
 
         self.dev, self.bundle, self.ensemble, self.data = resolve_device(device), bundle, ensemble, cfg.name
+        self.progress = progress
         self.loader = bundle.loader("test", cfg.eval_batch_size, shuffle=False, seed=0, workers=cfg.workers)
 
     def __call__(self, model: nn.Module) -> dict:
         from sdtool.evaluate import evaluate
 
         try:
-            return evaluate(model.to(self.dev), self.loader, self.bundle.prepare, self.dev, self.ensemble)
+            return evaluate(
+                model.to(self.dev), self.loader, self.bundle.prepare, self.dev, self.ensemble, progress=self.progress
+            )
         finally:
             model.to("cpu")

@@ -18,6 +18,7 @@ from torch import nn
 from sdtool.errors import SdtoolError
 from sdtool.models.common import FixedWidth
 from sdtool.models.multi_exit import MultiExitNet
+from sdtool.progress import progress as bar
 from sdtool.prune_options import PruneOptions
 from sdtool.prune_rules import TieBreak, custom_pruners, make_importance
 
@@ -96,7 +97,7 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
-def _taylor_grads(model: nn.Module, batches: list, loss_fn: Callable, threads: int) -> None:
+def _taylor_grads(model: nn.Module, batches: list, loss_fn: Callable, threads: int, progress: bool = True) -> None:
     """Accumulate the loss gradient over `batches` into .grad (BN in eval mode: statistics untouched).
 
     Every parameter gets a .grad (zeros where the loss does not reach), because Torch-Pruning's
@@ -104,11 +105,13 @@ def _taylor_grads(model: nn.Module, batches: list, loss_fn: Callable, threads: i
     """
     model.eval()
     model.zero_grad(set_to_none=True)
-    with torch.enable_grad(), _threads(threads):  # real batches: the caller's threads pay off here
+    # real batches: the caller's threads pay off here
+    with torch.enable_grad(), _threads(threads), bar("taylor gradients (batches)", len(batches), progress) as b:
         for x, y in batches:
             logits, feats = model(x)
             loss = loss_fn(logits, feats, y)
             (loss / len(batches)).backward()
+            b.advance()
     for p in model.parameters():
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -125,6 +128,7 @@ def prune_once(
     ignored: list[str] | None = None,
     threads: int | None = None,
     grads: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
 ) -> MultiExitNet:
     """Prune `model` in place with channel ratio `ratio` (in `opts.iterative_steps` steps); returns it.
 
@@ -132,6 +136,7 @@ def prune_once(
     threads for taylor's gradient batches (default: the current setting); the rest uses one.
     grads: taylor, the gradients of this (unpruned) model by parameter name, reused for the first
     step instead of running the batches again (the target search prunes many copies of one model).
+    progress: a bar on stderr over the iterative steps (sdtool.progress: only on a terminal).
     """
     if opts.criterion == "taylor" and (not batches or loss_fn is None):
         raise SdtoolError(
@@ -156,14 +161,16 @@ def prune_once(
             output_transform=_logits,
             customized_pruners=custom_pruners(),
         )
-        for step in range(opts.iterative_steps):
-            if opts.criterion == "taylor" and step == 0 and grads is not None:
-                for n, p in model.named_parameters():  # the unpruned network's, computed once
-                    p.grad = grads[n].clone()
-            elif opts.criterion == "taylor":  # gradients of the current (partly pruned) network
-                assert batches and loss_fn is not None  # checked above
-                _taylor_grads(model, batches, loss_fn, threads)
-            pruner.step()
+        with bar(f"ratio {ratio:.4f} (steps)", opts.iterative_steps, progress) as b:
+            for step in range(opts.iterative_steps):
+                if opts.criterion == "taylor" and step == 0 and grads is not None:
+                    for n, p in model.named_parameters():  # the unpruned network's, computed once
+                        p.grad = grads[n].clone()
+                elif opts.criterion == "taylor":  # gradients of the current (partly pruned) network
+                    assert batches and loss_fn is not None  # checked above
+                    _taylor_grads(model, batches, loss_fn, threads, progress)
+                pruner.step()
+                b.advance()
     model.zero_grad(set_to_none=True)
     return model.eval()
 
@@ -193,11 +200,14 @@ def prune_model(
     batches: list | None = None,
     loss_fn: Callable | None = None,
     log: Callable[[str], None] = lambda s: None,
+    progress: bool = True,
 ) -> tuple[MultiExitNet, dict]:
     """Prune a copy of `model` per `opts` (the original keeps its weights; it is put in eval mode).
 
-    size: square input side. batches: [(x, y)] prepared inputs for taylor. Returns (pruned model in eval
-    mode, info) with info = {"ratio", "macs_before", "macs_after", "macs_fraction", "search": [...]}.
+    size: square input side. batches: [(x, y)] prepared inputs for taylor. progress: bars on stderr
+    (pruning runs of the target search, steps, taylor batches; sdtool.progress: only on a terminal).
+    Returns (pruned model in eval mode, info) with info = {"ratio", "macs_before", "macs_after",
+    "macs_fraction", "search": [...]}.
     """
     opts.check()
     caller_threads = torch.get_num_threads()  # for taylor's batches; the rest runs on one thread
@@ -211,23 +221,21 @@ def prune_model(
         grads = None
         if opts.criterion == "taylor" and batches and loss_fn is not None:
             scratch = copy.deepcopy(model)
-            _taylor_grads(scratch, batches, loss_fn, caller_threads)
+            _taylor_grads(scratch, batches, loss_fn, caller_threads, progress)
             grads = {n: p.grad for n, p in scratch.named_parameters() if p.grad is not None}
 
         def probe(r: float) -> tuple[MultiExitNet, float]:
             m = copy.deepcopy(model)
-            m = prune_once(m, example, opts, r, batches, loss_fn, ignored=ignored, threads=caller_threads, grads=grads)
+            m = prune_once(
+                m, example, opts, r, batches, loss_fn, ignored=ignored, threads=caller_threads, grads=grads,
+                progress=progress,
+            )  # fmt: skip
             f = full_macs(m, size) / base
             search.append({"ratio": round(r, 6), "macs_fraction": f})
             log(f"ratio {r:.4f}: {100 * f:.2f}% of the MACs")
             return m, f
 
-        if opts.ratio is not None:
-            pruned, frac = probe(opts.ratio)
-            ratio = opts.ratio
-        else:
-            assert opts.target_macs is not None  # opts.check: exactly one of ratio and target_macs
-            pruned, ratio, frac = _bisect(probe, opts.target_macs, r_max, opts.protect_exits)
+        pruned, ratio, frac = _run_probes(probe, opts, r_max, progress)
         check_pruned(pruned, example, num_classes)
         info = {
             "ratio": ratio,
@@ -237,6 +245,27 @@ def prune_model(
             "search": search,
         }
         return pruned, info
+
+
+def _run_probes(
+    probe: Callable[[float], tuple[MultiExitNet, float]], opts: PruneOptions, r_max: float, progress: bool
+) -> tuple[MultiExitNet, float, float]:
+    """One pruning run at `opts.ratio`, or the search for `opts.target_macs` (a bar counts the runs:
+    the search needs at most 24, usually far fewer, so the bar shows no total)."""
+    total = 1 if opts.ratio is not None else None
+    what = "pruning" if opts.ratio is not None else f"ratio search, {opts.target_macs} of MACs"
+    with bar(f"{what} (runs)", total, progress) as b:
+
+        def counted(r: float) -> tuple[MultiExitNet, float]:
+            out = probe(r)
+            b.advance()
+            return out
+
+        if opts.ratio is not None:
+            pruned, frac = counted(opts.ratio)
+            return pruned, opts.ratio, frac
+        assert opts.target_macs is not None  # opts.check: exactly one of ratio and target_macs
+        return _bisect(counted, opts.target_macs, r_max, opts.protect_exits)
 
 
 def _bisect(
@@ -282,6 +311,6 @@ def _bisect(
         )
     raise SdtoolError(
         f"--target-macs {target} could not be reached within {100 * TOLERANCE:.0f}%: the closest "
-        f"is {f:.3f} (ratio {r:.3f}); channel counts move in steps here; try --global, a smaller "
+        f"is {f:.3f} (ratio {r:.3f}); channel counts move in steps here; try --global-pruning, a smaller "
         "--round-to or a nearby target"
     )

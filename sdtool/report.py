@@ -1,20 +1,22 @@
 """All output formatting: rich tables and progress on the terminal, JSON for machines.
 
-Progress and logs go to stderr so that `--json` output on stdout stays machine-readable.
+Progress (sdtool.progress) and logs go to stderr so that `--json` output on stdout stays machine-readable;
+`quiet` (what --json sets) silences the logs, not the progress bars.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from sdtool.progress import epoch_progress, progress  # noqa: F401 - the bars' home is sdtool.progress
+from sdtool.timing import by_batch, fmt_range
 
 if TYPE_CHECKING:
     from rich.console import JustifyMethod
@@ -40,35 +42,6 @@ def make_logger(quiet: bool) -> Callable[..., None]:
             err.print(table)
 
     return log
-
-
-class _Bar:
-    def __init__(self, progress: Progress | None, task):
-        self.progress, self.task = progress, task
-
-    def update(self, done: int, loss: float, acc: float, ips: float) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=done, loss=loss, acc=acc, ips=ips)
-
-
-@contextlib.contextmanager
-def epoch_progress(epoch: int, epochs: int, steps: int, quiet: bool) -> Iterator[_Bar]:
-    if quiet:
-        yield _Bar(None, None)
-        return
-    progress = Progress(
-        TextColumn(f"epoch {epoch + 1}/{epochs}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2f}%  {task.fields[ips]:.0f} img/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    )
-    with progress:
-        task = progress.add_task("train", total=steps, loss=0.0, acc=0.0, ips=0.0)
-        yield _Bar(progress, task)
 
 
 @dataclass(frozen=True)
@@ -210,7 +183,7 @@ def profile_view(rep: dict) -> None:
 
     def lat_cells(name: str) -> list[str]:
         r = by_name.get(name)
-        return [f"{r['latency_ms'][b]:.2f}" for b in sizes] if r else []
+        return [fmt_range(by_batch(r, "latency_ms", b), "latency_ms") for b in sizes] if r else []
 
     for e in rep["exits"]:
         table.add_row(
@@ -257,7 +230,8 @@ def profile_view(rep: dict) -> None:
             else f"; peak memory {lat['peak_memory']}"
         )
         out.print(
-            f"latency: median of {lat['repeats']} runs after {lat['warmup']} warm-up, device {lat['device']}, "
+            f"latency: median (fastest–slowest) of {lat['repeats']} runs after {lat['warmup']} warm-up, "
+            f"device {lat['device']}, "
             f"{lat['threads']} {(lat.get('engine') or {}).get('engine', 'torch')} threads{mem}",
             highlight=False,
         )

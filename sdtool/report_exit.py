@@ -11,6 +11,7 @@ import json
 from rich.table import Table
 
 from sdtool.report import err, fmt_macs, out
+from sdtool.timing import fmt_range
 
 
 def early_exit_view(rep: dict) -> None:
@@ -48,12 +49,7 @@ def early_exit_view(rep: dict) -> None:
         f"wall-clock speed-up vs the deepest exit alone ({rep.get('engine', 'torch')}, {t['device']}, "
         f"{t['threads']} threads): "
         f"batch {t['batch_n']['batch_size']}: {s['batch_n']:.2f}x"
-        + (
-            f", batch 1: {s['batch_1']:.2f}x ({t['batch_1']['early_exit_ms_per_image']:.2f} vs "
-            f"{t['batch_1']['deepest_ms_per_image']:.2f} ms/image, {t['batch_1']['images']} images)"
-            if s.get("batch_1") is not None
-            else ""
-        ),
+        + (_batch1_line(t["batch_1"]) if s.get("batch_1") is not None else ""),
     ]
     f = rep.get("fit")
     if f:
@@ -81,26 +77,57 @@ def early_exit_view(rep: dict) -> None:
         err.print(f"warning: {w}", highlight=False)
 
 
+def _batch1_line(b1: dict) -> str:
+    """The batch-1 part of the speed-up line: median (fastest-slowest pass) of each figure."""
+    return (
+        f", batch 1: {fmt_range(b1, 'speedup', unit='x')} ({fmt_range(b1, 'early_exit_ms_per_image')} vs "
+        f"{fmt_range(b1, 'deepest_ms_per_image')} ms/image, median (range) of {b1['repeats']} passes over "
+        f"{b1['images']} images)"
+    )
+
+
 SWEEP_FILES = ["sweep.json", "sweep.csv", "sweep.png"]
+PNG = "sweep.png"
+_hinted = False  # PLOT_HINT is said once per process, however many sweeps are written
+
+
+def sweep_files() -> list[str]:
+    """The sweep files this process writes: sweep.png only where matplotlib is installed."""
+    from sdtool import plotting
+
+    return list(SWEEP_FILES) if plotting.pyplot() is not None else [f for f in SWEEP_FILES if f != PNG]
+
+
+def sweep_report(folder) -> dict:
+    """The report's "sweep" entry: its folder, its files and its picture (None without matplotlib)."""
+    files = sweep_files()
+    return {"dir": str(folder), "files": files, "png": PNG if PNG in files else None}
 
 
 def write_sweep(sweep: dict, folder) -> list[str]:
-    """The accuracy-vs-MACs sweep as sweep.json, sweep.csv and sweep.png (matplotlib, Agg) in `folder`,
-    all three or none (written under temporary names, then renamed)."""
+    """The accuracy-vs-MACs sweep as sweep.json, sweep.csv and sweep.png (matplotlib, Agg; left out with
+    a warning when it is missing) in `folder`, all of them or none (written under temporary names, then
+    renamed)."""
     from sdtool.outputs import staged_write
 
-    return staged_write(lambda st: stage_sweep(sweep, folder, st), lambda: list(SWEEP_FILES))
+    written: list[str] = []
+    staged_write(lambda st: written.extend(stage_sweep(sweep, folder, st)), lambda: None)
+    return written
 
 
 def stage_sweep(sweep: dict, folder, st) -> list[str]:
     """Write the sweep files under temporary names into `st` (a sdtool.outputs.Staged); `st.commit()`
-    puts them in place. A failed write names the file and leaves nothing (the caller aborts `st`)."""
+    puts them in place; returns their names. A failed write names the file and leaves nothing (the
+    caller aborts `st`). Without matplotlib there is no sweep.png, and a warning says so once."""
     from pathlib import Path
 
+    from sdtool import plotting
     from sdtool.outputs import write_error
 
+    plt = plotting.pyplot()
+    files = [f for f in SWEEP_FILES if plt is not None or f != PNG]
     d = st.folder(Path(folder))
-    paths = {name: st.path(d / name) for name in SWEEP_FILES}
+    paths = {name: st.path(d / name) for name in files}
     name = ""
     try:
         name = "sweep.json"
@@ -108,11 +135,23 @@ def stage_sweep(sweep: dict, folder, st) -> list[str]:
         name = "sweep.csv"
         with open(paths[name], "w", newline="") as fh:
             _sweep_csv(sweep, fh)
-        name = "sweep.png"
-        _sweep_png(sweep, paths[name])
+        if plt is not None:
+            name = PNG
+            _sweep_png(plt, sweep, paths[name])
     except OSError as e:
         raise write_error(d / name, e) from None
-    return list(SWEEP_FILES)
+    if plt is None:
+        _hint_once()
+    return files
+
+
+def _hint_once() -> None:
+    global _hinted
+    from sdtool.plotting import PLOT_HINT
+
+    if not _hinted:
+        _hinted = True
+        err.print(f"warning: {PLOT_HINT}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _sweep_csv(sweep: dict, fh) -> None:
@@ -136,12 +175,8 @@ def _sweep_csv(sweep: dict, fh) -> None:
         wr.writerow([f"exit {p['exit']} alone", "", "", f"{p['top1']:.4f}", f"{p['macs_fraction']:.6f}"])
 
 
-def _sweep_png(sweep: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _sweep_png(plt, sweep: dict, path) -> None:
+    """Draw the sweep with `plt` (matplotlib.pyplot, from sdtool.plotting.pyplot())."""
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     for key, label, style in (("shared", "one shared threshold", "-"), ("fitted", "per-exit fit for a budget", "o-")):
         pts = sorted((p["macs_fraction"], p["top1"]) for p in sweep[key])

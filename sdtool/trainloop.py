@@ -233,7 +233,8 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     run.step_module.train()
     sums = _Sums.zero(run.device)
     t0 = time.perf_counter()
-    with report.epoch_progress(epoch, t.epochs, run.steps_per_epoch, run.quiet) as bar:
+    # Shown under --json too (stderr); only the first process of a distributed run draws it.
+    with report.epoch_progress(epoch, t.epochs, run.steps_per_epoch, not run.dist.is_main) as bar:
         for i, (x, y) in enumerate(run.train_loader):
             if i >= run.steps_per_epoch:
                 break

@@ -117,6 +117,11 @@ def test_bundle_files_manifest_and_check(bundle, ckpt):
     for s in m["steps"]:  # every graph hashed, MACs and measured latency per step
         assert runtime.sha256_bytes((out / s["file"]).read_bytes()) == s["sha256"]
         assert s["macs"]["leave"] > 0 and set(s["latency_ms_per_image"]) == {"1", "8"}
+        for t in s["latency_ms_per_image"].values():  # median with the fastest and slowest repeat
+            assert t["stages_min"] <= t["stages"] <= t["stages_max"] and t["head_min"] <= t["head"] <= t["head_max"]
+    for b in ("1", "8"):
+        lo, med, hi = (m[f"deepest_latency_ms_per_image{s}"][b] for s in ("_min", "", "_max"))
+        assert 0 < lo <= med <= hi
     assert rep["check"]["max_abs_diff"] <= 1e-4 and rep["check"]["same_exit_choices"] and rep["fit"]["n"] == 100
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
 

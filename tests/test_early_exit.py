@@ -140,6 +140,26 @@ def test_sweep_curve_is_consistent():
     assert s["shared"][-1]["top1"] == pytest.approx(s["deepest_top1"])
 
 
+def test_sweep_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """matplotlib is the `plot` extra: without it the JSON and CSV are written, the PNG is not, and a
+    warning says once how to get it."""
+    import sdtool.plotting
+    from sdtool import report_exit
+
+    monkeypatch.setattr(sdtool.plotting, "pyplot", lambda: None)
+    monkeypatch.setattr(report_exit, "_hinted", False)
+    sw = th.sweep(_synthetic_table(n=300), "max_softmax", n_budgets=3)
+    assert report_exit.write_sweep(sw, tmp_path / "a") == ["sweep.json", "sweep.csv"]
+    assert report_exit.write_sweep(sw, tmp_path / "b") == ["sweep.json", "sweep.csv"]
+    assert {p.name for p in (tmp_path / "a").iterdir()} == {"sweep.json", "sweep.csv"}
+    assert report_exit.sweep_report(tmp_path / "a") == {
+        "dir": str(tmp_path / "a"),
+        "files": ["sweep.json", "sweep.csv"],
+        "png": None,
+    }
+    assert capsys.readouterr().err.count(sdtool.plotting.PLOT_HINT) == 1
+
+
 # --- the CLI on a checkpoint of the built-in `fake` data --------------------------------------------
 
 
@@ -179,6 +199,10 @@ def test_cli_fit_writes_nothing_without_out(ckpt, tmp_path):
     t = rep["timing"]
     assert t["batch_n"]["batch_size"] == 64 and t["batch_1"]["images"] == 4 and t["threads"] >= 1
     assert rep["wall_clock_speedup"]["batch_1"] > 0 and rep["wall_clock_speedup"]["batch_n"] > 0
+    b1, s = t["batch_1"], rep["wall_clock_speedup"]
+    for key in ("early_exit_ms_per_image", "deepest_ms_per_image", "speedup"):  # median with its spread
+        assert 0 < b1[f"{key}_min"] <= b1[key] <= b1[f"{key}_max"]
+    assert (s["batch_1_min"], s["batch_1"], s["batch_1_max"]) == (b1["speedup_min"], b1["speedup"], b1["speedup_max"])
     assert any("fitted on" in w for w in rep["warnings"])  # reported on the fitting split
 
 
@@ -205,7 +229,7 @@ def test_cli_fit_out_then_reuse_stored_thresholds(ckpt, tmp_path):
     assert meta["lineage"][-1]["command"].startswith("eval --early-exit")
     assert meta["lineage"][-1]["parent_sha256"] == checkpoint.sha256(ckpt)
     assert {p.name for p in sweep.iterdir()} == {"sweep.json", "sweep.csv", "sweep.png"}
-    assert (sweep / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert (sweep / "sweep.png").read_bytes()[:4] == b"\x89PNG" and rep["sweep"]["png"] == "sweep.png"
     again = _eval(out, "--early-exit")  # stored thresholds, no fitting
     assert again["thresholds"] == thr["values"] and again["fit"] is None
     assert again["top1"] == pytest.approx(rep["top1"]) and again["expected_macs"] == pytest.approx(rep["expected_macs"])

@@ -57,6 +57,9 @@ def test_cli_profile_checkpoint_with_latency(tmp_path):
     assert lat["device"] == "cpu" and lat["exits"][0]["peak_memory_bytes"] is None  # not measured on CPU
     assert [r["name"] for r in lat["exits"]] == ["exit 1", "exit 2", "exit 3", "exit 4"]
     assert all(v > 0 for r in lat["exits"] + [lat["full"]] for v in r["latency_ms"].values())
+    for row in lat["exits"] + [lat["full"]]:  # the spread over the repeats: fastest <= median <= slowest
+        for b in ("1", "4"):
+            assert 0 < row["latency_ms_min"][b] <= row["latency_ms"][b] <= row["latency_ms_max"][b]
     r = runner.invoke(app, ["profile", str(ckpt), "--no-latency"])  # the table
     assert r.exit_code == 0 and "reference cost" in r.output
 

@@ -25,6 +25,9 @@ MANY_PARAMS = {
     # The pruning pass: model, input, options, ratio, taylor's batches and loss, and three precomputed
     # inputs the target search reuses across probes (keyword-only).
     ("sdtool/pruner.py", "prune_once"),
+    # `sdtool prune` as a library call: the command's options as given (checkpoint, out, options, --eval, --data,
+    # --set, --device), plus the keyword-only switches allow_other_data and progress.
+    ("sdtool/prune.py", "prune_checkpoint"),
 }
 
 
