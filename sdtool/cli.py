@@ -14,12 +14,26 @@ import typer
 
 from sdtool import __version__
 from sdtool.cli_eval import EVAL_EPILOG, EXPORT_EPILOG, eval_, export
-from sdtool.cli_options import DEVICE_HELP, Engine, EngineOpt, JsonOpt, SetOpt, ThreadsOpt
+from sdtool.cli_options import (
+    DeviceOpt,
+    Engine,
+    EngineOpt,
+    JsonOpt,
+    ProfileBatchSizeOpt,
+    ProfileSetOpt,
+    RecipeDeviceOpt,
+    RecipeThreadsOpt,
+    SetOpt,
+    ThreadsOpt,
+    default_out,
+    deprecated,
+)
 from sdtool.cli_prune import PRUNE_EPILOG, prune
+from sdtool.cli_report import REPORT_EPILOG, report_
 from sdtool.errors import SdtoolError
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
@@ -67,11 +81,36 @@ def _user_errors(fn):
     return wrapper
 
 
+# --out: every command that writes takes the place to write as --out, and requires it; the exceptions are
+# `eval` (it writes only with --fit-thresholds) and `train`/`distill --resume RUN_DIR`, which write into
+# RUN_DIR. train, distill and pipeline without --out still write to their old default folder, with a
+# warning, for one release.
+OutRunOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out", help="Run folder for checkpoints and metrics (required; not with --resume).", show_default=False
+    ),
+]
+
+
+def _recipe_overrides(set_: list[str] | None, device: str | None, threads: int | None) -> list[str] | None:
+    """--set plus --device and --threads as the recipe keys they stand for (so the run records them)."""
+    extra = ([f"train.device={device}"] if device is not None else []) + (
+        [f"train.threads={threads}"] if threads is not None else []
+    )
+    return [*(set_ or []), *extra] or None
+
+
+def _resume_out(resume: Path, out: Path | None) -> None:
+    if out is not None and out.resolve() != resume.resolve():
+        raise SdtoolError(f"--resume writes into {resume}; drop --out (or give --out {resume})")
+
+
 @app.command(epilog="Example: sdtool train recipes/quickstart.yaml --out runs/quickstart --set train.epochs=5")
 @_user_errors
 def train(
     recipe: Annotated[Path | None, typer.Argument(help="YAML recipe (see recipes/).", show_default=False)] = None,
-    out: Annotated[Path, typer.Option("--out", help="Run folder for checkpoints and metrics.")] = Path("runs/train"),
+    out: OutRunOpt = None,
     set_: SetOpt = None,
     init: Annotated[
         Path | None,
@@ -80,6 +119,8 @@ def train(
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Continue the run in this folder exactly where it stopped.")
     ] = None,
+    device: RecipeDeviceOpt = None,
+    threads: RecipeThreadsOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Train a network with self-distillation (or a baseline mode) from a recipe."""
@@ -89,13 +130,17 @@ def train(
 
     if resume is None and recipe is None:
         raise SdtoolError("give a RECIPE to train, or --resume RUN_DIR to continue a run")
-    if resume is not None and (recipe or set_ or init):
+    if resume is not None and (recipe or set_ or init or device or threads):
         raise SdtoolError(
-            "--resume continues a run exactly as it was set up; drop RECIPE, --set and --init "
-            "(to change the run, start a new one with --init RUN_DIR/last.safetensors)"
+            "--resume continues a run exactly as it was set up; drop RECIPE, --set, --init, --device and "
+            "--threads (to change the run, start a new one with --init RUN_DIR/last.safetensors)"
         )
-    r = load_recipe(recipe, set_) if resume is None else None
-    result = fit(r, out, init=str(init) if init else None, resume=resume, quiet=json_)
+    if resume is not None:
+        _resume_out(resume, out)
+        result = fit(None, None, init=None, resume=resume, quiet=json_)
+    else:
+        r = load_recipe(recipe, _recipe_overrides(set_, device, threads))
+        result = fit(r, default_out(out, "runs/train"), init=str(init) if init else None, resume=None, quiet=json_)
     if result.is_main:
         report.print_json(result.to_json()) if json_ else report.fit_summary(result)
 
@@ -146,7 +191,7 @@ def models(json_: JsonOpt = False) -> None:
 
 @app.command(
     epilog=(
-        "Example: sdtool profile runs/quickstart/best.safetensors --batch 64; sdtool "
+        "Example: sdtool profile runs/quickstart/best.safetensors --batch-size 64; sdtool "
         "profile recipes/quickstart.yaml --no-latency"
     )
 )
@@ -157,8 +202,8 @@ def profile(
         tuple[int, int] | None,
         typer.Option("--input-size", help="Input height and width (default: the checkpoint's or data set's)."),
     ] = None,
-    batch: Annotated[int, typer.Option("--batch", help="Batch size N for latency (batch 1 is always measured).")] = 32,
-    device: Annotated[str, typer.Option("--device", help=f"Device for latency: {DEVICE_HELP}.")] = "cpu",
+    batch_size: ProfileBatchSizeOpt = 32,
+    device: DeviceOpt = "auto",
     latency: Annotated[
         bool, typer.Option("--latency/--no-latency", help="Measure latency (MACs and parameters are always counted).")
     ] = True,
@@ -166,17 +211,24 @@ def profile(
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; the median is reported.")] = 10,
     threads: ThreadsOpt = None,
     engine: EngineOpt = Engine.torch,
-    set_: SetOpt = None,
+    set_: ProfileSetOpt = None,
     json_: JsonOpt = False,
+    batch: Annotated[int | None, typer.Option("--batch", hidden=True)] = None,  # the old --batch-size
 ) -> None:
-    """Parameters, MACs and measured latency per exit, of the ensemble and of the whole multi-exit net."""
+    """Parameters, MACs and measured latency per exit, of the ensemble and of the whole multi-exit net.
+
+    Latency is measured at batch 1 and at --batch-size, on --device.
+    """
     from sdtool import report
     from sdtool.profile import ProfileOptions
     from sdtool.profile import profile as run_profile
 
+    if batch is not None:
+        deprecated("--batch", "--batch-size")
+        batch_size = batch
     opts = ProfileOptions(
         input_size=input_size,
-        batch=batch,
+        batch=batch_size,
         device=device,
         latency=latency,
         warmup=warmup,
@@ -224,6 +276,8 @@ def predict(
 
 # `prune` is defined in sdtool.cli_prune (its options come from sdtool.prune_options).
 app.command(epilog=PRUNE_EPILOG)(_user_errors(prune))
+# `report` is defined in sdtool.cli_report.
+app.command("report", epilog=REPORT_EPILOG)(_user_errors(report_))
 
 
 @app.command(epilog="Example: sdtool pipeline recipes/pipeline_quickstart.yaml --out runs/pipeline")
@@ -232,10 +286,13 @@ def pipeline(
     recipe: Annotated[
         Path, typer.Argument(help="YAML recipe with a prune section (see recipes/pipeline_quickstart.yaml).")
     ],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the train, pruned and fine-tune steps.")] = Path(
-        "runs/pipeline"
-    ),
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder for the train, pruned and fine-tune steps (required).", show_default=False),
+    ] = None,
     set_: SetOpt = None,
+    device: RecipeDeviceOpt = None,
+    threads: RecipeThreadsOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Train, prune, fine-tune and (with eval.early_exit) fit early-exit thresholds, from one recipe."""
@@ -243,7 +300,8 @@ def pipeline(
     from sdtool.pipeline import run_pipeline
     from sdtool.recipe import load_recipe
 
-    rep = run_pipeline(load_recipe(recipe, set_), out, recipe_path=str(recipe), quiet=json_)
+    r = load_recipe(recipe, _recipe_overrides(set_, device, threads))
+    rep = run_pipeline(r, default_out(out, "runs/pipeline"), recipe_path=str(recipe), quiet=json_)
     report.print_json(rep) if json_ else report.pipeline_view(rep)
 
 
@@ -270,7 +328,7 @@ def distill(
             help="torchvision teacher: local .safetensors or .pth state dict (nothing is downloaded).",
         ),
     ] = None,
-    out: Annotated[Path, typer.Option("--out", help="Run folder for checkpoints and metrics.")] = Path("runs/distill"),
+    out: OutRunOpt = None,
     set_: SetOpt = None,
     init: Annotated[
         Path | None, typer.Option("--init", help="Start the student from this checkpoint's structure and weights.")
@@ -279,6 +337,8 @@ def distill(
         Path | None,
         typer.Option("--resume", help="Continue the distillation run in this folder exactly where it stopped."),
     ] = None,
+    device: RecipeDeviceOpt = None,
+    threads: RecipeThreadsOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Train a student with its recipe's loss plus knowledge distillation from a frozen external teacher."""
@@ -288,14 +348,16 @@ def distill(
 
     if resume is None and recipe is None:
         raise SdtoolError("give a RECIPE to distill, or --resume RUN_DIR to continue a run")
-    if resume is not None and (recipe or set_ or init or teacher or teacher_weights):
+    if resume is not None and (recipe or set_ or init or teacher or teacher_weights or device or threads):
         raise SdtoolError(
             "--resume continues a run exactly as it was set up (its recipe names the teacher); "
-            "drop RECIPE, --set, --init, --teacher and --teacher-weights"
+            "drop RECIPE, --set, --init, --teacher, --teacher-weights, --device and --threads"
         )
+    if resume is not None:
+        _resume_out(resume, out)
     result = run_distill(
-        load_recipe(recipe, set_) if resume is None else None,
-        out,
+        load_recipe(recipe, _recipe_overrides(set_, device, threads)) if resume is None else None,
+        default_out(out, "runs/distill") if resume is None else resume,  # with resume, out is the run folder
         teacher=teacher,
         teacher_weights=str(teacher_weights) if teacher_weights else None,
         init=str(init) if init else None,

@@ -8,15 +8,19 @@ sdtool.cli, no torch code lives here: each command calls one library function.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from sdtool.cli_options import (
-    DEVICE_HELP,
+    AllowOtherDataOpt,
+    BatchSizeOpt,
     BudgetOpt,
     Cost,
     CostOpt,
+    DataOpt,
+    DataSetOpt,
+    DeviceOpt,
     Engine,
     EngineOpt,
     FallbackOpt,
@@ -25,13 +29,17 @@ from sdtool.cli_options import (
     JsonOpt,
     MaxDropOpt,
     PolicyOpt,
-    SetOpt,
     Split,
     SweepOpt,
     ThreadsOpt,
     fit_options,
 )
 from sdtool.errors import SdtoolError
+
+if TYPE_CHECKING:
+    from sdtool.deploy import BundleOptions
+    from sdtool.exit_eval import RunOptions
+    from sdtool.exit_fit import FitOptions
 
 EVAL_EPILOG = (
     "Example: sdtool eval runs/quickstart/best.safetensors --split test; "
@@ -41,15 +49,10 @@ EVAL_EPILOG = (
 
 def eval_(
     ckpt: Annotated[Path, typer.Argument(help="sdtool checkpoint (.safetensors).")],
-    data: Annotated[
-        str | None,
-        typer.Option(
-            "--data", help="Recipe file whose data section to use, or a data set name (default: the checkpoint's)."
-        ),
-    ] = None,
-    set_: SetOpt = None,
+    data: DataOpt = None,
+    set_: DataSetOpt = None,
     split: Annotated[Split, typer.Option("--split", help="The split to report on.")] = Split.test,
-    device: Annotated[str, typer.Option("--device", help=f"{DEVICE_HELP}.")] = "auto",
+    device: DeviceOpt = "auto",
     early_exit: Annotated[
         bool, typer.Option("--early-exit", help="Real early exit with fitted thresholds (docs/early-exit.md).")
     ] = False,
@@ -64,10 +67,7 @@ def eval_(
         Path | None,
         typer.Option("--out", help="Fit: write a new checkpoint with the thresholds (nothing is written without it)."),
     ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option("--batch-size", help="Evaluation batch size (default: the recipe's eval_batch_size)."),
-    ] = None,
+    batch_size: BatchSizeOpt = None,
     latency_images: Annotated[
         int,
         typer.Option(
@@ -76,33 +76,56 @@ def eval_(
     ] = 128,
     engine: EngineOpt = Engine.torch,
     threads: ThreadsOpt = None,
+    allow_other_data: AllowOtherDataOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Per-exit and ensemble accuracy (top-1/top-5, percent) and loss of a checkpoint; or real early exit."""
-    from sdtool import report
-    from sdtool.evaluate import eval_checkpoint
-
     fit = fit_options(fit_thresholds, max_drop, budget, policy, fallback, cost, sweep_out)
     if early_exit:
-        from sdtool import report_exit
-        from sdtool.exit_eval import RunOptions, eval_early_exit
+        from sdtool.exit_eval import RunOptions
 
         run = RunOptions(
-            data, set_, split.value, device, batch_size, latency_images, engine=engine.value, threads=threads
+            data,
+            set_,
+            split.value,
+            device,
+            batch_size,
+            latency_images,
+            engine=engine.value,
+            threads=threads,
+            allow_other_data=allow_other_data,
         )
-        rep = eval_early_exit(str(ckpt), run, fit, out=str(out) if out else None, quiet=json_)
-        report.print_json(rep) if json_ else report_exit.early_exit_view(rep)
+        _eval_early_exit(ckpt, run, fit, out, json_)
         return
-    if fit.given() or out or engine != Engine.torch or threads is not None:
+    if fit.given() or out or engine != Engine.torch:
         raise SdtoolError(
-            "--fit-thresholds, --max-drop, --budget, --policy, --fallback, --cost, --sweep-out, --out, "
-            "--engine and --threads belong to early exit; add --early-exit"
+            "--fit-thresholds, --max-drop, --budget, --policy, --fallback, --cost, --sweep-out, --out "
+            "and --engine belong to early exit; add --early-exit"
         )
-    rep = eval_checkpoint(str(ckpt), data, set_, split.value, device, batch_size=batch_size)
+    from sdtool.device import set_threads
+    from sdtool.evaluate import eval_checkpoint
+
+    set_threads(threads)
+    rep = eval_checkpoint(
+        str(ckpt), data, set_, split.value, device, batch_size=batch_size, allow_other_data=allow_other_data
+    )
+    _print_accuracy(rep, f"{ckpt} on {rep['data']} {split.value} ({rep['n']} images)", json_)
+
+
+def _eval_early_exit(ckpt: Path, run: RunOptions, fit: FitOptions, out: Path | None, json_: bool) -> None:
+    from sdtool import report, report_exit
+    from sdtool.exit_eval import eval_early_exit
+
+    rep = eval_early_exit(str(ckpt), run, fit, out=str(out) if out else None, quiet=json_)
+    report.print_json(rep) if json_ else report_exit.early_exit_view(rep)
+
+
+def _print_accuracy(rep: dict, title: str, json_: bool) -> None:
+    from sdtool import report
+
     if json_:
         report.print_json(rep)
     else:
-        title = f"{ckpt} on {rep['data']} {split.value} ({rep['n']} images)"
         report.out.print(report.accuracy_table(rep, title=title))
 
 
@@ -134,17 +157,9 @@ def export(
     fallback: FallbackOpt = None,
     cost: CostOpt = Cost.macs,
     sweep_out: SweepOpt = None,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            "--data", help="Fit: recipe file whose data section to use, or a data set name (default: the checkpoint's)."
-        ),
-    ] = None,
-    set_: SetOpt = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option("--batch-size", help="Fit: batch size of the validation pass and of --cost latency's timing."),
-    ] = None,
+    data: DataOpt = None,
+    set_: DataSetOpt = None,
+    batch_size: BatchSizeOpt = None,
     latency_batch: Annotated[
         int,
         typer.Option(
@@ -152,14 +167,18 @@ def export(
         ),
     ] = 64,
     threads: ThreadsOpt = None,
+    allow_other_data: AllowOtherDataOpt = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Export the multi-exit net, one exit as a compact standalone model, or an early-exit bundle."""
+    """Export the multi-exit net, one exit as a compact standalone model, or an early-exit bundle.
+
+    With --early-exit, --data, --set, --batch-size and --allow-other-data choose the threshold fit's data.
+    """
     from sdtool import report
 
     fit_opts = fit_options(fit_thresholds, max_drop, budget, policy, fallback, cost, sweep_out)
     if early_exit:
-        from sdtool.deploy import BundleOptions, export_bundle
+        from sdtool.deploy import BundleOptions
 
         if format_ not in (Format.onnx, Format.safetensors):
             raise SdtoolError("--early-exit writes an ONNX bundle; drop --format or use --format onnx")
@@ -167,17 +186,27 @@ def export(
             raise SdtoolError("--early-exit exports every exit; export one exit with --exit K alone, then bundle that")
         if not check:
             raise SdtoolError("a bundle is always checked against PyTorch before it is written; drop --no-check")
-        if not fit_thresholds and (data or set_ or batch_size):
-            raise SdtoolError("--data, --set and --batch-size belong to threshold fitting; add --fit-thresholds")
-        run = BundleOptions(data, set_, batch_size, threads, latency_batch)
-        rep = export_bundle(str(ckpt), str(out), fit_opts, run, quiet=json_)
-        report.print_json(rep) if json_ else report.bundle_view(rep)
+        run = BundleOptions(data, set_, batch_size, threads, latency_batch, allow_other_data=allow_other_data)
+        _export_bundle(ckpt, out, fit_opts, run, json_)
         return
-    if fit_opts.given() or data or set_ or batch_size or threads or latency_batch != 64:
+    if fit_opts.given() or data or set_ or batch_size or threads or latency_batch != 64 or allow_other_data:
         raise SdtoolError(
-            "threshold fitting, --data, --set, --batch-size, --threads and --latency-batch belong to --early-exit"
+            "threshold fitting, --data, --set, --batch-size, --allow-other-data, --threads and --latency-batch "
+            "belong to --early-exit"
         )
     from sdtool.export import export as run_export
 
     rep = run_export(str(ckpt), str(out), format_.value, exit_, check)
     report.print_json(rep) if json_ else report.export_view(rep)
+
+
+def _export_bundle(ckpt: Path, out: Path, fit: FitOptions, run: BundleOptions, json_: bool) -> None:
+    from sdtool import report
+    from sdtool.deploy import export_bundle
+
+    if not fit.fit and (run.data or run.overrides or run.batch_size or run.allow_other_data):
+        raise SdtoolError(
+            "--data, --set, --batch-size and --allow-other-data belong to threshold fitting; add --fit-thresholds"
+        )
+    rep = export_bundle(str(ckpt), str(out), fit, run, quiet=json_)
+    report.print_json(rep) if json_ else report.bundle_view(rep)

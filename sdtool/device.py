@@ -19,11 +19,25 @@ def resolve_device(name: str = "auto") -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise SdtoolError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    # Every command that computes takes --device (train, distill and pipeline write it into the recipe's
+    # train.device), so one fix fits them all.
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SdtoolError(f"device {name} requested but CUDA is not available here; use --set train.device=cpu")
+        raise SdtoolError(f"device {name} requested but CUDA is not available here; {_FIX}")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise SdtoolError(f"device {name} requested but MPS is not available here; use --set train.device=cpu")
+        raise SdtoolError(f"device {name} requested but MPS is not available here; {_FIX}")
     return dev
+
+
+_FIX = "use --device cpu or --device auto"
+
+
+def set_threads(n: int | None) -> None:
+    """`--threads N` for commands that run torch in this process: its global CPU thread count."""
+    if n is None:
+        return
+    if n < 1:
+        raise SdtoolError(f"--threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:

@@ -1,7 +1,7 @@
 """Process-group handling for `torchrun`: rank detection, the backend, reductions. The only place that
 knows about ranks; everything else asks `ctx.is_main` or calls the reductions here.
 
-    torchrun --nproc_per_node 4 -m sdtool train RECIPE      # one node, 4 processes
+    torchrun --nproc_per_node 4 -m sdtool train RECIPE --out RUN_DIR     # one node, 4 processes
 Backends: nccl on CUDA, gloo on the CPU.
 """
 

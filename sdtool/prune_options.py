@@ -17,7 +17,7 @@ from sdtool.errors import SdtoolError
 CRITERIA = ("l1", "l2", "taylor", "bn_scale", "fpgm", "lamp", "random")
 
 # How each setting is spelled on the command line, where it differs from the field name.
-_CLI_NAMES = {"global_pruning": "--global"}
+_CLI_NAMES: dict[str, str] = {}  # settings whose flag is not --<name with dashes>
 
 
 def _f(default: Any, help: str) -> Any:

@@ -4,16 +4,22 @@ The library keeps its own checks for Python callers; the CLI refuses a bad choic
 (exit status 2) before any command code runs, so these tests need no checkpoint.
 """
 
+import importlib
+
 import pytest
 from typer.testing import CliRunner
 
-from sdtool import SdtoolError, early_exit, engines, exit_eval, export, thresholds
+from sdtool import SdtoolError
 from sdtool.cli import app
 from sdtool.cli_options import Cost, Engine, Fallback, Format, Policy, Split
 from sdtool.cli_prune import Criterion
 from sdtool.prune_options import CRITERIA
 
 runner = CliRunner()
+# Modules, imported by name: `sdtool.early_exit` and `sdtool.export` are the Python API's functions.
+early_exit, engines, exit_eval, export, thresholds = (
+    importlib.import_module(f"sdtool.{m}") for m in ("early_exit", "engines", "exit_eval", "export", "thresholds")
+)
 
 
 @pytest.mark.parametrize(
