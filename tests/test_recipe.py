@@ -7,7 +7,9 @@ import pytest
 from sdtool import SdtoolError
 from sdtool.recipe import Recipe, apply_overrides, from_dict, load_recipe, reference_markdown
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))  # recipes/paper/ too
+PAPER = sorted((ROOT / "recipes" / "paper").glob("*.yaml"))
 
 
 def test_defaults_follow_the_official_method():
@@ -90,11 +92,30 @@ def test_missing_and_invalid_files(tmp_path):
         load_recipe(bad)
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
 def test_every_recipe_validates_and_names_its_command(path):
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# sdtool ") and path.name in first, "a recipe starts with the command that runs it"
+    rel = path.relative_to(ROOT).as_posix()  # recipes/x.yaml or recipes/paper/x.yaml, as the command names it
+    assert first.startswith("# sdtool ") and f" {rel} " in first, "a recipe starts with the command that runs it"
     load_recipe(path)
+
+
+@pytest.mark.parametrize("path", PAPER, ids=[p.name for p in PAPER])
+def test_paper_recipes_keep_the_papers_setting(path):
+    """docs/reproducing.md: every training image, fp32, no selection (so commands name last.safetensors);
+    on CIFAR the authors' AutoAugment policy, Cutout and the official step schedule."""
+    r = load_recipe(path)
+    assert r.data.val_size == 0 and r.train.amp is False
+    assert f"--out runs/paper/{path.stem}" in path.read_text().splitlines()[0]
+    if r.data.name.startswith("cifar"):
+        a = r.data.augment
+        assert (a.autoaugment, a.autoaugment_policy, a.cutout, a.crop_fill) == (True, "official_cifar10", 16, 128)
+        assert (r.train.epochs, r.train.schedule, r.train.milestones, r.data.batch_size) == (250, "step", None, 128)
+
+
+def test_paper_recipes_are_found():
+    """An empty glob would skip the test above silently."""
+    assert {"cifar100_resnet18_sd.yaml", "cifar100_resnet18_plain.yaml"} <= {p.name for p in PAPER}
 
 
 def test_reference_docs_are_current():
