@@ -1,6 +1,6 @@
 """Data sets, splits, batched augmentation and loaders (sdtool.data).
 
-Real data: scikit-learn's bundled digits, and the CIFAR-10 copy in ../shared/data/cifar10 (next to the
+Real data: the digits shipped in the package, and the CIFAR-10 copy in ../shared/data/cifar10 (next to the
 repository; tests that need it skip when it is absent).
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import urllib.error
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,11 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from sdtool.data import DataBundle, build_data, dataset_names, load_images_npz
-from sdtool.data.arrays import channel_stats
+from sdtool.data.arrays import channel_stats, resize_uint8
 from sdtool.data.augment import cutout, random_crop_flip
 from sdtool.data.loader import Shard, make_loader
-from sdtool.data.sources import CIFAR_MEAN, CIFAR_STD, DIGITS_MEAN, DIGITS_STD
+from sdtool.data.sources import CIFAR_MEAN, CIFAR_STD, DIGITS_MEAN, DIGITS_STD, digits_arrays
+from sdtool.data.splits import stratified_split
 from sdtool.errors import SdtoolError
 from sdtool.recipe import AugmentConfig, DataConfig
 
@@ -75,6 +77,33 @@ def test_digits_splits_shapes_and_stats(digits):
     # The hard-coded defaults are the statistics of the training images.
     assert (digits.mean, digits.std) == (DIGITS_MEAN, DIGITS_STD)
     assert channel_stats(digits.train.x) == (DIGITS_MEAN, DIGITS_STD)
+
+
+def test_digits_file_is_package_data_with_its_licence_note():
+    images, target = digits_arrays()
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8 and int(images.max()) == 16
+    assert target.shape == (1797,) and target.dtype == np.int64 and np.bincount(target).min() >= 174
+    note = resources.files("sdtool.data").joinpath("DIGITS_LICENSE.txt").read_text(encoding="utf-8")
+    assert "CC BY 4.0" in note and "10.24432/C50P49" in note
+    # A non-editable install (a wheel) has only what pyproject.toml declares as package data.
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    assert {"digits.npz", "DIGITS_LICENSE.txt"} <= set(pyproject["tool"]["setuptools"]["package-data"]["sdtool.data"])
+
+
+def test_digits_are_scikit_learns_arrays_bit_for_bit(digits):
+    """The shipped file replaced scikit-learn's loader: same values and order, and the same 32x32 pixels."""
+    datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn is not installed (nothing to compare)")
+    d = datasets.load_digits()
+    images, target = digits_arrays()
+    assert np.array_equal(images, d.images) and np.array_equal(target, d.target)
+    # What the loader computed from scikit-learn's float images before, split the same way, pixel for pixel.
+    grey = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))[:, None]
+    x = resize_uint8(grey, 32).expand(-1, 3, -1, -1)
+    test_idx, train_idx = stratified_split(d.target.astype(np.int64), 360, seed=0)
+    assert torch.equal(digits.train.x, x[torch.from_numpy(train_idx)])
+    assert torch.equal(digits.test.x, x[torch.from_numpy(test_idx)])
+    assert torch.equal(digits.train.y, torch.from_numpy(d.target[train_idx]))
 
 
 def test_digits_input_size_resizes_once_and_recomputes_stats():
@@ -407,7 +436,10 @@ class _Array:
         self.dtype, self.shape, self.raw = dtype, shape, raw
 
     def __reduce__(self):
-        from numpy._core.multiarray import _reconstruct
+        try:
+            from numpy._core.multiarray import _reconstruct
+        except ImportError:  # numpy 1.x (pyproject allows numpy>=1.24) names the module numpy.core
+            from numpy.core.multiarray import _reconstruct
 
         return (_reconstruct, (np.ndarray, (0,), b"b"), (1, self.shape, self.dtype, False, self.raw))
 

@@ -155,8 +155,9 @@ def test_internal_builders_are_hidden():
     assert "torchvision_wrapped" not in str(e.value) and "truncated" not in str(e.value)
 
 
-def test_a_recipe_key_a_model_does_not_take_is_named_with_the_fix():
-    r = runner.invoke(app, ["train", "recipes/quickstart.yaml", "--set", "model.name=torchvision:resnet50"])
+def test_a_recipe_key_a_model_does_not_take_is_named_with_the_fix(tmp_path):
+    args = ["train", "recipes/quickstart.yaml", "--set", "model.name=torchvision:resnet50", "--out", str(tmp_path)]
+    r = runner.invoke(app, args)
     assert r.exit_code == 1 and r.stderr.strip() == (
         "error: model.width does not apply to torchvision:resnet50 (its width is fixed by the architecture); "
         "remove model.width from the recipe or set it to null"

@@ -6,6 +6,7 @@ Each loader returns uint8 (N, 3, H, W) tensors at the network's input size; ever
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,22 +40,34 @@ DIGITS_SIZE = 32
 DIGITS_TEST = 360  # 1797 images -> 1437 train / 360 test, stratified, seed 0
 DIGITS_MEAN = (0.3049,) * 3
 DIGITS_STD = (0.3234,) * 3
+DIGITS_FILE = "digits.npz"  # package data next to this module
 
 
 def _needs_stats(cfg: DataConfig) -> bool:
     return cfg.augment.mean is None or cfg.augment.std is None
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 8x8 digits shipped in the package: images (1797, 8, 8) uint8 in 0..16, labels (1797,) int64.
+
+    The same values, in the same order, as scikit-learn's `load_digits()` (the UCI test set, CC BY 4.0:
+    DIGITS_LICENSE.txt beside the file; tests/data/make_digits.py wrote it), without needing scikit-learn.
+    """
+    ref = resources.files("sdtool.data").joinpath(DIGITS_FILE)
+    if not ref.is_file():
+        raise SdtoolError(f"digits: {DIGITS_FILE} is missing from the installed sdtool package; reinstall sdtool")
+    with ref.open("rb") as f, np.load(f, allow_pickle=False) as z:
+        return z["images"], z["target"].astype(np.int64)
+
+
 @register("digits")
 def load_digits_source(cfg: DataConfig, need_train: bool) -> Source:
-    """scikit-learn's bundled 8x8 digits (offline): values 0-16 -> 0-255, bilinear to 32x32, grey -> RGB."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    grey = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))[:, None]  # (1797, 1, 8, 8)
+    """The bundled 8x8 digits (offline): values 0-16 -> 0-255, bilinear to 32x32, grey -> RGB."""
+    images, y = digits_arrays()
+    # Scaled in float64 as scikit-learn's float images were, so the rounding (and every pixel) is unchanged.
+    grey = torch.from_numpy(np.round(images.astype(np.float64) * (255 / 16)).astype(np.uint8))[:, None]
     size = cfg.input_size or DIGITS_SIZE
     x = resize_uint8(grey, size).expand(-1, 3, -1, -1).contiguous()
-    y = d.target.astype(np.int64)
     test_idx, train_idx = stratified_split(y, DIGITS_TEST, seed=0)
     xt = torch.from_numpy(train_idx)
     mean, std = (DIGITS_MEAN, DIGITS_STD) if size == DIGITS_SIZE else channel_stats(x[xt])
