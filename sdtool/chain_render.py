@@ -26,7 +26,7 @@ from typing import Any
 from sdtool import chain_plots, plotting
 from sdtool.chain_report import REPORT_KIND
 from sdtool.errors import SdtoolError
-from sdtool.outputs import check_dir, write_error
+from sdtool.outputs import check_dir, fsync_files, staging_folder
 from sdtool.report import fmt_macs
 
 REPORT_FILES = ("report.md", "report.html", "report.json")
@@ -341,15 +341,7 @@ def write_report(rep: dict, out: str | Path) -> dict:
     planned = chain_plots.plots_for(rep) if plt is not None else []
     rep["plots"] = {"files": [n for n, _ in planned], "note": None if plt is not None else plotting.PLOT_HINT}
     rep["written"] = {"dir": str(out), "files": [*REPORT_FILES, *rep["plots"]["files"]]}
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a report is an ordinary folder
-    except OSError as e:
-        raise write_error(out, e) from None
-    try:
+    with staging_folder(out) as tmp:
         images = []
         for name, title in planned:
             assert plt is not None  # nothing is planned without matplotlib
@@ -358,13 +350,6 @@ def write_report(rep: dict, out: str | Path) -> dict:
         (tmp / "report.md").write_text(markdown(rep, images), encoding="utf-8")
         (tmp / "report.html").write_text(html(rep, images), encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(rep, indent=2, default=str) + "\n", encoding="utf-8")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        fsync_files(tmp)
         _swap(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise write_error(out, e) from None
-        raise
     return rep["written"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from sdtool.early_exit import early_exit_forward, leave_costs
 from sdtool.errors import SdtoolError
 from sdtool.exit_fit import ExitContext, FitOptions, PolicyChoice, choose_policy, stored_fit, written_with_sweep
 from sdtool.exit_policy import ExitPolicy, confidence
-from sdtool.outputs import write_error
+from sdtool.outputs import fsync_files, staging_folder
 
 if TYPE_CHECKING:
     from sdtool.checkpoint import Checkpoint
@@ -229,32 +228,16 @@ def _write(
     out: Path, manifest: dict, graphs: dict[str, bytes], model: MultiExitNet, size: int, threads: int | None
 ) -> dict:
     """Write the folder under a temporary name, check it with the runtime, then rename it into place."""
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary folder
-    except OSError as e:
-        raise write_error(out, e) from None
-    try:
+    with staging_folder(out) as tmp:
         for name, data in graphs.items():
             (tmp / name).write_bytes(data)
         shutil.copyfile(Path(runtime.__file__), tmp / runtime.RUNTIME_FILE)
         (tmp / runtime.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        fsync_files(tmp)
         check = check_bundle(tmp, model, size, threads)
         if out.exists():
             out.rmdir()  # empty (checked before any work)
         os.replace(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise write_error(out, e) from None
-        raise
     return check
 
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -230,3 +231,32 @@ def staged_write(stage: Callable[[Staged], object], write: Callable[[], T]) -> T
             raise write_error(e.filename or "the output", e) from None
         raise
     return result
+
+
+@contextlib.contextmanager
+def staging_folder(out: Path) -> Iterator[Path]:
+    """A new folder beside `out` (same file system) to write a whole output folder into; the block fills it
+    and renames it into place. Its files are flushed to disk when the block ends; if the block fails the
+    folder is removed and an OSError becomes one line naming `out`, so nothing half-written is left."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an output folder is an ordinary one
+    except OSError as e:
+        raise write_error(out, e) from None
+    try:
+        yield tmp
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(out, e) from None
+        raise
+
+
+def fsync_files(folder: Path) -> None:
+    """Flush every file of `folder` to disk, before the folder is renamed into place."""
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
