@@ -14,6 +14,13 @@ from sdtool.report import err, fmt_macs, out
 from sdtool.timing import fmt_range
 
 
+def vs_deepest(drop: float) -> str:
+    """An accuracy drop (deepest exit minus early exit, in points) in words that cannot be read backwards."""
+    if round(drop, 2) == 0:
+        return "the same as"
+    return f"{abs(drop):.2f} points {'below' if drop > 0 else 'above'}"
+
+
 def early_exit_view(rep: dict) -> None:
     """`sdtool eval --early-exit`: exit histogram, accuracy, expected MACs, speed-ups, fit summary."""
     table = Table(
@@ -36,8 +43,8 @@ def early_exit_view(rep: dict) -> None:
     t = rep["timing"]
     s = rep["wall_clock_speedup"]
     lines = [
-        f"top-1 {rep['top1']:.2f}% (deepest exit alone {rep['deepest_top1']:.2f}%, drop "
-        f"{rep['accuracy_drop']:+.2f} points)",
+        f"top-1 {rep['top1']:.2f}%: {vs_deepest(rep['accuracy_drop'])} the deepest exit alone "
+        f"({rep['deepest_top1']:.2f}%)",
         f"expected MACs {fmt_macs(rep['expected_macs'])} = {rep['macs_fraction']:.3f} of the reference "
         f"({fmt_macs(rep['reference_macs'])}): {rep['macs_speedup']:.2f}x fewer",
         (
