@@ -208,7 +208,7 @@ def profile(
         bool, typer.Option("--latency/--no-latency", help="Measure latency (MACs and parameters are always counted).")
     ] = True,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before timing.")] = 3,
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; the median is reported.")] = 10,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; the median, min and max are reported.")] = 10,
     threads: ThreadsOpt = None,
     engine: EngineOpt = Engine.torch,
     set_: ProfileSetOpt = None,

@@ -190,7 +190,7 @@ class ProfileOptions:
 
     input_size: (height, width), None = the checkpoint's or data set's side; batch: the latency batch N
     (batch 1 is always measured); device: where torch latency runs; latency: False counts parameters
-    and MACs only; warmup, repeats: untimed runs, then timed ones (the median is reported); threads:
+    and MACs only; warmup, repeats: untimed runs, then timed ones (their median, min and max are reported); threads:
     torch's or ONNX Runtime's thread count (None = their default); overrides: `--set` values, for a
     recipe only; engine: torch (eager; the model as it is) or onnxruntime (its graphs, on the CPU);
     progress: a progress bar on stderr while timing (shown only when stderr is a terminal).
